@@ -1,0 +1,110 @@
+"""The frozen MobileNetV2 base: resolving its weights, building it, and running it.
+
+``--weights imagenet`` (the default for users who are online) uses Keras's own download and
+cache; a path uses a local weights file. Either way the file's sha256 becomes part of every
+cache's identity, so caches built from different weights never mix.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._tf import import_keras, import_tf
+from .config import ALPHA, MODEL_NAME, check_image_size
+from .errors import BottlecacheError
+from .fingerprint import sha256_file
+
+IMAGENET_BASE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
+_SHA_MEMO: dict[tuple, str] = {}
+
+
+@dataclass(frozen=True)
+class WeightsRef:
+    """A resolved weights file: what the user asked for, where it is, and its sha256."""
+
+    spec: str  # "imagenet" or the path as given
+    path: str
+    sha256: str
+
+
+def imagenet_weights_name(image_size: int) -> str:
+    return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{ALPHA}_{image_size}_no_top.h5"
+
+
+def _sha256_memo(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA_MEMO:
+        _SHA_MEMO[key] = sha256_file(path)
+    return _SHA_MEMO[key]
+
+
+def resolve_weights(weights: str | os.PathLike | None = None, image_size: int = 160) -> WeightsRef:
+    """``weights`` or ``$BOTTLECACHE_WEIGHTS`` or ``"imagenet"`` → a local file and its sha256.
+
+    Raises
+    ------
+    BottlecacheError
+        The path does not exist, or ``imagenet`` is not cached and cannot be downloaded.
+    """
+    check_image_size(image_size)
+    spec = str(weights) if weights is not None else os.environ.get("BOTTLECACHE_WEIGHTS") or "imagenet"
+    if spec == "imagenet":
+        name = imagenet_weights_name(image_size)
+        cached = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models" / name
+        if not cached.is_file():
+            keras = import_keras()
+            try:
+                cached = Path(keras.utils.get_file(name, IMAGENET_BASE_URL + name, cache_subdir="models"))
+            except Exception:
+                raise BottlecacheError(
+                    "Could not download the ImageNet weights of MobileNetV2 (no internet?): pass "
+                    "--weights PATH to a local weights file, or set BOTTLECACHE_WEIGHTS to one."
+                ) from None
+        return WeightsRef("imagenet", str(cached), _sha256_memo(cached))
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise BottlecacheError(
+            f"The 'weights' option must be 'imagenet' or a weights file. Got {spec!r}, which "
+            f"{'is a folder' if path.is_dir() else 'does not exist'}."
+        )
+    return WeightsRef(spec, str(path.resolve()), _sha256_memo(path))
+
+
+def load_backbone(weights: WeightsRef, image_size: int):
+    """The MobileNetV2 base (``include_top=False``) with the given weights, frozen."""
+    keras = import_keras()
+    try:
+        model = keras.applications.MobileNetV2(
+            input_shape=(image_size, image_size, 3), alpha=ALPHA, include_top=False, weights=weights.path
+        )
+    except Exception as error:
+        reason = " ".join(str(error).split())[:200]
+        raise BottlecacheError(
+            f"The 'weights' file {weights.spec!r} could not be loaded into MobileNetV2 ({reason}); "
+            "pass 'imagenet' or a Keras MobileNetV2 (alpha 1.0, no top) weights file."
+        ) from None
+    model.trainable = False
+    return model
+
+
+def backbone_record(weights: WeightsRef, image_size: int) -> dict:
+    """What identifies a backbone in caches, heads and models."""
+    return {"model": MODEL_NAME, "alpha": ALPHA, "image_size": image_size, "weights_sha256": weights.sha256}
+
+
+class KerasEngine:
+    """Runs the Keras base with ``training=False`` (BatchNorm in inference mode); exact."""
+
+    name = "keras"
+    batch_size = 32
+
+    def __init__(self, model):
+        tf = import_tf()
+        self.model = model
+        self._call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+
+    def __call__(self, images):
+        return self._call(images).numpy()

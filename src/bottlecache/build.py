@@ -1,0 +1,271 @@
+"""``build_cache``: run the frozen base once over each split into a fingerprinted HDF5 cache.
+
+The flow: resolve the source and the weights → fingerprint the configuration → a finished file
+with that name is a cache hit → else take the build lock, open (or resume) the ``.partial``
+file, run each split batch by batch, commit each batch, and rename the file when all are done.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .backbone import backbone_record, load_backbone, resolve_weights
+from .config import DTYPES, ENGINES, bottleneck_shape, check_choice, check_image_size, check_positive, resolve_cache_dir
+from .data import describe_failure, image_dataset, open_source, split_config
+from .errors import BottlecacheError
+from .fingerprint import PREPROCESS_VERSION, fingerprint
+from .store import Cache, PartialCache, build_lock, cache_file_name, root_attrs
+
+
+class NullProgress:
+    """The progress interface ``build_cache`` reports to; the CLI passes a rich progress bar."""
+
+    def start_split(self, split: str, total: int, done: int) -> None: ...
+
+    def advance(self, split: str, n: int) -> None: ...
+
+    def end_split(self, split: str) -> None: ...
+
+    def message(self, text: str) -> None: ...
+
+
+@dataclass
+class SplitReport:
+    name: str
+    n_images: int
+    n_skipped: int
+    n_processed: int  # examples run in this call (0 on a hit; fewer than all after a resume)
+    seconds: float
+    nbytes: int
+    skipped: list = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.n_processed / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class BuildReport:
+    path: Path
+    fingerprint: str
+    hit: bool
+    resumed: bool
+    splits: list[SplitReport]
+    engine: str
+    file_size: int
+    config: dict
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["path"] = str(self.path)
+        for split, report in zip(out["splits"], self.splits):
+            split["images_per_second"] = round(report.images_per_second, 2)
+            split["skipped"] = [list(s) for s in report.skipped]
+        return out
+
+
+def library_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("bottlecache", "tensorflow", "keras", "tensorflow-datasets", "h5py", "numpy", "ai-edge-litert"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def make_config(source, weights, image_size: int, dtype: str) -> dict:
+    """Everything that determines a cache's content (and nothing else)."""
+    return {
+        "data": source.identity,
+        "splits": split_config(source),
+        "class_names": source.class_names,
+        **backbone_record(weights, image_size),
+        "preprocess_version": PREPROCESS_VERSION,
+        "dtype": dtype,
+    }
+
+
+def build_cache(
+    data="cats_vs_dogs",
+    splits=None,
+    *,
+    image_size: int = 160,
+    weights=None,
+    cache_dir=None,
+    dtype: str = "float16",
+    batch_size: int | None = None,
+    engine: str = "auto",
+    tfds_data_dir=None,
+    wait: bool = True,
+    progress=None,
+) -> BuildReport:
+    """Build (or find) the cache of ``data`` through the frozen MobileNetV2.
+
+    Parameters
+    ----------
+    data : str or path
+        A local image folder, ``tfds:NAME`` or a TensorFlow Datasets name.
+    splits : list of str, optional
+        Split specs (``"validation=train[80%:90%]"``); see ``bottlecache.data.open_source``.
+    image_size : int
+        Input side: 96, 128, 160 (default), 192 or 224.
+    weights : str or path, optional
+        ``"imagenet"`` or a weights file; default ``$BOTTLECACHE_WEIGHTS`` or ``"imagenet"``.
+    cache_dir : str or path, optional
+        Default ``$BOTTLECACHE_CACHE_DIR`` or ``./cache``.
+    dtype : {"float16", "float32"}
+        Storage type of ``features`` (``pooled`` is always float32).
+    batch_size : int, optional
+        Images per forward pass (the engine's best by default). Not part of the fingerprint.
+    engine : {"auto", "keras", "litert"}
+        What runs the base. Not part of the fingerprint (see README, "Engines").
+    wait : bool
+        If another process is building the same cache, wait for it (default) or stop.
+    progress : NullProgress-like, optional
+
+    Returns
+    -------
+    BuildReport
+    """
+    check_image_size(image_size)
+    check_choice("dtype", dtype, DTYPES)
+    check_choice("engine", engine, ENGINES)
+    if batch_size is not None:
+        check_positive("batch_size", batch_size)
+    progress = progress or NullProgress()
+    cache_dir = resolve_cache_dir(cache_dir)
+    source = open_source(data, splits, tfds_data_dir=tfds_data_dir)
+    weights_ref = resolve_weights(weights, image_size)
+    config = make_config(source, weights_ref, image_size, dtype)
+    fp = fingerprint(config)
+    final_path = cache_dir / cache_file_name(source.name, config["model"], image_size, fp)
+
+    def hit_report() -> BuildReport:
+        with Cache(final_path) as cache:
+            reports = [
+                SplitReport(s, cache.n_examples(s), len(cache.skipped(s)), 0, 0.0, cache.nbytes(s), cache.skipped(s))
+                for s in cache.splits
+            ]
+            engine_name = cache.build_info.get("engine", "")
+        return BuildReport(final_path, fp, True, False, reports, engine_name, final_path.stat().st_size, config)
+
+    if final_path.exists():
+        return hit_report()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with build_lock(final_path, wait=wait, on_wait=lambda pid: progress.message(
+        f"another build of this cache is running (pid {pid}); waiting for it to finish"
+    )):
+        if final_path.exists():  # the other build finished it while we waited
+            return hit_report()
+        return _build_locked(source, weights_ref, config, fp, final_path, dtype, batch_size, engine, progress)
+
+
+def _build_locked(source, weights_ref, config, fp, final_path, dtype, batch_size, engine_name, progress):
+    from .engines import make_engine
+
+    image_size = config["image_size"]
+    versions = library_versions()
+    partial = PartialCache(final_path, fp)
+    split_attrs = {
+        name: {"spec": str(split.spec), "n_examples": split.n_examples} for name, split in source.splits.items()
+    }
+    attrs = root_attrs(config, fp, versions)
+    partial.open(attrs, split_attrs, bottleneck_shape(image_size), dtype)
+    if partial.resumed:
+        progress.message(f"resuming the partial build in {partial.path.name}")
+    engine = None
+    reports = []
+    try:
+        for name, split in source.splits.items():
+            done, complete = partial.progress(name)
+            started = time.perf_counter()
+            n_processed = 0
+            if not complete:
+                if engine is None:
+                    engine = make_engine(engine_name, load_backbone(weights_ref, image_size), weights_ref, image_size,
+                                         cache_dir=final_path.parent, probe=(source, name))
+                    started = time.perf_counter()
+                size = batch_size or engine.batch_size
+                progress.start_split(name, split.n_examples, done)
+                for window in _windows(source, name, image_size, done, split.n_examples, size):
+                    lo, hi, indices, keys, labels, images = window
+                    if len(images):
+                        features = engine(images)
+                        pooled = features.astype(np.float32).mean(axis=(1, 2))
+                    else:
+                        features = pooled = None
+                    skipped = _skipped(source, name, lo, hi, indices)
+                    partial.append(
+                        name, None if features is None else features.astype(dtype), pooled, labels, keys, skipped, hi
+                    )
+                    n_processed += hi - lo
+                    progress.advance(name, hi - lo)
+                partial.complete_split(name, time.perf_counter() - started)
+                progress.end_split(name)
+            group = partial.file[name]
+            reports.append(
+                SplitReport(
+                    name, int(group.attrs["n_rows"]), int(group.attrs["n_skipped"]), n_processed,
+                    time.perf_counter() - started if n_processed else 0.0,
+                    sum(group[k].id.get_storage_size() for k in group),
+                    [(k.decode(), r.decode()) for k, r in group["skipped"][:]],
+                )
+            )
+        build_info = {
+            "engine": engine.name if engine else "",
+            "engine_max_abs_diff": getattr(engine, "max_abs_diff", 0.0) if engine else 0.0,
+            "batch_size": batch_size or (engine.batch_size if engine else None),
+            "weights": weights_ref.spec,
+            "machine": platform.machine(),
+        }
+        path = partial.finalize({"build": json.dumps(build_info)})
+    finally:
+        partial.close()
+    return BuildReport(path, fp, False, partial.resumed, reports, build_info["engine"], path.stat().st_size, config)
+
+
+def _windows(source, split, image_size, start, stop, size):
+    """Group decoded images into windows of input indices ``[lo, hi)`` aligned to ``size``.
+
+    A window holds the examples that decoded; the rest of its indices were skipped. Windows
+    depend only on indices, so a resumed build runs exactly the batches a clean build runs.
+    """
+    ds = image_dataset(source, split, image_size, start=start).batch(size).prefetch(2)
+    lo, hi = start, min((start // size + 1) * size, stop)
+    pending: list = []
+
+    def emit():
+        indices = [p[0] for p in pending]
+        keys = [p[1] for p in pending]
+        labels = np.array([p[2] for p in pending], dtype=np.int64)
+        images = np.stack([p[3] for p in pending]) if pending else np.zeros((0, image_size, image_size, 3), np.float32)
+        return lo, hi, indices, keys, labels, images
+
+    for indices, keys, labels, images in ds.as_numpy_iterator():
+        for j, index in enumerate(indices):
+            while index >= hi:
+                yield emit()
+                pending, lo, hi = [], hi, min(hi + size, stop)
+            pending.append((int(index), keys[j].decode("utf-8"), int(labels[j]), images[j]))
+    while lo < stop:
+        yield emit()
+        pending, lo, hi = [], hi, min(hi + size, stop)
+
+
+def _skipped(source, split, lo, hi, indices) -> list[tuple[str, str]]:
+    """``(key, reason)`` for each index of ``[lo, hi)`` that did not decode."""
+    missing = sorted(set(range(lo, hi)) - set(indices))
+    out = []
+    for index in missing:
+        key, _, raw = source.example(split, index)
+        out.append((key, describe_failure(raw)))
+    return out

@@ -1,0 +1,208 @@
+"""``bottlecache cache …``: build, inspect and verify feature caches; train heads on them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ._common import (
+    CacheDirOpt, DataOpt, ImageSizeOpt, JsonOpt, RichProgress, SplitOpt, TfdsDirOpt, WeightsOpt,
+    err, fail, handle_errors, human_bytes, out, print_json, table,
+)
+
+app = typer.Typer(help="Build, inspect and verify bottleneck-feature caches; train heads on them.", no_args_is_help=True)
+
+
+@app.command("build")
+@handle_errors
+def build(
+    data: DataOpt = "cats_vs_dogs",
+    split: SplitOpt = None,
+    image_size: ImageSizeOpt = 160,
+    weights: WeightsOpt = None,
+    cache_dir: CacheDirOpt = None,
+    dtype: Annotated[str, typer.Option(help="Storage type of the features: float16 or float32.")] = "float16",
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass (default: the engine's best).")] = None,
+    engine: Annotated[str, typer.Option(help="auto (fastest that passes the check against Keras), keras or litert.")] = "auto",
+    tfds_data_dir: TfdsDirOpt = None,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="If the same cache is being built, wait for it.")] = True,
+    as_json: JsonOpt = False,
+):
+    """Run the frozen MobileNetV2 once over each split and store the features in an HDF5 cache."""
+    from ..build import build_cache
+
+    with RichProgress(quiet=False) as progress:
+        report = build_cache(
+            data, split, image_size=image_size, weights=weights, cache_dir=cache_dir, dtype=dtype,
+            batch_size=batch_size, engine=engine, tfds_data_dir=tfds_data_dir, wait=wait, progress=progress,
+        )
+    if as_json:
+        print_json(report.to_dict())
+        return
+    state = "cache hit: nothing recomputed" if report.hit else ("resumed and completed" if report.resumed else "built")
+    rows = [
+        [s.name, s.n_images, s.n_skipped, f"{s.seconds:.1f}", f"{s.images_per_second:.1f}", human_bytes(s.nbytes)]
+        for s in report.splits
+    ]
+    out.print(table(f"{report.path} ({state})", ["split", "images", "skipped", "seconds", "images/s", "size"], rows))
+    n_skipped = sum(s.n_skipped for s in report.splits)
+    engine_text = f", engine {report.engine}" if report.engine else ""
+    out.print(f"fingerprint {report.fingerprint[:12]}, {human_bytes(report.file_size)}{engine_text}, {n_skipped} skipped")
+    for s in report.splits:
+        for key, reason in s.skipped[:20]:
+            err.print(f"  skipped {s.name}/{key}: {reason}", markup=False)
+
+
+@app.command("ls")
+@handle_errors
+def ls(cache_dir: CacheDirOpt = None, as_json: JsonOpt = False):
+    """List the caches in the cache folder, newest first."""
+    from ..store import Cache, list_caches
+
+    rows, records = [], []
+    for path in list_caches(cache_dir):
+        try:
+            with Cache(path) as cache:
+                counts = {s: cache.n_examples(s) for s in cache.splits}
+                record = {
+                    "path": str(path), "fingerprint": cache.fingerprint, "data": cache.config["data"]["name"],
+                    "image_size": cache.image_size, "dtype": cache.config["dtype"], "splits": counts,
+                    "size": path.stat().st_size, "created": cache.created,
+                }
+        except Exception as error:  # one bad file must not hide the others
+            record = {"path": str(path), "error": str(error)}
+        records.append(record)
+        if "error" in record:
+            rows.append([path.name, "?", "", "", "", record["error"][:60]])
+        else:
+            splits = ", ".join(f"{s} {n}" for s, n in record["splits"].items())
+            rows.append([path.name, record["data"], splits, human_bytes(record["size"]), record["created"], ""])
+    if as_json:
+        print_json(records)
+    elif not rows:
+        out.print("no caches")
+    else:
+        out.print(table("caches", ["file", "data", "splits", "size", "created", "note"], rows))
+
+
+@app.command("info")
+@handle_errors
+def info(cache: Annotated[str, typer.Argument(help="Cache file or fingerprint prefix.")], cache_dir: CacheDirOpt = None, as_json: JsonOpt = False):
+    """Show a cache's configuration and per-split counts."""
+    from ..store import open_cache
+
+    with open_cache(cache, cache_dir) as c:
+        record = {
+            "path": str(c.path), "fingerprint": c.fingerprint, "config": c.config, "build": c.build_info,
+            "versions": c.versions, "created": c.created,
+            "splits": {s: {"images": c.n_examples(s), "skipped": len(c.skipped(s)), "bytes": c.nbytes(s)} for s in c.splits},
+        }
+    if as_json:
+        print_json(record)
+        return
+    out.print(f"[bold]{record['path']}[/]")
+    out.print(json.dumps({k: record[k] for k in ("fingerprint", "config", "build", "created")}, indent=2))
+    rows = [[s, v["images"], v["skipped"], human_bytes(v["bytes"])] for s, v in record["splits"].items()]
+    out.print(table("splits", ["split", "images", "skipped", "size"], rows))
+
+
+@app.command("verify")
+@handle_errors
+def verify(cache: Annotated[str, typer.Argument(help="Cache file or fingerprint prefix.")], cache_dir: CacheDirOpt = None, as_json: JsonOpt = False):
+    """Read every chunk and check checksums, shapes, counts and the fingerprint; exit 1 on any fault."""
+    from ..store import find_cache, verify_cache
+
+    report = verify_cache(find_cache(cache, cache_dir))
+    if as_json:
+        print_json({"path": str(report.path), "ok": report.ok, "problems": report.problems, "counts": report.counts,
+                    "bytes_read": report.bytes_read, "seconds": round(report.seconds, 3)})
+    elif report.ok:
+        counts = ", ".join(f"{s} {n}" for s, n in report.counts.items())
+        out.print(f"ok: {report.path} ({counts}; {human_bytes(report.bytes_read)} read in {report.seconds:.1f} s)")
+    if not report.ok:
+        if not as_json:
+            for problem in report.problems:
+                err.print(f"fault: {problem}", markup=False)
+        fail(f"{report.path}: {len(report.problems)} fault(s); rebuild the cache with `bottlecache cache build`", 1)
+
+
+def render_metrics(title: str, result: dict) -> None:
+    """The metrics table shared by heads and fine-tuning (one row per evaluated split)."""
+    rows = []
+    for split, m in result["metrics"].items():
+        per_class = "; ".join(
+            f"{name} {v['precision']:.3f}/{v['recall']:.3f}/{v['f1']:.3f}" for name, v in m["per_class"].items()
+        )
+        auc = f"{m['roc_auc']:.4f}" if "roc_auc" in m else "-"
+        rows.append([split, m["n"], f"{m['accuracy']:.4f}", f"{m['log_loss']:.4f}", auc, per_class])
+    out.print(table(title, ["split", "n", "accuracy", "log loss", "ROC AUC", "per class precision/recall/F1"], rows))
+    for split, m in result["metrics"].items():
+        out.print(f"{split} confusion matrix (rows: true, columns: predicted): {m['confusion_matrix']}")
+
+
+@app.command("train-head")
+@handle_errors
+def train_head_command(
+    cache: Annotated[Optional[str], typer.Argument(help="Cache file or fingerprint prefix (default: the newest cache).")] = None,
+    kind: Annotated[str, typer.Option(help="sklearn (logistic regression on pooled features) or keras (the tutorial's head).")] = "sklearn",
+    c: Annotated[Optional[list[float]], typer.Option("--C", help="sklearn: inverse regularisation; repeat to choose by validation accuracy.")] = None,
+    epochs: Annotated[int, typer.Option(help="keras: epochs.")] = 10,
+    batch_size: Annotated[int, typer.Option(help="keras: batch size.")] = 32,
+    learning_rate: Annotated[float, typer.Option(help="keras: learning rate.")] = 1e-4,
+    optimizer: Annotated[str, typer.Option(help="keras: rmsprop (the tutorial's) or adam.")] = "rmsprop",
+    dropout: Annotated[float, typer.Option(help="keras: dropout rate before the Dense layer.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    early_stopping: Annotated[Optional[int], typer.Option(help="keras: stop after this many epochs without a better validation loss.")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Folder for the trained head (default: under the cache dir).")] = None,
+    cache_dir: CacheDirOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Train a head on a cache's features and report its metrics on the other splits."""
+    from ..heads import train_head
+    from ..store import find_cache
+
+    path = find_cache(cache, cache_dir)
+    if cache is None and not as_json:
+        err.print(f"using the newest cache: {path}", markup=False)
+    result = train_head(
+        path, kind, C=c or [1.0], epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+        optimizer=optimizer, dropout=dropout, seed=seed, early_stopping=early_stopping, out=out_dir,
+        cache_dir=cache_dir,
+    )
+    record = result.to_dict()
+    if as_json:
+        print_json(record)
+        return
+    render_metrics(f"{kind} head on {path.name}: {result.train_seconds:.2f} s of training", record)
+    if result.selection and len(result.selection) > 1:
+        out.print("C selection: " + ", ".join(f"C={s['C']:g} → {s['validation_accuracy']:.4f}" for s in result.selection)
+                  + f"; kept C={result.params['C']:g}")
+    out.print(f"saved to {result.path}")
+
+
+@app.command("heads")
+@handle_errors
+def heads(cache_dir: CacheDirOpt = None, as_json: JsonOpt = False):
+    """List the trained heads in the cache folder with their validation accuracy."""
+    from ..heads import list_heads
+
+    records = []
+    for folder, metrics in list_heads(cache_dir):
+        validation = metrics.get("metrics", {}).get("validation", {})
+        records.append({"path": str(folder), "kind": metrics.get("kind"), "train_seconds": metrics.get("train_seconds"),
+                        "validation_accuracy": validation.get("accuracy"), "validation_log_loss": validation.get("log_loss")})
+    if as_json:
+        print_json(records)
+    elif not records:
+        out.print("no heads")
+    else:
+        rows = [[r["path"], r["kind"], _fmt(r["validation_accuracy"]), _fmt(r["validation_log_loss"]), _fmt(r["train_seconds"], 2)]
+                for r in records]
+        out.print(table("heads", ["folder", "kind", "val accuracy", "val log loss", "train s"], rows))
+
+
+def _fmt(value, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"

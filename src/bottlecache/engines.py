@@ -1,0 +1,135 @@
+"""Inference engines for the frozen base: Keras (exact) and LiteRT (XNNPACK, converted once).
+
+Before a build writes anything, ``make_engine`` checks the chosen engine against Keras on a
+probe batch of the build's own images; a maximum absolute difference above ``MAX_ABS_DIFF``
+stops the build. ``auto`` picks LiteRT when it is installed and passes, else Keras.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ._tf import import_tf
+from .backbone import KerasEngine
+from .errors import BottlecacheError
+from .fingerprint import sha256_file
+
+MAX_ABS_DIFF = 1e-3
+PROBE_IMAGES = 8
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def litert_available() -> bool:
+    try:
+        from ai_edge_litert.interpreter import Interpreter  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def flatbuffer_path(cache_dir: Path, weights_sha256: str, image_size: int) -> Path:
+    tf = import_tf()
+    return Path(cache_dir) / "engines" / f"mobilenet_v2-{image_size}-{weights_sha256[:12]}-tf{tf.__version__}.tflite"
+
+
+def convert_to_flatbuffer(model, path: Path) -> Path:
+    """Convert the Keras base (weights included) once; reuse it while its checksum holds.
+
+    The flatbuffer's sha256 is kept beside it; a file that no longer matches (corrupted,
+    truncated) is converted again.
+    """
+    path = Path(path)
+    record = path.with_suffix(".json")
+    if path.is_file() and record.is_file():
+        try:
+            if json.loads(record.read_text())["sha256"] == sha256_file(path):
+                return path
+        except (ValueError, KeyError, OSError):
+            pass
+    tf = import_tf()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        model.export(tmp, format="tf_saved_model", verbose=False)
+        flatbuffer = tf.lite.TFLiteConverter.from_saved_model(tmp).convert()
+        staged = Path(tmp) / "engine.tflite"
+        staged.write_bytes(flatbuffer)
+        os.replace(staged, path)
+    import hashlib
+
+    record.write_text(json.dumps({"sha256": hashlib.sha256(flatbuffer).hexdigest(), "tensorflow": tf.__version__}))
+    return path
+
+
+class LiteRTEngine:
+    """The base as a LiteRT flatbuffer run by the XNNPACK CPU kernels."""
+
+    name = "litert"
+    batch_size = 8
+
+    def __init__(self, flatbuffer: Path, threads: int | None = None):
+        from ai_edge_litert.interpreter import Interpreter
+
+        try:
+            self.interpreter = Interpreter(model_path=str(flatbuffer), num_threads=threads or usable_cores())
+        except (ValueError, RuntimeError) as error:
+            raise BottlecacheError(f"LiteRT could not load {flatbuffer} ({error}).") from None
+        self._input = self.interpreter.get_input_details()[0]["index"]
+        self._output = self.interpreter.get_output_details()[0]["index"]
+        self._shape = None
+        self.max_abs_diff = 0.0
+
+    def __call__(self, images) -> np.ndarray:
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        if self._shape != images.shape:
+            self.interpreter.resize_tensor_input(self._input, images.shape, strict=False)
+            self.interpreter.allocate_tensors()
+            self._shape = images.shape
+        self.interpreter.set_tensor(self._input, images)
+        self.interpreter.invoke()
+        return self.interpreter.get_tensor(self._output).copy()
+
+
+def probe_images(source, split: str, image_size: int, n: int = PROBE_IMAGES) -> np.ndarray:
+    from .data import image_dataset
+
+    images = [x for _, _, _, x in image_dataset(source, split, image_size).take(n).as_numpy_iterator()]
+    if not images:
+        raise BottlecacheError(f"No image of the split {split!r} decodes; nothing to build.")
+    return np.stack(images)
+
+
+def make_engine(name: str, model, weights, image_size: int, *, cache_dir, probe=None, images=None):
+    """The engine ``name`` (``auto``, ``keras``, ``litert``) for a loaded Keras base.
+
+    ``probe`` is ``(source, split)`` whose first images check the engine against Keras (or pass
+    ``images`` directly). The measured difference is kept as ``engine.max_abs_diff``.
+    """
+    keras_engine = KerasEngine(model)
+    if name == "keras" or (name == "auto" and not litert_available()):
+        return keras_engine
+    if not litert_available():
+        raise BottlecacheError("The 'litert' engine needs the package ai-edge-litert: pip install ai-edge-litert.")
+    engine = LiteRTEngine(convert_to_flatbuffer(model, flatbuffer_path(cache_dir, weights.sha256, image_size)))
+    if images is None:
+        images = probe_images(*probe, image_size)
+    diff = float(np.max(np.abs(engine(images) - keras_engine(images))))
+    engine.max_abs_diff = diff
+    if not diff <= MAX_ABS_DIFF:
+        if name == "auto":
+            return keras_engine
+        raise BottlecacheError(
+            f"The litert engine differs from Keras by {diff:.2e} on the probe images (allowed {MAX_ABS_DIFF:g}); "
+            "use --engine keras."
+        )
+    return engine

@@ -1,0 +1,476 @@
+"""Heads trained on cached features: logistic regression (scikit-learn) on the pooled features,
+and the tutorial's Keras head (GlobalAveragePooling2D → Dropout → Dense) on the full bottleneck.
+
+A head is saved as a folder: ``head.json`` (kind, classes, parameters, the cache's fingerprint
+and config), the model (``head.keras``, or ``head.npz`` arrays for scikit-learn: no pickle),
+and ``metrics.json``. ``load_head`` reads it back and predicts from features.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ._tf import import_keras
+from .config import check_choice, check_fraction, check_positive, resolve_cache_dir
+from .errors import BottlecacheError, CacheMismatchError
+
+KINDS = ("sklearn", "keras")
+OPTIMIZERS = ("rmsprop", "adam")
+HEAD_FORMAT = "bottlecache-head"
+BACKBONE_KEYS = ("model", "alpha", "image_size", "weights_sha256", "preprocess_version")
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+def probabilities_from_logits(logits: np.ndarray) -> np.ndarray:
+    """(N, 1) binary logits → (N, 2) probabilities; (N, K) logits → softmax."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.ndim == 1 or logits.shape[1] == 1:
+        p = 1.0 / (1.0 + np.exp(-logits.reshape(-1)))
+        return np.stack([1.0 - p, p], axis=1)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def compute_metrics(labels: np.ndarray, proba: np.ndarray, class_names: list[str]) -> dict:
+    """Accuracy, log loss, per-class precision / recall / F1, confusion matrix, ROC AUC (2 classes)."""
+    from sklearn import metrics
+
+    k = len(class_names)
+    predicted = proba.argmax(axis=1)
+    precision, recall, f1, support = metrics.precision_recall_fscore_support(
+        labels, predicted, labels=range(k), zero_division=0
+    )
+    out = {
+        "n": int(len(labels)),
+        "accuracy": float(metrics.accuracy_score(labels, predicted)),
+        "log_loss": float(metrics.log_loss(labels, np.clip(proba, 1e-15, 1.0), labels=range(k))),
+        "per_class": {
+            name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for name, p, r, f, s in zip(class_names, precision, recall, f1, support)
+        },
+        "confusion_matrix": metrics.confusion_matrix(labels, predicted, labels=range(k)).tolist(),
+    }
+    if k == 2 and len(set(labels.tolist())) == 2:
+        out["roc_auc"] = float(metrics.roc_auc_score(labels, proba[:, 1]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Heads
+
+
+class SklearnHead:
+    """Logistic regression on the pooled (N, 1280) features.
+
+    Parameters
+    ----------
+    C : float
+        Inverse regularisation strength (positive).
+    max_iter : int
+    """
+
+    kind = "sklearn"
+
+    def __init__(self, C: float = 1.0, max_iter: int = 2000):
+        self.C = C
+        self.max_iter = max_iter
+
+    def fit(self, pooled: np.ndarray, labels: np.ndarray) -> "SklearnHead":
+        from sklearn.linear_model import LogisticRegression
+
+        model = LogisticRegression(C=self.C, max_iter=self.max_iter)
+        model.fit(pooled, labels)
+        self.coef_, self.intercept_, self.classes_ = model.coef_, model.intercept_, model.classes_
+        return self
+
+    def decision_function(self, features: np.ndarray) -> np.ndarray:
+        if not hasattr(self, "coef_"):
+            raise BottlecacheError("This SklearnHead is not fitted yet; call fit() or load_head() first.")
+        x = np.asarray(features, dtype=np.float32)
+        if x.ndim == 4:  # full bottleneck → its spatial mean, exactly as `pooled` is stored
+            x = x.mean(axis=(1, 2))
+        return x.astype(np.float64) @ self.coef_.T + self.intercept_
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        """Class probabilities (N, K) from pooled (N, 1280) or full (N, s, s, 1280) features."""
+        proba = probabilities_from_logits(self.decision_function(features))
+        full = np.zeros((len(proba), int(self.classes_.max()) + 1))
+        full[:, self.classes_] = proba
+        return full
+
+    def save(self, folder: Path) -> None:
+        np.savez(folder / "head.npz", coef=self.coef_, intercept=self.intercept_, classes=self.classes_,
+                 C=np.array(self.C))
+
+    @classmethod
+    def load(cls, folder: Path) -> "SklearnHead":
+        with np.load(folder / "head.npz", allow_pickle=False) as arrays:
+            head = cls(C=float(arrays["C"]))
+            head.coef_, head.intercept_, head.classes_ = arrays["coef"], arrays["intercept"], arrays["classes"]
+        return head
+
+
+def build_head_model(feature_shape, n_classes: int, dropout: float = 0.2):
+    """The tutorial's head: GlobalAveragePooling2D → Dropout → Dense(1) (2 classes) or Dense(K).
+
+    It takes exactly the tensor the frozen base gives and outputs logits, so it can be put on
+    top of the base unchanged.
+    """
+    keras = import_keras()
+    inputs = keras.Input(shape=tuple(feature_shape), name="bottleneck")
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(inputs)
+    x = keras.layers.Dropout(dropout, name="dropout")(x)
+    outputs = keras.layers.Dense(1 if n_classes == 2 else n_classes, name="logits")(x)
+    return keras.Model(inputs, outputs, name="head")
+
+
+def compile_for(model, n_classes: int, learning_rate: float, optimizer: str = "rmsprop"):
+    keras = import_keras()
+    opt = (keras.optimizers.RMSprop if optimizer == "rmsprop" else keras.optimizers.Adam)(learning_rate=learning_rate)
+    if n_classes == 2:
+        loss = keras.losses.BinaryCrossentropy(from_logits=True)
+        acc = keras.metrics.BinaryAccuracy(threshold=0.0, name="accuracy")
+    else:
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        acc = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+    model.compile(optimizer=opt, loss=loss, metrics=[acc])
+    return model
+
+
+def best_weights_callback(monitor: str = "val_loss", patience: int | None = None):
+    """Keep the best epoch's weights (by ``monitor``); stop after ``patience`` epochs without gain."""
+    keras = import_keras()
+    return keras.callbacks.EarlyStopping(
+        monitor=monitor, patience=patience if patience else 10**9, restore_best_weights=True, mode="min"
+    )
+
+
+class KerasHead:
+    """The tutorial's head, on the cached (s, s, 1280) features."""
+
+    kind = "keras"
+
+    def __init__(self, model=None):
+        self.model = model
+
+    def predict_proba(self, features: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        if self.model is None:
+            raise BottlecacheError("This KerasHead is not fitted yet; train it or load_head() it first.")
+        x = np.asarray(features, dtype=np.float32)
+        logits = np.concatenate([np.asarray(self.model(x[i : i + batch_size], training=False))
+                                 for i in range(0, len(x), batch_size)] or [np.zeros((0, 1))])
+        return probabilities_from_logits(logits)
+
+    def save(self, folder: Path) -> None:
+        self.model.save(folder / "head.keras")
+
+    @classmethod
+    def load(cls, folder: Path) -> "KerasHead":
+        return cls(load_keras_file(folder / "head.keras"))
+
+
+def load_keras_file(path: Path):
+    """Load a ``.keras`` file in safe mode: a file that would run code (a Lambda layer) is refused."""
+    keras = import_keras()
+    try:
+        return keras.saving.load_model(path, safe_mode=True, compile=False)
+    except Exception as error:
+        reason = " ".join(str(error).split())[:200]
+        raise BottlecacheError(f"{path} cannot be loaded safely ({reason}).") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class HeadResult:
+    head: object
+    kind: str
+    metrics: dict  # split → metrics
+    train_seconds: float
+    params: dict
+    path: Path | None = None
+    selection: list = field(default_factory=list)  # C → validation accuracy (sklearn)
+    history: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "path": str(self.path) if self.path else None,
+            "train_seconds": round(self.train_seconds, 3),
+            "params": self.params,
+            "selection": self.selection,
+            "metrics": self.metrics,
+        }
+
+
+def _memory_budget() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (ValueError, OSError, AttributeError):
+        return 2 << 30
+
+
+def train_head(
+    cache,
+    kind: str = "sklearn",
+    *,
+    C=(1.0,),
+    epochs: int = 10,
+    batch_size: int = 32,
+    learning_rate: float = 1e-4,
+    optimizer: str = "rmsprop",
+    dropout: float = 0.2,
+    seed: int = 0,
+    early_stopping: int | None = None,
+    shuffle: bool = True,
+    train_split: str = "train",
+    out=None,
+    save: bool = True,
+    cache_dir=None,
+    max_memory: int | None = None,
+    verbose: int = 0,
+) -> HeadResult:
+    """Fit a head on a cache's ``train`` split and measure it on every other split.
+
+    Parameters
+    ----------
+    cache : Cache or str or path
+        An open ``Cache``, a cache file, or a fingerprint prefix in ``cache_dir``.
+    kind : {"sklearn", "keras"}
+    C : float or sequence of float
+        scikit-learn: several values are each fit; the best validation accuracy wins (ties: the
+        smaller C).
+    epochs, batch_size, learning_rate, optimizer, dropout, seed, early_stopping, shuffle
+        Keras head settings (``early_stopping`` is a patience in epochs; the best epoch by
+        validation loss is kept either way).
+    out : path, optional
+        Folder to save the head in; default ``<cache dir>/heads/<kind>-<fingerprint12>-<time>``.
+    max_memory : int, optional
+        Bytes of float32 features to load whole; above it the Keras head streams from the file.
+
+    Returns
+    -------
+    HeadResult
+    """
+    from .store import Cache, open_cache
+
+    check_choice("kind", kind, KINDS)
+    check_choice("optimizer", optimizer, OPTIMIZERS)
+    Cs = [C] if isinstance(C, (int, float)) else list(C)
+    if not Cs:
+        raise BottlecacheError("The 'C' option needs at least one value. Got none.")
+    for value in Cs:
+        check_positive("C", value, float)
+    check_positive("epochs", epochs)
+    check_positive("batch_size", batch_size)
+    check_positive("learning_rate", learning_rate, float)
+    check_fraction("dropout", dropout)
+    if early_stopping is not None:
+        check_positive("early_stopping", early_stopping)
+    opened = not isinstance(cache, Cache)
+    cache = open_cache(cache, cache_dir) if opened else cache
+    try:
+        if train_split not in cache.splits:
+            raise BottlecacheError(f"The cache has no {train_split!r} split to train on. It has {', '.join(cache.splits)}.")
+        eval_splits = [s for s in cache.splits if s != train_split]
+        has_validation = "validation" in cache.splits
+        n_classes = len(cache.class_names)
+        if kind == "sklearn":
+            if len(Cs) > 1 and not has_validation:
+                raise BottlecacheError(
+                    "Choosing among several C values needs a 'validation' split, and this cache has none; "
+                    "pass one --C or build the cache with a validation split (--split validation=...)."
+                )
+            result = _train_sklearn(cache, Cs, train_split, has_validation)
+        else:
+            result = _train_keras(
+                cache, n_classes, train_split, has_validation, epochs=epochs, batch_size=batch_size,
+                learning_rate=learning_rate, optimizer=optimizer, dropout=dropout, seed=seed,
+                early_stopping=early_stopping, shuffle=shuffle, max_memory=max_memory or _memory_budget(),
+                verbose=verbose,
+            )
+        for split in eval_splits:
+            proba = _predict_split(result.head, cache, split)
+            result.metrics[split] = compute_metrics(cache.labels(split), proba, cache.class_names)
+        if save:
+            result.path = save_head(result, cache, out, cache_dir)
+        return result
+    finally:
+        if opened:
+            cache.close()
+
+
+def _predict_split(head, cache, split: str, block: int = 1024) -> np.ndarray:
+    if head.kind == "sklearn":
+        return head.predict_proba(cache.pooled(split))
+    n = cache.n_examples(split)
+    return np.concatenate([head.predict_proba(cache.features(split, slice(i, i + block))) for i in range(0, n, block)])
+
+
+def _train_sklearn(cache, Cs, train_split, has_validation) -> HeadResult:
+    x, y = cache.pooled(train_split), cache.labels(train_split)
+    selection, best = [], None
+    started = time.perf_counter()
+    for value in sorted(Cs):
+        head = SklearnHead(C=float(value)).fit(x, y)
+        score = None
+        if has_validation and len(Cs) > 1:
+            proba = head.predict_proba(cache.pooled("validation"))
+            score = float((proba.argmax(axis=1) == cache.labels("validation")).mean())
+        selection.append({"C": float(value), "validation_accuracy": score})
+        if best is None or (score is not None and score > best[0]):  # ties keep the smaller C
+            best = (score, head)
+    seconds = time.perf_counter() - started
+    return HeadResult(best[1], "sklearn", {}, seconds, {"C": best[1].C, "Cs": [float(c) for c in sorted(Cs)]},
+                      selection=selection)
+
+
+def _train_keras(cache, n_classes, train_split, has_validation, *, epochs, batch_size, learning_rate, optimizer,
+                 dropout, seed, early_stopping, shuffle, max_memory, verbose) -> HeadResult:
+    keras = import_keras()
+    keras.utils.set_random_seed(seed)
+    model = compile_for(build_head_model(cache.feature_shape, n_classes, dropout), n_classes, learning_rate, optimizer)
+    n_values = sum(cache.n_examples(s) for s in cache.splits) * int(np.prod(cache.feature_shape))
+    in_memory = n_values * 4 <= max_memory
+    callbacks = [best_weights_callback("val_loss" if has_validation else "loss", early_stopping)]
+    if in_memory:
+        x, y = cache.features(train_split).astype(np.float32), cache.labels(train_split)
+        validation = (cache.features("validation").astype(np.float32), cache.labels("validation")) if has_validation else None
+        started = time.perf_counter()
+        history = model.fit(x, y, batch_size=batch_size, epochs=epochs, validation_data=validation, shuffle=shuffle,
+                            callbacks=callbacks, verbose=verbose)
+    else:
+        train = cache.dataset(train_split)
+        if shuffle:
+            train = train.shuffle(4096, seed=seed, reshuffle_each_iteration=True)
+        validation = cache.dataset("validation", batch_size=256) if has_validation else None
+        started = time.perf_counter()
+        history = model.fit(train.batch(batch_size).prefetch(2), epochs=epochs, validation_data=validation,
+                            callbacks=callbacks, verbose=verbose)
+    seconds = time.perf_counter() - started
+    params = {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "optimizer": optimizer,
+              "dropout": dropout, "seed": seed, "early_stopping": early_stopping, "in_memory": in_memory,
+              "epochs_run": len(history.history.get("loss", []))}
+    hist = {k: [float(v) for v in values] for k, values in history.history.items()}
+    return HeadResult(KerasHead(model), "keras", {}, seconds, params, history=hist)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and loading
+
+
+def save_head(result: HeadResult, cache, out=None, cache_dir=None) -> Path:
+    """Write the head folder atomically (a temporary folder renamed into place)."""
+    if out is None:
+        base = resolve_cache_dir(cache_dir) / "heads"
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = base / f"{result.kind}-{cache.fingerprint[:12]}-{stamp}"
+        n = 1
+        while out.exists():
+            n += 1
+            out = base / f"{result.kind}-{cache.fingerprint[:12]}-{stamp}-{n}"
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise BottlecacheError(f"The 'out' folder {out} exists and is not empty; choose a new folder.")
+    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    staging.mkdir(parents=True, exist_ok=True)
+    record = {
+        "format": HEAD_FORMAT,
+        "format_version": 1,
+        "kind": result.kind,
+        "class_names": cache.class_names,
+        "feature_shape": list(cache.feature_shape),
+        "params": result.params,
+        "backbone": {key: cache.config.get(key) for key in BACKBONE_KEYS},
+        "weights": cache.build_info.get("weights"),
+        "cache": {"path": str(cache.path.resolve()), "fingerprint": cache.fingerprint, "config": cache.config},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (staging / "head.json").write_text(json.dumps(record, indent=2))
+    (staging / "metrics.json").write_text(json.dumps(result.to_dict() | {"history": result.history}, indent=2))
+    result.head.save(staging)
+    if out.exists():
+        out.rmdir()
+    os.replace(staging, out)
+    return out
+
+
+@dataclass
+class LoadedHead:
+    """A saved head with its record; ``predict_proba`` / ``predict`` take features."""
+
+    path: Path
+    record: dict
+    head: object
+
+    @property
+    def kind(self) -> str:
+        return self.record["kind"]
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.record["class_names"]
+
+    @property
+    def backbone(self) -> dict:
+        return self.record["backbone"]
+
+    def predict_proba(self, features) -> np.ndarray:
+        return self.head.predict_proba(features)
+
+    def predict(self, features) -> list[str]:
+        return [self.class_names[i] for i in self.predict_proba(features).argmax(axis=1)]
+
+    def check_backbone(self, **actual) -> None:
+        """Raise if this head was trained on another model / image size / weights than ``actual``."""
+        differ = [
+            f"{key}: head has {self.backbone.get(key)!r}, got {value!r}"
+            for key, value in actual.items()
+            if key in self.backbone and value is not None and self.backbone.get(key) != value
+        ]
+        if differ:
+            raise CacheMismatchError(f"The head {self.path} was trained for another backbone: " + "; ".join(differ) + ".")
+
+    def check_cache(self, cache) -> None:
+        self.check_backbone(**{key: cache.config.get(key) for key in BACKBONE_KEYS})
+
+
+def load_head(path) -> LoadedHead:
+    """Load a head folder written by ``train_head`` (no pickle; Keras in safe mode)."""
+    folder = Path(path)
+    record_path = folder / "head.json"
+    if not record_path.is_file():
+        raise BottlecacheError(f"{folder} is not a head folder (no head.json); pass a folder from `cache train-head`.")
+    try:
+        record = json.loads(record_path.read_text())
+    except ValueError:
+        raise BottlecacheError(f"{record_path} is not valid JSON.") from None
+    if record.get("format") != HEAD_FORMAT or record.get("kind") not in KINDS:
+        raise BottlecacheError(f"{folder} is not a bottlecache head folder.")
+    head = SklearnHead.load(folder) if record["kind"] == "sklearn" else KerasHead.load(folder)
+    return LoadedHead(folder, record, head)
+
+
+def list_heads(cache_dir=None) -> list[tuple[Path, dict]]:
+    """Saved heads under ``<cache dir>/heads`` with their metrics, newest first."""
+    folder = resolve_cache_dir(cache_dir) / "heads"
+    out = []
+    for head_dir in sorted(folder.glob("*/head.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            metrics = json.loads((head_dir.parent / "metrics.json").read_text())
+        except (OSError, ValueError):
+            metrics = {}
+        out.append((head_dir.parent, metrics))
+    return out

@@ -1,0 +1,478 @@
+"""The HDF5 cache file: writing it (``.partial`` → final, resumable), reading it, verifying it.
+
+Layout of ``<dataset>-<model>-<size>-<fingerprint12>.h5``::
+
+    /                 attrs: format, format_version, fingerprint, config (JSON), class_names,
+                             versions (JSON), created, complete, build (JSON: engine, batch size…)
+    /<split>/features (N, s, s, 1280) float16|float32, chunked along N, compressed, fletcher32
+    /<split>/pooled   (N, 1280) float32: mean over the spatial axes of the float32 features
+    /<split>/labels   (N,) int64
+    /<split>/keys     (N,) UTF-8: relative path or tfds id
+    /<split>/skipped  (M, 2) UTF-8: key, reason
+              attrs:  spec, n_examples, n_done, n_rows, n_skipped, complete
+
+A split's attributes ``n_rows`` / ``n_skipped`` / ``n_done`` are the commit record: they are
+written after the rows of a batch, then the file is flushed and fsync'ed. Rows beyond
+``n_rows`` (a batch that was being written when the process died) are cut off on resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .config import bottleneck_shape, resolve_cache_dir
+from .errors import BottlecacheError, CacheMismatchError
+from .fingerprint import FORMAT_NAME, FORMAT_VERSION, canonical_json, fingerprint
+
+FEATURE_CHUNK_ROWS = 32
+POOLED_CHUNK_ROWS = 1024
+# Measured on cats_and_dogs_filtered (see README, "Storage"): lzf is ~1.6x the size of gzip's
+# level 1 output but reads several times faster; reading back is what heads do again and again.
+COMPRESSION = "lzf"
+PARTIAL_SUFFIX = ".partial"
+_STR = h5py.string_dtype("utf-8")
+
+
+def cache_file_name(dataset: str, model: str, image_size: int, fp: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in dataset).strip("._") or "data"
+    return f"{safe}-{model}-{image_size}-{fp[:12]}.h5"
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+@contextlib.contextmanager
+def build_lock(final_path: Path, *, wait: bool = True, on_wait=None):
+    """An exclusive lock per cache: never two writers. The OS releases it if the process dies."""
+    lock_path = final_path.with_name("." + final_path.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            if not wait:
+                raise BottlecacheError(
+                    f"Another build of this cache is running (pid {holder}); wait for it or run again later."
+                ) from None
+            if on_wait:
+                on_wait(holder)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class PartialCache:
+    """A cache being written: ``<name>.h5.partial``, appended batch by batch, then renamed."""
+
+    def __init__(self, final_path: Path, fp: str):
+        self.final_path = Path(final_path)
+        self.path = self.final_path.with_name(self.final_path.name + PARTIAL_SUFFIX)
+        self.fingerprint = fp
+        self.file: h5py.File | None = None
+        self.resumed = False
+
+    # -- opening ----------------------------------------------------------------------------
+    def open(self, root_attrs: dict, splits: dict[str, dict], feature_shape, dtype: str) -> "PartialCache":
+        """Resume the partial file if it is ours and readable, else start a new one."""
+        self.resumed = self.path.exists() and self._try_resume()
+        if not self.resumed:
+            if self.path.exists():
+                self.path.unlink()
+            self._create(root_attrs, splits, feature_shape, dtype)
+        return self
+
+    def _try_resume(self) -> bool:
+        try:
+            f = h5py.File(self.path, "r+")
+        except OSError:
+            return False
+        try:
+            if f.attrs.get("fingerprint") != self.fingerprint:
+                raise ValueError("fingerprint")
+            for name in json.loads(f.attrs["splits"]):
+                group = f[name]
+                rows, n_skipped = int(group.attrs["n_rows"]), int(group.attrs["n_skipped"])
+                for key in ("features", "pooled", "labels", "keys"):
+                    group[key].resize(rows, axis=0)
+                group["skipped"].resize(n_skipped, axis=0)
+                if rows:  # the last committed rows must read back and pass their checksums
+                    group["features"][max(0, rows - FEATURE_CHUNK_ROWS) : rows]
+                    group["pooled"][max(0, rows - POOLED_CHUNK_ROWS) : rows]
+            self.file = f
+            return True
+        except Exception:
+            f.close()
+            return False
+
+    def _create(self, root_attrs, splits, feature_shape, dtype):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = h5py.File(self.path, "w", libver="latest")
+        for key, value in root_attrs.items():
+            f.attrs[key] = value
+        f.attrs["splits"] = json.dumps(list(splits))
+        f.attrs["complete"] = False
+        for name, attrs in splits.items():
+            group = f.create_group(name)
+            checked = dict(compression=COMPRESSION, fletcher32=True)
+            group.create_dataset(
+                "features", (0, *feature_shape), dtype=dtype, maxshape=(None, *feature_shape),
+                chunks=(FEATURE_CHUNK_ROWS, *feature_shape), **checked,
+            )
+            n_channels = feature_shape[-1]
+            group.create_dataset(
+                "pooled", (0, n_channels), dtype="float32", maxshape=(None, n_channels),
+                chunks=(POOLED_CHUNK_ROWS, n_channels), **checked,
+            )
+            group.create_dataset("labels", (0,), dtype="int64", maxshape=(None,), chunks=(4096,), **checked)
+            group.create_dataset("keys", (0,), dtype=_STR, maxshape=(None,), chunks=(4096,))
+            group.create_dataset("skipped", (0, 2), dtype=_STR, maxshape=(None, 2), chunks=(256, 2))
+            for key, value in attrs.items():
+                group.attrs[key] = value
+            group.attrs.update(n_done=0, n_rows=0, n_skipped=0, complete=False)
+        self.file = f
+        self._sync()
+
+    # -- writing ----------------------------------------------------------------------------
+    def progress(self, split: str) -> tuple[int, bool]:
+        group = self.file[split]
+        return int(group.attrs["n_done"]), bool(group.attrs["complete"])
+
+    def append(self, split: str, features, pooled, labels, keys, skipped, n_done: int) -> None:
+        """Write one batch's rows, then commit them (attributes, flush, fsync)."""
+        group = self.file[split]
+        rows, n = int(group.attrs["n_rows"]), len(labels)
+        if n:
+            for key, values in (("features", features), ("pooled", pooled), ("labels", labels), ("keys", keys)):
+                group[key].resize(rows + n, axis=0)
+                group[key][rows:] = values
+        n_skipped = int(group.attrs["n_skipped"])
+        if skipped:
+            group["skipped"].resize(n_skipped + len(skipped), axis=0)
+            group["skipped"][n_skipped:] = np.array(skipped, dtype=object)
+        group.attrs.update(n_rows=rows + n, n_skipped=n_skipped + len(skipped), n_done=n_done)
+        self._sync()
+
+    def complete_split(self, split: str, seconds: float) -> None:
+        self.file[split].attrs.update(complete=True, seconds=seconds)
+        self._sync()
+
+    def finalize(self, extra_attrs: dict) -> Path:
+        """Mark complete, close, fsync and rename to the final name (atomic)."""
+        for key, value in extra_attrs.items():
+            self.file.attrs[key] = value
+        self.file.attrs["complete"] = True
+        self.close()
+        os.replace(self.path, self.final_path)
+        _fsync_dir(self.final_path.parent)
+        return self.final_path
+
+    def _sync(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.id.get_vfd_handle())
+
+    def close(self) -> None:
+        if self.file is not None:
+            with contextlib.suppress(Exception):
+                self.file.close()
+            self.file = None
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+class Cache:
+    """A finished cache, open for reading.
+
+    Parameters
+    ----------
+    path : str or Path
+        A ``.h5`` file written by ``build_cache``.
+
+    Raises
+    ------
+    BottlecacheError
+        The file is missing, partial, not HDF5, or not a bottlecache file.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if self.path.name.endswith(PARTIAL_SUFFIX):
+            raise BottlecacheError(
+                f"{self.path} is a partial cache (a build that has not finished); run the same "
+                "`cache build` command again to complete it."
+            )
+        if not self.path.is_file():
+            raise BottlecacheError(f"No cache file at {self.path}.")
+        try:
+            self.file = h5py.File(self.path, "r")
+        except OSError:
+            raise BottlecacheError(f"{self.path} is not a readable HDF5 file (truncated or not a cache).") from None
+        attrs = self.file.attrs
+        if attrs.get("format") != FORMAT_NAME:
+            self.file.close()
+            raise BottlecacheError(f"{self.path} is an HDF5 file but not a bottlecache cache.")
+        if int(attrs.get("format_version", -1)) != FORMAT_VERSION:
+            self.file.close()
+            raise BottlecacheError(
+                f"{self.path} has cache format version {attrs.get('format_version')}; this bottlecache reads "
+                f"version {FORMAT_VERSION}. Rebuild it with `bottlecache cache build`."
+            )
+        if not attrs.get("complete", False):
+            self.file.close()
+            raise BottlecacheError(f"{self.path} is marked incomplete; rebuild it with `bottlecache cache build`.")
+        self.fingerprint: str = attrs["fingerprint"]
+        self.config: dict = json.loads(attrs["config"])
+        self.class_names: list[str] = list(self.config["class_names"])
+        self.splits: list[str] = json.loads(attrs["splits"])
+        self.build_info: dict = json.loads(attrs.get("build", "{}"))
+        self.created: str = str(attrs.get("created", ""))
+        self.versions: dict = json.loads(attrs.get("versions", "{}"))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{s}={self.n_examples(s)}" for s in self.splits)
+        return f"Cache({self.path.name!r}, {counts})"
+
+    @property
+    def image_size(self) -> int:
+        return int(self.config["image_size"])
+
+    @property
+    def feature_shape(self) -> tuple[int, int, int]:
+        return tuple(self.file[self.splits[0]]["features"].shape[1:])
+
+    def _group(self, split: str):
+        if split not in self.splits:
+            raise BottlecacheError(f"The cache has no split {split!r}. It has {', '.join(self.splits)}.")
+        return self.file[split]
+
+    def n_examples(self, split: str) -> int:
+        return int(self._group(split)["labels"].shape[0])
+
+    def features(self, split: str, rows: slice | None = None) -> np.ndarray:
+        return self._read(split, "features", rows)
+
+    def pooled(self, split: str, rows: slice | None = None) -> np.ndarray:
+        return self._read(split, "pooled", rows)
+
+    def labels(self, split: str) -> np.ndarray:
+        return self._read(split, "labels", None)
+
+    def keys(self, split: str) -> list[str]:
+        return [k.decode("utf-8") for k in self._group(split)["keys"][:]]
+
+    def skipped(self, split: str) -> list[tuple[str, str]]:
+        return [(k.decode("utf-8"), r.decode("utf-8")) for k, r in self._group(split)["skipped"][:]]
+
+    def _read(self, split: str, name: str, rows):
+        dataset = self._group(split)[name]
+        try:
+            return dataset[rows if rows is not None else slice(None)]
+        except OSError as error:
+            raise BottlecacheError(
+                f"{self.path.name}: split {split!r} {name} failed to read ({_first_line(error)}); "
+                f"run `bottlecache cache verify {self.path}` and rebuild the cache."
+            ) from None
+
+    def nbytes(self, split: str) -> int:
+        group = self._group(split)
+        return sum(group[k].id.get_storage_size() for k in ("features", "pooled", "labels", "keys", "skipped"))
+
+    def dataset(self, split: str, what: str = "features", batch_size: int | None = None):
+        """A ``tf.data.Dataset`` of ``(x, label)`` streamed from the file chunk by chunk.
+
+        ``what`` is ``"features"`` (float32, (s, s, 1280)) or ``"pooled"`` ((1280,)).
+        """
+        from ._tf import import_tf
+
+        tf = import_tf()
+        if what not in ("features", "pooled"):
+            raise BottlecacheError(f"The 'what' option must be one of features, pooled. Got {what!r} instead.")
+        n = self.n_examples(split)
+        shape = self.feature_shape if what == "features" else (self.feature_shape[-1],)
+        step = FEATURE_CHUNK_ROWS * 8 if what == "features" else POOLED_CHUNK_ROWS
+        labels = self.labels(split)
+
+        def generate():
+            for start in range(0, n, step):
+                block = self._read(split, what, slice(start, start + step)).astype(np.float32)
+                yield from zip(block, labels[start : start + step])
+
+        ds = tf.data.Dataset.from_generator(
+            generate,
+            output_signature=(tf.TensorSpec(shape, tf.float32), tf.TensorSpec((), tf.int64)),
+        )
+        ds = ds.apply(tf.data.experimental.assert_cardinality(n))
+        return ds.batch(batch_size).prefetch(2) if batch_size else ds
+
+    def check(self, **expected) -> None:
+        """Raise ``CacheMismatchError`` naming every key whose stored value differs.
+
+        Example: ``cache.check(image_size=160, model="mobilenet_v2", weights_sha256=...)``.
+        """
+        differ = [
+            f"{key}: cache has {self.config.get(key)!r}, expected {value!r}"
+            for key, value in expected.items()
+            if value is not None and self.config.get(key) != value
+        ]
+        if differ:
+            raise CacheMismatchError(f"{self.path.name} does not match: " + "; ".join(differ) + ".")
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+def list_caches(cache_dir=None) -> list[Path]:
+    """Finished cache files in the cache dir, newest first."""
+    folder = resolve_cache_dir(cache_dir)
+    if not folder.is_dir():
+        return []
+    return sorted(folder.glob("*.h5"), key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def find_cache(spec=None, cache_dir=None) -> Path:
+    """A cache file path, a unique fingerprint prefix in the cache dir, or (None) the newest one."""
+    if spec is not None and ("/" in str(spec) or str(spec).endswith((".h5", PARTIAL_SUFFIX)) or Path(spec).exists()):
+        return Path(spec)
+    caches = list_caches(cache_dir)
+    if spec is None:
+        if not caches:
+            raise BottlecacheError(
+                f"No cache in {resolve_cache_dir(cache_dir)}; run `bottlecache cache build` first."
+            )
+        return caches[0]
+    matches = [p for p in caches if p.stem.rsplit("-", 1)[-1].startswith(str(spec).lower())]
+    if len(matches) != 1:
+        found = "none" if not matches else ", ".join(p.name for p in matches)
+        raise BottlecacheError(
+            f"The cache {spec!r} must be a cache file or a unique fingerprint prefix in "
+            f"{resolve_cache_dir(cache_dir)}. Matches: {found}."
+        )
+    return matches[0]
+
+
+def open_cache(spec=None, cache_dir=None, **expected) -> Cache:
+    """Open a finished cache (see ``find_cache``) and check it against ``expected`` config values."""
+    cache = Cache(find_cache(spec, cache_dir))
+    try:
+        cache.check(**expected)
+    except BottlecacheError:
+        cache.close()
+        raise
+    return cache
+
+
+# ---------------------------------------------------------------------------------------------
+# Verifying
+
+
+@dataclass
+class VerifyReport:
+    path: Path
+    problems: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    bytes_read: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_cache(path) -> VerifyReport:
+    """Read every chunk (checking its fletcher32 checksum), shapes, counts and the fingerprint."""
+    start = time.perf_counter()
+    report = VerifyReport(Path(path))
+    try:
+        cache = Cache(path)
+    except BottlecacheError as error:
+        report.problems.append(str(error))
+        return report
+    with cache:
+        if fingerprint(cache.config) != cache.fingerprint:
+            report.problems.append("the stored config does not match the stored fingerprint (tampered?)")
+        if not cache.path.stem.endswith(cache.fingerprint[:12]):
+            report.problems.append("the file name does not carry the cache's fingerprint")
+        expected_shape = bottleneck_shape(cache.image_size)
+        n_classes = len(cache.class_names)
+        for split in cache.splits:
+            if split not in cache.file:
+                report.problems.append(f"split {split!r}: missing")
+                continue
+            group = cache.file[split]
+            n = group["labels"].shape[0]
+            report.counts[split] = n
+            lengths = {k: group[k].shape[0] for k in ("features", "pooled", "labels", "keys")}
+            if len(set(lengths.values())) != 1 or n != int(group.attrs.get("n_rows", -1)):
+                report.problems.append(f"split {split!r}: row counts disagree {lengths}")
+            if tuple(group["features"].shape[1:]) != expected_shape:
+                report.problems.append(
+                    f"split {split!r}: features shape {group['features'].shape[1:]} is not {expected_shape}"
+                )
+            if n + group["skipped"].shape[0] != int(group.attrs.get("n_examples", -1)):
+                report.problems.append(f"split {split!r}: {n} rows + skipped is not the split's n_examples")
+            for name in ("features", "pooled", "labels"):
+                dataset = group[name]
+                step = dataset.chunks[0]
+                for lo in range(0, dataset.shape[0], step):
+                    try:
+                        block = dataset[lo : lo + step]
+                        report.bytes_read += block.nbytes
+                    except OSError as error:
+                        report.problems.append(
+                            f"split {split!r}: {name} rows {lo}-{min(lo + step, dataset.shape[0]) - 1} "
+                            f"fail to read ({_first_line(error)})"
+                        )
+                        continue
+                    if name == "labels" and (block.min(initial=0) < 0 or block.max(initial=0) >= n_classes):
+                        report.problems.append(f"split {split!r}: labels out of range in rows {lo}-{lo + step - 1}")
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def root_attrs(config: dict, fp: str, versions: dict) -> dict:
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "fingerprint": fp,
+        "config": canonical_json(config),
+        "class_names": json.dumps(config["class_names"]),
+        "versions": json.dumps(versions),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
