@@ -30,6 +30,10 @@ _API = {
     "preprocess": "data",
     "resolve_weights": "backbone",
     "load_backbone": "backbone",
+    "train_head": "heads",
+    "load_head": "heads",
+    "finetune": "finetune",
+    "load_model": "finetune",
     "BottlecacheError": "errors",
     "CacheMismatchError": "errors",
 }

@@ -174,6 +174,10 @@ def _build_locked(source, weights_ref, config, fp, final_path, dtype, batch_size
 
     image_size = config["image_size"]
     versions = library_versions()
+    # Load the weights and check the engine before anything is written: a weights file that does
+    # not load must not leave a .partial behind (the next run would "resume" it).
+    engine = make_engine(engine_name, load_backbone(weights_ref, image_size), weights_ref, image_size,
+                         cache_dir=final_path.parent, probe=(source, next(iter(source.splits))))
     partial = PartialCache(final_path, fp)
     split_attrs = {
         name: {"spec": str(split.spec), "n_examples": split.n_examples} for name, split in source.splits.items()
@@ -182,7 +186,6 @@ def _build_locked(source, weights_ref, config, fp, final_path, dtype, batch_size
     partial.open(attrs, split_attrs, bottleneck_shape(image_size), dtype)
     if partial.resumed:
         progress.message(f"resuming the partial build in {partial.path.name}")
-    engine = None
     reports = []
     try:
         for name, split in source.splits.items():
@@ -190,10 +193,6 @@ def _build_locked(source, weights_ref, config, fp, final_path, dtype, batch_size
             started = time.perf_counter()
             n_processed = 0
             if not complete:
-                if engine is None:
-                    engine = make_engine(engine_name, load_backbone(weights_ref, image_size), weights_ref, image_size,
-                                         cache_dir=final_path.parent, probe=(source, name))
-                    started = time.perf_counter()
                 size = batch_size or engine.batch_size
                 progress.start_split(name, split.n_examples, done)
                 for window in _windows(source, name, image_size, done, split.n_examples, size):
@@ -221,9 +220,9 @@ def _build_locked(source, weights_ref, config, fp, final_path, dtype, batch_size
                 )
             )
         build_info = {
-            "engine": engine.name if engine else "",
-            "engine_max_abs_diff": getattr(engine, "max_abs_diff", 0.0) if engine else 0.0,
-            "batch_size": batch_size or (engine.batch_size if engine else None),
+            "engine": engine.name,
+            "engine_max_abs_diff": getattr(engine, "max_abs_diff", 0.0),
+            "batch_size": batch_size or engine.batch_size,
             "weights": weights_ref.spec,
             "machine": platform.machine(),
         }

@@ -78,6 +78,8 @@ def describe_failure(path_or_bytes) -> str:
         decode_image(data)
     except Exception as error:  # the decoder's own message is the reason we record
         message = getattr(error, "message", None) or str(error)
+        # Drop TensorFlow's wrapping ("{{function_node …}} … [Op:DecodeImage] name:"): keep the reason.
+        message = re.sub(r"\{\{function_node [^}]*\}\}|\[Op:[^\]]*\].*$", "", message, flags=re.DOTALL)
         return " ".join(message.split())[:300] or type(error).__name__
     return "could not be decoded"
 

@@ -179,11 +179,13 @@ class KerasHead:
         return cls(load_keras_file(folder / "head.keras"))
 
 
-def load_keras_file(path: Path):
+def load_keras_file(path: Path, compile: bool = False):
     """Load a ``.keras`` file in safe mode: a file that would run code (a Lambda layer) is refused."""
     keras = import_keras()
+    from . import layers  # noqa: F401  (registers InferenceMode, the project's one custom layer)
+
     try:
-        return keras.saving.load_model(path, safe_mode=True, compile=False)
+        return keras.saving.load_model(path, safe_mode=True, compile=compile)
     except Exception as error:
         reason = " ".join(str(error).split())[:200]
         raise BottlecacheError(f"{path} cannot be loaded safely ({reason}).") from None

@@ -124,7 +124,10 @@ class PartialCache:
 
     def _create(self, root_attrs, splits, feature_shape, dtype):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = h5py.File(self.path, "w", libver="latest")
+        # Not libver="latest": its superblock (v3) marks the file open for writing until it is
+        # closed, and HDF5 then refuses to reopen a file whose writer was killed, so a resume
+        # would silently start over. A v1.8 lower bound keeps the file reopenable.
+        f = h5py.File(self.path, "w", libver=("v108", "latest"))
         for key, value in root_attrs.items():
             f.attrs[key] = value
         f.attrs["splits"] = json.dumps(list(splits))

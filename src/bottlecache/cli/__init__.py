@@ -3,6 +3,8 @@
 import typer
 
 from .cache import app as cache_app
+from .finetune import app as finetune_app
+from .predict import predict
 
 app = typer.Typer(
     name="bottlecache",
@@ -12,6 +14,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(cache_app, name="cache")
+app.add_typer(finetune_app, name="finetune")
+app.command("predict")(predict)
 
 
 def main() -> None:

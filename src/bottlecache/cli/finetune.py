@@ -1,0 +1,63 @@
+"""``bottlecache finetune run``: the tutorial's second phase, warm-started from a cached head."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ._common import (
+    CacheDirOpt, DataOpt, ImageSizeOpt, JsonOpt, RichProgress, SplitOpt, TfdsDirOpt, WeightsOpt,
+    handle_errors, out, print_json,
+)
+from .cache import render_metrics
+
+app = typer.Typer(help="Fine-tune the top of MobileNetV2 end to end, warm-started from a cached head.", no_args_is_help=True)
+
+
+@app.command("run")
+@handle_errors
+def run(
+    data: DataOpt = "cats_vs_dogs",
+    split: SplitOpt = None,
+    image_size: ImageSizeOpt = 160,
+    weights: WeightsOpt = None,
+    cache_dir: CacheDirOpt = None,
+    tfds_data_dir: TfdsDirOpt = None,
+    head: Annotated[Optional[Path], typer.Option(help="Keras head folder from `cache train-head --kind keras` (default: cache and train one first).")] = None,
+    head_epochs: Annotated[int, typer.Option(help="Epochs of the head trained first when --head is not given.")] = 10,
+    fine_tune_at: Annotated[int, typer.Option(help="Layers of the base before this index stay frozen.")] = 100,
+    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 10,
+    learning_rate: Annotated[float, typer.Option(help="RMSprop learning rate (the tutorial's: 10x below the head's).")] = 1e-5,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random horizontal flip and small rotation.")] = False,
+    early_stopping: Annotated[Optional[int], typer.Option(help="Stop after this many epochs without a better validation loss.")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Folder for model.keras (default: under the cache dir).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last finished epoch.")] = False,
+    as_json: JsonOpt = False,
+):
+    """Unfreeze MobileNetV2 from --fine-tune-at on and train it with the head on the images."""
+    from ..finetune import finetune
+
+    with RichProgress() as progress:
+        result = finetune(
+            data, split, image_size=image_size, weights=weights, cache_dir=cache_dir, head=head,
+            head_epochs=head_epochs, fine_tune_at=fine_tune_at, epochs=epochs, learning_rate=learning_rate,
+            batch_size=batch_size, seed=seed, augment=augment, early_stopping=early_stopping, out=out_dir,
+            resume=resume, tfds_data_dir=tfds_data_dir, progress=progress,
+        )
+    record = result.to_dict()
+    if as_json:
+        print_json(record)
+        return
+    render_metrics(
+        f"fine-tuned: {result.epochs_run} epochs, {result.seconds_per_epoch:.1f} s per epoch, best epoch {result.best_epoch}",
+        record,
+    )
+    before = (result.head_metrics.get("validation") or {}).get("accuracy")
+    after = result.metrics.get("validation", {}).get("accuracy")
+    if before is not None and after is not None:
+        out.print(f"validation accuracy: head {before:.4f} → fine-tuned {after:.4f}")
+    out.print(f"saved to {result.path}")

@@ -1,0 +1,21 @@
+"""The one custom Keras layer of the project (imported only where Keras is needed).
+
+Keras 3's functional models pass the outer call's ``training`` flag down to every layer, over
+an explicit ``base(x, training=False)`` given when the model was built. While fitting, the
+unfrozen BatchNormalization layers of the base would then switch to batch statistics and
+update their moving averages. ``InferenceMode`` keeps the wrapped base in inference mode in
+every call: its weights still train, its BatchNorm statistics stay as they are.
+"""
+
+import keras
+
+
+@keras.saving.register_keras_serializable(package="bottlecache")
+class InferenceMode(keras.layers.Wrapper):
+    """Call the wrapped layer with ``training=False``, whatever the caller asks."""
+
+    def call(self, inputs, training=None):
+        return self.layer(inputs, training=False)
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)

@@ -1,0 +1,212 @@
+"""Fine-tuning and prediction on real photos with the real weights (small slices, one epoch)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import SMALL_SPLITS
+
+FT_SPLITS = ["train=train[:32]", "validation=validation[:16]"]
+
+
+@pytest.fixture(scope="module")
+def keras_head(small_cache, tmp_path_factory):
+    from bottlecache.heads import train_head
+
+    out = tmp_path_factory.mktemp("heads") / "keras-head"
+    return train_head(small_cache.path, "keras", epochs=3, out=out).path
+
+
+@pytest.fixture(scope="module")
+def finetuned(keras_head, cats_dogs, weights_path, tmp_path_factory):
+    from bottlecache.finetune import finetune
+
+    out = tmp_path_factory.mktemp("models") / "ft"
+    return finetune(cats_dogs, FT_SPLITS, weights=weights_path, head=keras_head, epochs=1, out=out,
+                    cache_dir=tmp_path_factory.mktemp("ft-cache"))
+
+
+def test_every_path_uses_the_one_preprocessing_function(monkeypatch, cats_dogs):
+    import bottlecache.data as data
+    import bottlecache.finetune as finetune_module
+    from bottlecache.build import _windows
+
+    calls = []
+    original = data.preprocess
+
+    def recording(image, image_size):
+        calls.append(image_size)
+        return original(image, image_size)
+
+    monkeypatch.setattr(data, "preprocess", recording)
+    source = data.open_source(cats_dogs, ["train=train[:4]"])
+    list(_windows(source, "train", 96, 0, 4, 4))  # cache build's input pipeline
+    assert calls, "cache build did not call data.preprocess"
+    calls.clear()
+    next(iter(data.training_dataset(source, "train", 96, 2)))  # fine-tuning's input pipeline
+    assert calls, "fine-tuning did not call data.preprocess"
+    calls.clear()
+    data.load_image(source.split("train").paths[0], 96)  # prediction
+    assert calls, "prediction did not call data.preprocess"
+    # and nothing holds a private copy of it
+    assert finetune_module.load_image is data.load_image
+    assert finetune_module.training_dataset is data.training_dataset
+
+
+def test_head_on_the_base_predicts_like_the_head_on_cached_features(small_cache, keras_head, weights_path):
+    from bottlecache.finetune import load_model
+    from bottlecache.heads import load_head
+    from bottlecache.store import Cache
+    from conftest import CATS_DOGS
+
+    head = load_head(keras_head)
+    with Cache(small_cache.path) as cache:
+        keys = cache.keys("validation")[:12]
+        from_cache = head.predict_proba(cache.features("validation", slice(0, 12)))
+    predictor = load_model(keras_head, weights=weights_path)
+    rows = predictor.predict([CATS_DOGS / k for k in keys])
+    from_images = np.array([[r["probabilities"][c] for c in head.class_names] for r in rows])
+    # the cache stores float16 features: the only difference is that rounding
+    np.testing.assert_allclose(from_images, from_cache, atol=2e-3)
+
+
+def test_finetune_keeps_frozen_batchnorm_statistics_and_trains_the_top(finetuned, weights_path):
+    import keras
+
+    from bottlecache.backbone import load_backbone, resolve_weights
+    from bottlecache.heads import load_keras_file
+
+    model = load_keras_file(finetuned.path / "model.keras")
+    tuned = model.get_layer("frozen_bn_base").layer
+    original = load_backbone(resolve_weights(weights_path, 160), 160)
+    n_bn, changed_top, changed_bottom = 0, 0, 0
+    for index, (a, b) in enumerate(zip(original.layers, tuned.layers)):
+        if isinstance(a, keras.layers.BatchNormalization):
+            n_bn += 1
+            np.testing.assert_array_equal(a.moving_mean.numpy(), b.moving_mean.numpy())
+            np.testing.assert_array_equal(a.moving_variance.numpy(), b.moving_variance.numpy())
+        for wa, wb in zip(a.weights, b.weights):
+            if not np.array_equal(wa.numpy(), wb.numpy()):
+                changed_top += index >= 100
+                changed_bottom += index < 100
+    assert n_bn > 40
+    assert changed_bottom == 0, "layers below fine_tune_at changed"
+    assert finetuned.best_epoch in (0, 1)
+    if finetuned.best_epoch == 1:
+        assert changed_top > 0, "fine-tuning changed no layer of the unfrozen top"
+
+
+def test_finetune_artifacts_and_metrics(finetuned):
+    files = {p.name for p in finetuned.path.iterdir()}
+    assert {"model.keras", "model.json", "metrics.json", "history.json"} <= files
+    assert ".checkpoint" not in files
+    metrics = json.loads((finetuned.path / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 1 and metrics["seconds_per_epoch"] > 0
+    validation = metrics["metrics"]["validation"]
+    assert validation["n"] == 16 and 0 <= validation["accuracy"] <= 1
+    assert metrics["head_metrics"]["validation"]["n"] == 16
+    # the best epoch by validation loss is kept, and the warm start counts as epoch 0
+    assert validation["log_loss"] <= metrics["head_metrics"]["validation"]["log_loss"] + 1e-3
+
+
+def test_predict_on_model_and_head_folders(finetuned, keras_head, cats_dogs, weights_path, tmp_path):
+    from bottlecache.cli import app
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("cats/cat.2000.jpg", "dogs/dog.2000.jpg"):
+        (images / Path(name).name).write_bytes((cats_dogs / "validation" / name).read_bytes())
+    (images / "broken.jpg").write_bytes(b"not an image")
+    runner = CliRunner()
+    for folder in (finetuned.path, keras_head):
+        result = runner.invoke(app, ["predict", str(folder), str(images), "--weights", str(weights_path), "--json"])
+        assert result.exit_code == 0, result.output
+        rows = json.loads(result.stdout)
+        by_name = {Path(r["path"]).name: r for r in rows}
+        assert set(by_name) == {"cat.2000.jpg", "dog.2000.jpg", "broken.jpg"}
+        assert "error" in by_name["broken.jpg"]
+        for name in ("cat.2000.jpg", "dog.2000.jpg"):
+            assert by_name[name]["label"] in ("cats", "dogs") and 0.5 <= by_name[name]["probability"] <= 1
+        # the head was trained on real features: it gets these two clear photos right
+        if folder == keras_head:
+            assert by_name["cat.2000.jpg"]["label"] == "cats" and by_name["dog.2000.jpg"]["label"] == "dogs"
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["finetune", "run", "--fine-tune-at", "999", "--epochs", "1"], "fine_tune_at"),
+        (["finetune", "run", "--epochs", "0"], "epochs"),
+        (["finetune", "run", "--head", "/nonexistent/head"], "head"),
+        (["finetune", "run", "--image-size", "150"], "image_size"),
+        (["predict", "/nonexistent/model", "x.jpg"], "neither"),
+    ],
+)
+def test_bad_finetune_and_predict_input_is_one_line(args, needle, cats_dogs, weights_path, keras_head, tmp_path):
+    from bottlecache.cli import app
+
+    common = ["--data", str(cats_dogs), "--weights", str(weights_path), "--cache-dir", str(tmp_path)]
+    if args[0] == "finetune":
+        args = args + common + [a for s in FT_SPLITS for a in ("--split", s)]
+        if "--head" not in args:
+            args += ["--head", str(keras_head)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    text = result.output.strip()
+    assert needle in text and "Traceback" not in text and len(text.splitlines()) == 1, text
+
+
+def test_head_with_other_weights_or_kind_is_refused(small_cache, keras_head, cats_dogs, weights_path, tmp_path):
+    from bottlecache.errors import BottlecacheError
+    from bottlecache.finetune import finetune
+    from bottlecache.heads import train_head
+
+    sklearn_head = train_head(small_cache.path, "sklearn", out=tmp_path / "sk").path
+    with pytest.raises(BottlecacheError, match="Keras head"):
+        finetune(cats_dogs, FT_SPLITS, weights=weights_path, head=sklearn_head, epochs=1, out=tmp_path / "a")
+    other_weights = tmp_path / "copy.weights.h5"
+    other_weights.write_bytes(weights_path.read_bytes() + b"\0")  # another sha256
+    with pytest.raises(BottlecacheError, match="weights_sha256"):
+        finetune(cats_dogs, FT_SPLITS, weights=other_weights, head=keras_head, epochs=1, out=tmp_path / "b")
+    with pytest.raises(BottlecacheError, match="image_size"):
+        finetune(cats_dogs, FT_SPLITS, weights=weights_path, image_size=128, head=keras_head, epochs=1,
+                 out=tmp_path / "c")
+
+
+def test_finetune_killed_mid_run_resumes_from_last_finished_epoch(keras_head, cats_dogs, weights_path, tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "bottlecache", "finetune", "run", "--data", str(cats_dogs),
+               "--weights", str(weights_path), "--head", str(keras_head), "--epochs", "2", "--out", str(out),
+               "--cache-dir", str(tmp_path / "c"), "--json"]
+    command += [a for s in FT_SPLITS for a in ("--split", s)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state_path = out / ".checkpoint" / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if state_path.exists() and json.loads(state_path.read_text())["epoch"] >= 1:
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    first_epoch = json.loads(state_path.read_text())["history"]
+    assert not (out / "model.keras").exists()
+
+    again = subprocess.run(command, capture_output=True, text=True)
+    assert again.returncode == 2 and "--resume" in again.stderr  # no silent restart over a checkpoint
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    history = json.loads((out / "history.json").read_text())
+    assert len(history["loss"]) == 2
+    assert history["loss"][0] == first_epoch["loss"][0]  # epoch 1 was kept, not rerun
+    assert (out / "model.keras").exists()
