@@ -7,7 +7,9 @@ cache's identity, so caches built from different weights never mix.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,11 +55,14 @@ def resolve_weights(weights: str | os.PathLike | None = None, image_size: int = 
     spec = str(weights) if weights is not None else os.environ.get("BOTTLECACHE_WEIGHTS") or "imagenet"
     if spec == "imagenet":
         name = imagenet_weights_name(image_size)
-        cached = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models" / name
+        keras_home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
+        cached = keras_home / "models" / name
         if not cached.is_file():
             keras = import_keras()
-            try:
-                cached = Path(keras.utils.get_file(name, IMAGENET_BASE_URL + name, cache_subdir="models"))
+            try:  # Keras prints its download progress to stdout: keep stdout for --json
+                with contextlib.redirect_stdout(sys.stderr):
+                    cached = Path(keras.utils.get_file(name, IMAGENET_BASE_URL + name, cache_subdir="models",
+                                                       cache_dir=str(keras_home)))
             except Exception:
                 raise BottlecacheError(
                     "Could not download the ImageNet weights of MobileNetV2 (no internet?): pass "

@@ -7,6 +7,7 @@ file, run each split batch by batch, commit each batch, and rename the file when
 
 from __future__ import annotations
 
+import errno
 import json
 import platform
 import time
@@ -82,9 +83,10 @@ def library_versions() -> dict:
     return out
 
 
-def make_config(source, weights, image_size: int, dtype: str) -> dict:
+def make_config(source, weights, image_size: int, dtype: str, fast_decode: bool = False) -> dict:
     """Everything that determines a cache's content (and nothing else)."""
     return {
+        "decode": "dct-downscale" if fast_decode else "full",
         "data": source.identity,
         "splits": split_config(source),
         "class_names": source.class_names,
@@ -106,6 +108,7 @@ def build_cache(
     engine: str = "auto",
     tfds_data_dir=None,
     wait: bool = True,
+    fast_decode: bool = False,
     progress=None,
 ) -> BuildReport:
     """Build (or find) the cache of ``data`` through the frozen MobileNetV2.
@@ -130,6 +133,8 @@ def build_cache(
         What runs the base. Not part of the fingerprint (see README, "Engines").
     wait : bool
         If another process is building the same cache, wait for it (default) or stop.
+    fast_decode : bool
+        Decode large JPEGs at 1/2, 1/4 or 1/8 scale in the DCT domain (part of the fingerprint).
     progress : NullProgress-like, optional
 
     Returns
@@ -145,7 +150,7 @@ def build_cache(
     cache_dir = resolve_cache_dir(cache_dir)
     source = open_source(data, splits, tfds_data_dir=tfds_data_dir)
     weights_ref = resolve_weights(weights, image_size)
-    config = make_config(source, weights_ref, image_size, dtype)
+    config = make_config(source, weights_ref, image_size, dtype, fast_decode)
     fp = fingerprint(config)
     final_path = cache_dir / cache_file_name(source.name, config["model"], image_size, fp)
 
@@ -183,9 +188,13 @@ def _build_locked(source, weights_ref, config, fp, final_path, dtype, batch_size
         name: {"spec": str(split.spec), "n_examples": split.n_examples} for name, split in source.splits.items()
     }
     attrs = root_attrs(config, fp, versions)
+    existed = partial.path.exists()
     partial.open(attrs, split_attrs, bottleneck_shape(image_size), dtype)
     if partial.resumed:
         progress.message(f"resuming the partial build in {partial.path.name}")
+    elif existed:
+        progress.message(f"the partial build in {partial.path.name} could not be resumed (unreadable or damaged); "
+                         "starting over")
     reports = []
     try:
         for name, split in source.splits.items():
@@ -195,7 +204,8 @@ def _build_locked(source, weights_ref, config, fp, final_path, dtype, batch_size
             if not complete:
                 size = batch_size or engine.batch_size
                 progress.start_split(name, split.n_examples, done)
-                for window in _windows(source, name, image_size, done, split.n_examples, size):
+                fast = config["decode"] == "dct-downscale"
+                for window in _windows(source, name, image_size, done, split.n_examples, size, fast):
                     lo, hi, indices, keys, labels, images = window
                     if len(images):
                         features = engine(images)
@@ -227,18 +237,26 @@ def _build_locked(source, weights_ref, config, fp, final_path, dtype, batch_size
             "machine": platform.machine(),
         }
         path = partial.finalize({"build": json.dumps(build_info)})
+    except OSError as error:  # a failed write; with a full disk, nothing committed is lost (PartialCache._reserve)
+        reason = error.strerror or " ".join(str(error).split())[:200]
+        advice = ("free some disk space and run the same command again to resume"
+                  if error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+                  else "run the same command again to resume, or delete it to start over")
+        raise BottlecacheError(
+            f"Could not write {partial.path} ({reason}). The partial file is kept with every finished batch; {advice}."
+        ) from None
     finally:
         partial.close()
     return BuildReport(path, fp, False, partial.resumed, reports, build_info["engine"], path.stat().st_size, config)
 
 
-def _windows(source, split, image_size, start, stop, size):
+def _windows(source, split, image_size, start, stop, size, fast_decode=False):
     """Group decoded images into windows of input indices ``[lo, hi)`` aligned to ``size``.
 
     A window holds the examples that decoded; the rest of its indices were skipped. Windows
     depend only on indices, so a resumed build runs exactly the batches a clean build runs.
     """
-    ds = image_dataset(source, split, image_size, start=start).batch(size).prefetch(2)
+    ds = image_dataset(source, split, image_size, start=start, fast_decode=fast_decode).batch(size).prefetch(2)
     lo, hi = start, min((start // size + 1) * size, stop)
     pending: list = []
 

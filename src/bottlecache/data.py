@@ -33,9 +33,12 @@ _BOUND = re.compile(r"^-?\d+%?$")
 
 
 def preprocess(image, image_size: int):
-    """The tutorial's preprocessing: cast to float32, scale to [-1, 1], bilinear resize.
+    """The tutorial's preprocessing: cast to float32, bilinear resize, scale to [-1, 1].
 
     Used by every path: cache build, the end-to-end baselines, fine-tuning and prediction.
+    Resizing before scaling gives the values of scaling first (bilinear weights sum to one; the
+    two differ by float32 rounding, under 1e-6) and does the scaling on ``image_size`` pixels
+    instead of the whole photo: 28% less work per 500x375 JPEG (README, "Preprocessing").
 
     Parameters
     ----------
@@ -49,23 +52,41 @@ def preprocess(image, image_size: int):
     """
     import tensorflow as tf  # a plain import: this runs inside tf.data graphs too
 
-    x = tf.cast(image, tf.float32)
-    x = x / 127.5 - 1.0
-    return tf.image.resize(x, (image_size, image_size), method="bilinear")
+    x = tf.image.resize(tf.cast(image, tf.float32), (image_size, image_size), method="bilinear")
+    return x / 127.5 - 1.0
 
 
-def decode_image(encoded):
-    """Encoded JPEG / PNG / BMP / GIF bytes → uint8 RGB (H, W, 3); a GIF gives its first frame."""
+def decode_image(encoded, fast_size: int | None = None):
+    """Encoded JPEG / PNG / BMP / GIF bytes → uint8 RGB (H, W, 3); a GIF gives its first frame.
+
+    With ``fast_size``, a JPEG whose short side is at least 2, 4 or 8 times ``fast_size`` is
+    decoded directly at 1/2, 1/4 or 1/8 scale in the DCT domain (``--fast-decode``): less work,
+    never below the target size, and slightly different pixels (an area-like downscale).
+    """
     import tensorflow as tf
-    return tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
+
+    def full():
+        return tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
+
+    if not fast_size:
+        return full()
+
+    def scaled_jpeg():
+        shape = tf.image.extract_jpeg_shape(encoded)
+        short = tf.minimum(shape[0], shape[1])
+        index = sum(tf.cast(short >= k * fast_size, tf.int32) for k in (2, 4, 8))
+        branches = [lambda r=r: tf.io.decode_jpeg(encoded, channels=3, ratio=r) for r in (1, 2, 4, 8)]
+        return tf.switch_case(index, branches)
+
+    return tf.cond(tf.io.is_jpeg(encoded), scaled_jpeg, full)
 
 
-def load_image(path_or_bytes, image_size: int):
+def load_image(path_or_bytes, image_size: int, fast_decode: bool = False):
     """Read (if a path), decode and preprocess one image, eagerly. Raises on an unreadable file."""
     tf = import_tf()
     if isinstance(path_or_bytes, (str, os.PathLike)):
         path_or_bytes = tf.io.read_file(str(path_or_bytes))
-    return preprocess(decode_image(path_or_bytes), image_size)
+    return preprocess(decode_image(path_or_bytes, image_size if fast_decode else None), image_size)
 
 
 def describe_failure(path_or_bytes) -> str:
@@ -245,6 +266,10 @@ def _list_images(folder: Path) -> list[Path]:
             continue
         if entry.is_dir(follow_symlinks=False):
             continue
+        try:  # keys are stored as UTF-8, and TensorFlow opens files by UTF-8 paths
+            entry.path.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BottlecacheError(f"The path {entry.path!r} is not valid UTF-8; rename it.") from None
         entries.append(Path(entry.path))
     return entries
 
@@ -265,7 +290,10 @@ def _file_identity(path: Path, relative: str) -> list:
 
 
 def _open_folder(root: Path, splits) -> Source:
-    layout = {FOLDER_SPLIT_DIRS[p.name]: p for p in sorted(root.iterdir()) if p.is_dir() and p.name in FOLDER_SPLIT_DIRS}
+    split_dirs = [p for p in sorted(root.iterdir()) if p.is_dir() and p.name in FOLDER_SPLIT_DIRS]
+    if {"val", "validation"} <= {p.name for p in split_dirs}:
+        raise BottlecacheError(f"The folder {root} has both val/ and validation/; keep one of them.")
+    layout = {FOLDER_SPLIT_DIRS[p.name]: p for p in split_dirs}
     base: dict[str, list[tuple[str, str, str]]] = {}  # split → [(relative, path, class)]
     if "train" in layout:
         class_sets = {}
@@ -400,16 +428,18 @@ def split_config(source: Source) -> dict:
 # Images
 
 
-def image_dataset(source: Source, split: str, image_size: int, *, start: int = 0, ordered=None):
+def image_dataset(source: Source, split: str, image_size: int, *, start: int = 0, ordered=None,
+                  fast_decode: bool = False):
     """``(index, key, label, image)`` with the shared preprocessing; undecodable files dropped.
 
     ``ordered`` is an optional ``(index, key, label, encoded)`` dataset to use instead of the
-    split's own order (a shuffled one, for training).
+    split's own order (a shuffled one, for training). ``fast_decode``: see ``decode_image``.
     """
     tf = import_tf()
     ds = ordered if ordered is not None else source.examples(split, start)
+    fast_size = image_size if fast_decode else None
     ds = ds.map(
-        lambda i, k, y, e: (i, k, y, preprocess(decode_image(e), image_size)),
+        lambda i, k, y, e: (i, k, y, preprocess(decode_image(e, fast_size), image_size)),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )

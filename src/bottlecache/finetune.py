@@ -321,6 +321,7 @@ class Predictor:
     class_names: list[str]
     image_size: int
     _predict_batch: object = field(repr=False)
+    fast_decode: bool = False  # as the cache the head was trained on was decoded
 
     def predict(self, items, batch_size: int = 32) -> list[dict]:
         """One dict per item (a path or a uint8 (H, W, 3) array): path, label, probability,
@@ -330,7 +331,7 @@ class Predictor:
             name = str(item) if isinstance(item, (str, os.PathLike)) else f"<array {len(rows)}>"
             try:
                 if isinstance(item, (str, os.PathLike)):
-                    image = load_image(item, self.image_size)
+                    image = load_image(item, self.image_size, self.fast_decode)
                 else:
                     image = preprocess(np.asarray(item), self.image_size)
                 images.append(np.asarray(image))
@@ -371,7 +372,8 @@ def load_model(path, weights=None) -> Predictor:
         def predict_batch(x):
             return loaded.predict_proba(np.asarray(base(x, training=False)))
 
-        return Predictor(folder, "head", loaded.class_names, size, predict_batch)
+        fast = loaded.record.get("cache", {}).get("config", {}).get("decode") == "dct-downscale"
+        return Predictor(folder, "head", loaded.class_names, size, predict_batch, fast)
     raise BottlecacheError(
         f"{folder} is neither a fine-tuned model folder (model.keras) nor a head folder (head.json)."
     )

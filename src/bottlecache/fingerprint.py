@@ -14,7 +14,7 @@ from typing import Any
 FORMAT_NAME = "bottlecache"
 FORMAT_VERSION = 1
 # Bumped whenever the shared preprocessing function changes what it outputs.
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2  # 2: resize before scaling (same values within float32 rounding)
 
 
 def _typed(value: Any) -> Any:

@@ -85,12 +85,15 @@ class SklearnHead:
         self.C = C
         self.max_iter = max_iter
 
-    def fit(self, pooled: np.ndarray, labels: np.ndarray) -> "SklearnHead":
+    def fit(self, pooled: np.ndarray, labels: np.ndarray, n_classes: int | None = None) -> "SklearnHead":
+        """``n_classes``: the number of columns of ``predict_proba`` (a class absent from ``labels``
+        gets probability 0); default the largest label + 1."""
         from sklearn.linear_model import LogisticRegression
 
         model = LogisticRegression(C=self.C, max_iter=self.max_iter)
         model.fit(pooled, labels)
         self.coef_, self.intercept_, self.classes_ = model.coef_, model.intercept_, model.classes_
+        self.n_classes_ = int(n_classes or self.classes_.max() + 1)
         return self
 
     def decision_function(self, features: np.ndarray) -> np.ndarray:
@@ -104,19 +107,20 @@ class SklearnHead:
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         """Class probabilities (N, K) from pooled (N, 1280) or full (N, s, s, 1280) features."""
         proba = probabilities_from_logits(self.decision_function(features))
-        full = np.zeros((len(proba), int(self.classes_.max()) + 1))
+        full = np.zeros((len(proba), self.n_classes_))
         full[:, self.classes_] = proba
         return full
 
     def save(self, folder: Path) -> None:
         np.savez(folder / "head.npz", coef=self.coef_, intercept=self.intercept_, classes=self.classes_,
-                 C=np.array(self.C))
+                 C=np.array(self.C), n_classes=np.array(self.n_classes_))
 
     @classmethod
     def load(cls, folder: Path) -> "SklearnHead":
         with np.load(folder / "head.npz", allow_pickle=False) as arrays:
             head = cls(C=float(arrays["C"]))
             head.coef_, head.intercept_, head.classes_ = arrays["coef"], arrays["intercept"], arrays["classes"]
+            head.n_classes_ = int(arrays["n_classes"]) if "n_classes" in arrays.files else int(head.classes_.max()) + 1
         return head
 
 
@@ -289,6 +293,13 @@ def train_head(
         eval_splits = [s for s in cache.splits if s != train_split]
         has_validation = "validation" in cache.splits
         n_classes = len(cache.class_names)
+        present = np.unique(cache.labels(train_split)).tolist()
+        if len(present) < 2:
+            found = ", ".join(cache.class_names[i] for i in present) or "no examples"
+            raise BottlecacheError(
+                f"The {train_split!r} split has examples of fewer than two classes ({found}); a classifier needs "
+                "at least two. Build the cache with a larger train split."
+            )
         if kind == "sklearn":
             if len(Cs) > 1 and not has_validation:
                 raise BottlecacheError(
@@ -326,7 +337,7 @@ def _train_sklearn(cache, Cs, train_split, has_validation) -> HeadResult:
     selection, best = [], None
     started = time.perf_counter()
     for value in sorted(Cs):
-        head = SklearnHead(C=float(value)).fit(x, y)
+        head = SklearnHead(C=float(value)).fit(x, y, n_classes=len(cache.class_names))
         score = None
         if has_validation and len(Cs) > 1:
             proba = head.predict_proba(cache.pooled("validation"))
@@ -360,7 +371,7 @@ def _train_keras(cache, n_classes, train_split, has_validation, *, epochs, batch
         validation = cache.dataset("validation", batch_size=256) if has_validation else None
         started = time.perf_counter()
         history = model.fit(train.batch(batch_size).prefetch(2), epochs=epochs, validation_data=validation,
-                            callbacks=callbacks, verbose=verbose)
+                            shuffle=False, callbacks=callbacks, verbose=verbose)  # shuffled above, if asked
     seconds = time.perf_counter() - started
     params = {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "optimizer": optimizer,
               "dropout": dropout, "seed": seed, "early_stopping": early_stopping, "in_memory": in_memory,

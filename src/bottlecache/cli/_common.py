@@ -84,13 +84,15 @@ class RichProgress:
         self.tasks: dict[str, int] = {}
 
     def __enter__(self):
-        self.progress.start()
         return self
 
     def __exit__(self, *exc):
-        self.progress.stop()
+        if self.tasks:  # started on the first bar: a run that fails before any prints nothing
+            self.progress.stop()
 
     def start_split(self, split: str, total: int, done: int) -> None:
+        if not self.tasks:
+            self.progress.start()
         self.tasks[split] = self.progress.add_task(split, total=total, completed=done, rate="")
 
     def advance(self, split: str, n: int) -> None:

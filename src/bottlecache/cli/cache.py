@@ -29,6 +29,7 @@ def build(
     engine: Annotated[str, typer.Option(help="auto (fastest that passes the check against Keras), keras or litert.")] = "auto",
     tfds_data_dir: TfdsDirOpt = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="If the same cache is being built, wait for it.")] = True,
+    fast_decode: Annotated[bool, typer.Option("--fast-decode", help="Decode large JPEGs at 1/2-1/8 scale in the DCT domain (see README).")] = False,
     as_json: JsonOpt = False,
 ):
     """Run the frozen MobileNetV2 once over each split and store the features in an HDF5 cache."""
@@ -37,7 +38,8 @@ def build(
     with RichProgress(quiet=False) as progress:
         report = build_cache(
             data, split, image_size=image_size, weights=weights, cache_dir=cache_dir, dtype=dtype,
-            batch_size=batch_size, engine=engine, tfds_data_dir=tfds_data_dir, wait=wait, progress=progress,
+            batch_size=batch_size, engine=engine, tfds_data_dir=tfds_data_dir, wait=wait, fast_decode=fast_decode,
+            progress=progress,
         )
     if as_json:
         print_json(report.to_dict())

@@ -1,0 +1,328 @@
+"""The cache build (issue 2): features equal to the Keras model's, cache hits, resume after a
+kill, corrupt files, reading, checking and verifying a cache."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from bottlecache import build_cache, open_cache, verify_cache
+from bottlecache.data import load_image, open_source
+from bottlecache.errors import BottlecacheError, CacheMismatchError
+from bottlecache.store import Cache
+
+from conftest import SMALL_SPLITS, error_line, flip_byte_in_chunk, invoke, write_images
+
+ARRAYS = ("features", "pooled", "labels", "keys", "skipped")
+
+
+def _read_all(path) -> dict:
+    with h5py.File(path, "r") as f:
+        return {split: {name: f[split][name][:] for name in ARRAYS} for split in f if isinstance(f[split], h5py.Group)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Content
+
+
+def test_features_equal_the_keras_model(small_cache, weights_path, cats_dogs):
+    """The stored features are the Keras base's output on the shared preprocessing (float16)."""
+    from bottlecache.backbone import load_backbone, resolve_weights
+
+    model = load_backbone(resolve_weights(weights_path, 160), 160)
+    source = open_source(cats_dogs, SMALL_SPLITS)
+    with open_cache(small_cache.path) as cache:
+        assert cache.splits == ["train", "validation"]
+        assert cache.class_names == ["cats", "dogs"]
+        assert cache.config["dtype"] == "float16" and cache.config["image_size"] == 160
+        assert cache.build_info["engine"] == "keras"
+        for split in cache.splits:
+            keys = cache.keys(split)
+            assert keys == source.split(split).keys  # the split's fixed order, nothing skipped
+            labels = cache.labels(split)
+            np.testing.assert_array_equal(labels, [("dogs/" in k) * 1 for k in keys])
+            stored = cache.features(split)
+            pooled = cache.pooled(split)
+            assert stored.dtype == np.float16 and stored.shape == (len(keys), 5, 5, 1280)
+            assert pooled.dtype == np.float32 and pooled.shape == (len(keys), 1280)
+
+            images = np.stack([load_image(cats_dogs / key, 160).numpy() for key in keys])
+            direct = np.concatenate(
+                [model(images[i : i + 32], training=False).numpy() for i in range(0, len(images), 32)]
+            )
+            assert direct.shape == stored.shape and direct.max() > 1.0  # a real activation map (ReLU6)
+            # float16 keeps 11 significant bits: |error| <= 2**-11 * |x| (values are at most 6)
+            np.testing.assert_allclose(stored.astype(np.float32), direct, rtol=1e-3, atol=1e-3)
+            # pooled is the mean of the float32 features, not of the float16 ones
+            np.testing.assert_allclose(pooled, direct.mean(axis=(1, 2)), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(pooled, stored.astype(np.float32).mean(axis=(1, 2)), rtol=1e-3, atol=1e-3)
+
+
+def test_cache_hit_recomputes_nothing(small_cache, weights_path, cats_dogs):
+    before = small_cache.path.stat()
+    files = sorted(p.name for p in small_cache.path.parent.iterdir())
+    # batch size and engine are not part of the fingerprint: still the same cache
+    report = build_cache(
+        cats_dogs, SMALL_SPLITS, weights=weights_path, cache_dir=small_cache.path.parent, engine="keras", batch_size=7
+    )
+    assert report.hit and not report.resumed
+    assert report.path == small_cache.path and report.fingerprint == small_cache.fingerprint
+    assert [s.n_processed for s in report.splits] == [0, 0]
+    assert [(s.name, s.n_images, s.n_skipped) for s in report.splits] == [("train", 96, 0), ("validation", 48, 0)]
+    assert report.engine == "keras"
+    after = small_cache.path.stat()
+    assert (after.st_mtime_ns, after.st_size) == (before.st_mtime_ns, before.st_size)
+    assert sorted(p.name for p in small_cache.path.parent.iterdir()) == files  # no partial, nothing new
+
+
+def test_cache_identity_changes_with_the_content(small_cache, weights_path, cats_dogs):
+    """Another slice, dtype or size is another cache (checked without building it)."""
+    from bottlecache.backbone import resolve_weights
+    from bottlecache.build import make_config
+    from bottlecache.fingerprint import fingerprint
+
+    weights = resolve_weights(weights_path, 160)
+    base = make_config(open_source(cats_dogs, SMALL_SPLITS), weights, 160, "float16")
+    assert fingerprint(base) == small_cache.fingerprint
+    others = [
+        make_config(open_source(cats_dogs, ["train=train[:95]", "validation=validation[:48]"]), weights, 160, "float16"),
+        make_config(open_source(cats_dogs, SMALL_SPLITS), weights, 160, "float32"),
+        make_config(open_source(cats_dogs, SMALL_SPLITS), resolve_weights(weights_path, 96), 96, "float16"),
+    ]
+    assert len({fingerprint(c) for c in others} | {fingerprint(base)}) == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume after a kill
+
+
+def _partial_n_done(path: Path, split: str, errors: list):
+    """``(n_done, complete)`` of a split in a partial file being written by another process."""
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return int(f[split].attrs["n_done"]), bool(f[split].attrs["complete"])
+    except Exception as error:  # caught between two writes: try again
+        errors.append(f"{type(error).__name__}: {error}")
+        return None
+
+
+def test_resume_after_kill_equals_clean_build(tmp_path, weights_path, cats_dogs):
+    splits = ["train=train[:64]", "validation=validation[:24]"]
+    killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
+    command = [
+        sys.executable, "-m", "bottlecache", "cache", "build", "--data", cats_dogs, "--weights", weights_path,
+        "--cache-dir", killed_dir, "--batch-size", "8", "--engine", "keras",
+    ]
+    for spec in splits:
+        command += ["--split", spec]
+    log = tmp_path / "build.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([str(c) for c in command], stdout=out, stderr=subprocess.STDOUT)
+    seen, errors = None, []
+    try:
+        deadline = time.monotonic() + 240
+        while seen is None and time.monotonic() < deadline and process.poll() is None:
+            partials = list(killed_dir.glob("*.h5.partial"))
+            state = _partial_n_done(partials[0], "train", errors) if partials else None
+            if state and not state[1]:
+                # the final name never exists while the partial is incomplete
+                assert not list(killed_dir.glob("*.h5")), "a final cache file exists beside an incomplete partial"
+                if state[0] > 0:
+                    process.send_signal(signal.SIGKILL)
+                    seen = state[0]
+            time.sleep(0.02)
+    finally:
+        if process.poll() is None and seen is None:
+            process.kill()
+        process.wait()
+    assert seen is not None, (
+        f"never saw committed rows in the partial file before the build ended; last read error: "
+        f"{errors[-1] if errors else None}\n{log.read_text()[-2000:]}"
+    )
+    assert process.returncode == -signal.SIGKILL
+    assert not list(killed_dir.glob("*.h5"))
+    (partial,) = killed_dir.glob("*.h5.partial")
+    state = _partial_n_done(partial, "train", errors)  # the writer is dead: this must read
+    assert state is not None and 0 < state[0] < 64 and not state[1]
+
+    resumed = build_cache(cats_dogs, splits, weights=weights_path, cache_dir=killed_dir, batch_size=8, engine="keras")
+    assert resumed.resumed and not resumed.hit
+    assert not partial.exists() and resumed.path.name == partial.name[: -len(".partial")]
+    n_train = resumed.splits[0]
+    assert n_train.n_images == 64 and n_train.n_processed == 64 - state[0]  # committed rows were kept
+    assert resumed.splits[1].n_processed == 24
+
+    clean = build_cache(cats_dogs, splits, weights=weights_path, cache_dir=clean_dir, batch_size=8, engine="keras")
+    assert not clean.resumed and clean.fingerprint == resumed.fingerprint
+    a, b = _read_all(resumed.path), _read_all(clean.path)
+    assert set(a) == set(b) == {"train", "validation"}
+    for split in a:
+        for name in ARRAYS:
+            assert a[split][name].dtype == b[split][name].dtype, (split, name)
+            assert np.array_equal(a[split][name], b[split][name]), (split, name)
+    assert verify_cache(resumed.path).ok
+
+
+# ---------------------------------------------------------------------------------------------
+# Corrupt files
+
+
+@pytest.fixture(scope="module")
+def corrupt_folder(tmp_path_factory):
+    root = write_images(tmp_path_factory.mktemp("corrupt") / "pets", {"train/a": 6, "train/b": 6})
+    (root / "train/a/empty.jpg").write_bytes(b"")
+    data = (root / "train/b/img000.jpg").read_bytes()
+    (root / "train/b/truncated.jpg").write_bytes(data[: len(data) // 2])
+    (root / "train/a/text.jpg").write_text("this is not an image\n")
+    return root
+
+
+BROKEN = {"train/a/empty.jpg": "empty", "train/b/truncated.jpg": "Invalid JPEG", "train/a/text.jpg": "Unknown image"}
+
+
+def test_corrupt_files_are_skipped_and_listed(corrupt_folder, weights_path, tmp_path):
+    cache_dir = tmp_path / "cache"
+    report = build_cache(corrupt_folder, image_size=96, weights=weights_path, cache_dir=cache_dir, engine="keras",
+                         batch_size=8)
+    (split,) = report.splits
+    assert (split.name, split.n_images, split.n_skipped, split.n_processed) == ("train", 12, 3, 15)
+    reasons = dict(split.skipped)
+    assert set(reasons) == set(BROKEN)
+    for key, expected in BROKEN.items():
+        assert expected in reasons[key] and "function_node" not in reasons[key], reasons[key]
+    with open_cache(report.path) as cache:
+        assert cache.skipped("train") == split.skipped
+        assert not set(cache.keys("train")) & set(BROKEN)
+        assert sorted(cache.keys("train")) == sorted(f"train/{c}/img{i:03d}.jpg" for c in "ab" for i in range(6))
+        assert cache.features("train").shape == (12, 3, 3, 1280)
+        np.testing.assert_array_equal(cache.labels("train"), [k.startswith("train/b/") for k in cache.keys("train")])
+    assert verify_cache(report.path).ok
+
+    # the command line's summary counts them and names each with its reason (cache hit here)
+    result = invoke(["cache", "build", "--data", corrupt_folder, "--image-size", 96, "--weights", weights_path,
+                     "--cache-dir", cache_dir, "--engine", "keras"])
+    assert result.exit_code == 0, result.output
+    assert "cache hit" in result.stdout and "3 skipped" in result.stdout
+    for key, expected in BROKEN.items():
+        assert any(line.startswith(f"  skipped train/{key}: ") and expected in line for line in result.stderr.splitlines())
+
+    result = invoke(["cache", "build", "--data", corrupt_folder, "--image-size", 96, "--weights", weights_path,
+                     "--cache-dir", cache_dir, "--json"])
+    record = json.loads(result.stdout)
+    assert record["hit"] and record["splits"][0]["n_skipped"] == 3
+    assert {k for k, _ in record["splits"][0]["skipped"]} == set(BROKEN)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a cache
+
+
+def test_cache_dataset_equals_features(small_cache):
+    with open_cache(small_cache.path) as cache:
+        for split in cache.splits:
+            features, pooled, labels = cache.features(split), cache.pooled(split), cache.labels(split)
+            rows = list(cache.dataset(split).as_numpy_iterator())
+            assert len(rows) == len(labels)
+            np.testing.assert_array_equal(np.stack([x for x, _ in rows]), features.astype(np.float32))
+            np.testing.assert_array_equal(np.array([y for _, y in rows]), labels)
+            batches = list(cache.dataset(split, "pooled", batch_size=20).as_numpy_iterator())
+            assert [len(y) for _, y in batches][0] == 20
+            np.testing.assert_array_equal(np.concatenate([x for x, _ in batches]), pooled)
+            np.testing.assert_array_equal(np.concatenate([y for _, y in batches]), labels)
+            assert int(cache.dataset(split).cardinality()) == len(labels)
+            np.testing.assert_array_equal(cache.features(split, slice(10, 20)), features[10:20])
+        with pytest.raises(BottlecacheError, match="'what' option"):
+            cache.dataset("train", "images")
+        with pytest.raises(BottlecacheError, match="no split 'test'"):
+            cache.features("test")
+
+
+def test_cache_check_names_the_mismatched_key(small_cache, weights_path):
+    with open_cache(small_cache.path) as cache:
+        sha = cache.config["weights_sha256"]
+        cache.check(image_size=160, model="mobilenet_v2", weights_sha256=sha, dtype="float16")  # all match
+        with pytest.raises(CacheMismatchError, match="image_size: cache has 160, expected 96") as caught:
+            cache.check(image_size=96, weights_sha256=sha)
+        assert "weights_sha256" not in str(caught.value)
+        with pytest.raises(CacheMismatchError) as caught:
+            cache.check(weights_sha256="0" * 64, dtype="float32")
+        assert "weights_sha256" in str(caught.value) and "dtype" in str(caught.value)
+    with pytest.raises(CacheMismatchError, match="image_size"):
+        open_cache(small_cache.path, image_size=224)
+
+
+def test_open_cache_errors(small_cache, tmp_path):
+    partial = tmp_path / (small_cache.path.name + ".partial")
+    shutil.copy(small_cache.path, partial)
+    with pytest.raises(BottlecacheError, match="partial cache"):
+        open_cache(partial)
+    not_hdf5 = tmp_path / "notes.h5"
+    not_hdf5.write_text("not hdf5")
+    with pytest.raises(BottlecacheError, match="not a readable HDF5 file"):
+        open_cache(not_hdf5)
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["x"] = np.arange(3)
+    with pytest.raises(BottlecacheError, match="not a bottlecache cache"):
+        open_cache(other)
+    with pytest.raises(BottlecacheError, match="No cache file"):
+        open_cache(tmp_path / "missing.h5")
+    with pytest.raises(BottlecacheError, match="unique fingerprint prefix"):
+        open_cache("0123456789", cache_dir=small_cache.path.parent)
+    with open_cache(small_cache.fingerprint[:8], cache_dir=small_cache.path.parent) as cache:  # by prefix
+        assert cache.path == small_cache.path
+    with open_cache(cache_dir=small_cache.path.parent) as cache:  # the newest
+        assert cache.path == small_cache.path
+
+
+# ---------------------------------------------------------------------------------------------
+# Verifying
+
+
+def test_verify_detects_a_flipped_byte(small_cache, tmp_path):
+    assert verify_cache(small_cache.path).ok
+    report = verify_cache(small_cache.path)
+    assert report.counts == {"train": 96, "validation": 48} and report.bytes_read > 0
+
+    copy = tmp_path / small_cache.path.name
+    shutil.copy(small_cache.path, copy)
+    first, last = flip_byte_in_chunk(copy, "train", 1)
+    assert (first, last) == (32, 63)
+    report = verify_cache(copy)
+    assert not report.ok
+    assert len(report.problems) == 1, report.problems
+    assert report.problems[0].startswith("split 'train': features rows 32-63 fail to read")
+    with open_cache(copy) as cache, Cache(small_cache.path) as original:
+        np.testing.assert_array_equal(cache.features("train", slice(0, 32)), original.features("train", slice(0, 32)))
+        with pytest.raises(BottlecacheError, match="split 'train' features failed to read.*cache verify"):
+            cache.features("train")
+
+
+def test_verify_reports_files_that_are_not_caches(tmp_path):
+    bad = tmp_path / "x.h5"
+    bad.write_bytes(b"\0" * 100)
+    report = verify_cache(bad)
+    assert not report.ok and "not a readable HDF5 file" in report.problems[0]
+
+
+def test_bad_weights_file_leaves_nothing_behind(tmp_path, cats_dogs):
+    """A weights file that does not load fails before the cache file is created (exit 2)."""
+    weights = tmp_path / "not-weights.h5"
+    weights.write_text("hello")
+    cache_dir = tmp_path / "cache"
+    for attempt in range(2):  # the second run must not "resume" anything either
+        result = invoke(["cache", "build", "--data", cats_dogs, "--split", "train=train[:8]", "--weights", weights,
+                         "--cache-dir", cache_dir, "--engine", "keras"])
+        assert result.exit_code == 2
+        line = error_line(result)
+        assert "could not be loaded into MobileNetV2" in line and "not-weights.h5" in line
+        assert not list(cache_dir.glob("*.h5")) and not list(cache_dir.glob("*.partial")), list(cache_dir.iterdir())
