@@ -21,7 +21,7 @@ from .config import DTYPES, ENGINES, bottleneck_shape, check_choice, check_image
 from .data import describe_failure, image_dataset, open_source, split_config
 from .errors import BottlecacheError
 from .fingerprint import PREPROCESS_VERSION, fingerprint
-from .store import Cache, PartialCache, build_lock, cache_file_name, root_attrs
+from .store import FEATURE_CHUNK_ROWS, Cache, PartialCache, build_lock, cache_file_name, root_attrs
 
 
 class NullProgress:
@@ -203,12 +203,15 @@ def _build_locked(source, weights_ref, config, fp, final_path, dtype, batch_size
             n_processed = 0
             if not complete:
                 size = batch_size or engine.batch_size
+                # Commit whole chunks: a batch smaller than a chunk would make HDF5 decompress,
+                # recompress and checksum the same chunk again at every batch.
+                window_size = -(-max(size, FEATURE_CHUNK_ROWS) // FEATURE_CHUNK_ROWS) * FEATURE_CHUNK_ROWS
                 progress.start_split(name, split.n_examples, done)
                 fast = config["decode"] == "dct-downscale"
-                for window in _windows(source, name, image_size, done, split.n_examples, size, fast):
+                for window in _windows(source, name, image_size, done, split.n_examples, window_size, fast):
                     lo, hi, indices, keys, labels, images = window
                     if len(images):
-                        features = engine(images)
+                        features = np.concatenate([engine(images[i : i + size]) for i in range(0, len(images), size)])
                         pooled = features.astype(np.float32).mean(axis=(1, 2))
                     else:
                         features = pooled = None

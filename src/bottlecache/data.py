@@ -391,6 +391,11 @@ def tfds_source(builder, splits=None) -> Source:
             "bottlecache needs an image classification data set."
         )
     if not _is_prepared(builder):
+        if not _can_resolve("storage.googleapis.com"):  # tfds retries a dead network for minutes
+            raise BottlecacheError(
+                f"Could not download the tfds data set {builder.name!r} (offline: no DNS); "
+                "pass --data PATH to a local folder of <class>/<image> files instead."
+            )
         try:
             builder.download_and_prepare()
         except Exception as error:
@@ -411,6 +416,16 @@ def tfds_source(builder, splits=None) -> Source:
         resolved[spec.name] = Split(spec, n)
     identity = {"kind": "tfds", "name": builder.name, "version": str(builder.info.version)}
     return Source("tfds", builder.name, list(features["label"].names), resolved, identity, builder=builder)
+
+
+def _can_resolve(host: str) -> bool:
+    import socket
+
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
 
 
 def _is_prepared(builder) -> bool:
