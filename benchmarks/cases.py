@@ -1,0 +1,358 @@
+"""The cases: one function each, taking the ``Run`` and returning a plain dict of numbers.
+
+Every dict has ``seconds`` (wall seconds of what the case measures); where they apply it also
+has ``images_per_second``, ``seconds_per_epoch``, ``epochs`` and ``accuracy``
+(``{"validation": ..., "test": ...}``, ``None`` for a split the data does not have), and a
+short ``note`` for the Markdown table.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+
+from .context import Run
+
+WARMUP_BATCHES = 2
+FORWARD_ROUNDS = 3  # the limit is the best round: other work on the machine only ever slows a round down
+
+
+def accuracy(metrics: dict) -> dict:
+    """``{"validation": acc, "test": acc}`` from bottlecache's ``split → metrics`` (None if absent)."""
+    return {split: (metrics.get(split) or {}).get("accuracy") for split in ("validation", "test")}
+
+
+def _timed(function):
+    started = time.perf_counter()
+    value = function()
+    return value, time.perf_counter() - started
+
+
+def _forward_case(run: Run, engine) -> dict:
+    """Images/s of ``engine`` on random input at its own batch size: the best of a few timed rounds."""
+    n_images = 128 if run.quick else 640
+    n_batches = max(1, n_images // (FORWARD_ROUNDS * engine.batch_size))
+    rng = np.random.default_rng(run.seed)
+    batch = rng.uniform(-1.0, 1.0, (engine.batch_size, run.image_size, run.image_size, 3)).astype(np.float32)
+    for _ in range(WARMUP_BATCHES):
+        engine(batch)
+    rounds = []
+    for _ in range(FORWARD_ROUNDS):
+        _, seconds = _timed(lambda: [engine(batch) for _ in range(n_batches)])
+        rounds.append(seconds)
+    images = n_batches * engine.batch_size
+    return {
+        "seconds": sum(rounds),
+        "images": images * FORWARD_ROUNDS,
+        "batch_size": engine.batch_size,
+        "images_per_second": images / min(rounds),
+        "rounds_images_per_second": [images / s for s in rounds],
+        "note": f"random input, best of {FORWARD_ROUNDS} rounds of {n_batches} × {engine.batch_size} images "
+                f"after {WARMUP_BATCHES} warm-up batches",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. The backbone alone
+
+
+def forward_limit(run: Run) -> dict:
+    """The Keras base's raw forward throughput (``training=False``, as the cache build runs it)."""
+    from bottlecache.backbone import KerasEngine
+
+    return _forward_case(run, KerasEngine(run.base()))
+
+
+def forward_limit_litert(run: Run) -> dict:
+    """The LiteRT (XNNPACK) flatbuffer's raw forward throughput; its conversion is timed too."""
+    from bottlecache.engines import LiteRTEngine
+
+    flatbuffer = run.flatbuffer()
+    result = _forward_case(run, LiteRTEngine(flatbuffer))
+    result["convert_seconds"] = run.flatbuffer_seconds
+    result["note"] += f"; conversion {run.flatbuffer_seconds:.1f} s (once per run)"
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The input pipeline alone
+
+
+def decode_only(run: Run, fast_decode: bool = False) -> dict:
+    """Read + decode + preprocess every image of every split, batched as the build batches them."""
+    from bottlecache.data import image_dataset
+
+    source = run.source()
+    n_images = 0
+    started = time.perf_counter()
+    for split in source.splits:
+        images = image_dataset(source, split, run.image_size, fast_decode=fast_decode)
+        for _, _, labels, _ in images.batch(32).prefetch(2).as_numpy_iterator():
+            n_images += len(labels)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "images": n_images, "images_per_second": n_images / seconds,
+            "note": f"{n_images} images, all splits, no model" + (", DCT-domain downscaled JPEG decoding" if fast_decode else "")}
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Cache builds
+
+
+def _cache_build(run: Run, engine: str) -> dict:
+    from bottlecache.heads import train_head
+    from bottlecache.store import Cache
+
+    build = run.build(engine)
+    report = build.report
+    n_images = sum(s.n_processed for s in report.splits)
+    inference_seconds = sum(s.seconds for s in report.splits)
+    rate = n_images / inference_seconds
+    limit_case = "forward-limit-litert" if report.engine == "litert" else "forward-limit"
+    limit = run.results.get(limit_case, {}).get("images_per_second")
+    with Cache(report.path) as cache:
+        max_abs_diff = cache.build_info.get("engine_max_abs_diff")
+    head = train_head(report.path, "sklearn", save=False)
+    ratio = rate / limit if limit else None
+    return {
+        "seconds": build.seconds,
+        "inference_seconds": inference_seconds,
+        "images": n_images,
+        "images_per_second": rate,
+        "engine": report.engine,
+        "engine_max_abs_diff": max_abs_diff,
+        "forward_limit_case": limit_case,
+        "forward_limit_ratio": ratio,
+        "file_bytes": report.file_size,
+        "bytes_per_image": report.file_size / n_images,
+        "splits": {
+            s.name: {"images": s.n_processed, "seconds": s.seconds, "images_per_second": s.images_per_second,
+                     "bytes": s.nbytes}
+            for s in report.splits
+        },
+        "sklearn_accuracy": accuracy(head.metrics),
+        "note": f"engine {report.engine}; "
+                + (f"{ratio:.2f} of {limit_case}; " if ratio else "")
+                + f"{report.file_size / n_images / 1024:.1f} KiB/image on disk",
+    }
+
+
+def cache_build(run: Run) -> dict:
+    """``build_cache`` with the chosen engine (``--engine``, default auto)."""
+    return _cache_build(run, run.engine)
+
+
+def cache_build_keras(run: Run) -> dict:
+    return _cache_build(run, "keras")
+
+
+def cache_build_litert(run: Run) -> dict:
+    return _cache_build(run, "litert")
+
+
+def fast_decode(run: Run) -> dict:
+    """``--fast-decode`` against full decoding: input throughput, build throughput (LiteRT), and
+    what it does to the features and to the sklearn head (same data, weights, engine)."""
+    from bottlecache.heads import train_head
+    from bottlecache.store import Cache
+
+    decode = decode_only(run, fast_decode=True)
+    full = run.build("litert")
+    fast = run.build("litert", fast_decode=True)
+    report = fast.report
+    n_images = sum(s.n_processed for s in report.splits)
+    rate = n_images / sum(s.seconds for s in report.splits)
+    full_rate = sum(s.n_processed for s in full.report.splits) / sum(s.seconds for s in full.report.splits)
+    heads = {name: train_head(build.report.path, "sklearn", save=False) for name, build in (("full", full), ("fast", fast))}
+    with Cache(full.report.path) as a, Cache(report.path) as b:
+        split = "validation" if "validation" in a.splits else a.splits[0]
+        pa, pb = a.pooled(split), b.pooled(split)
+    cosine = (pa * pb).sum(1) / np.linalg.norm(pa, axis=1) / np.linalg.norm(pb, axis=1)
+    acc = {k: accuracy(h.metrics) for k, h in heads.items()}
+    gap = None
+    if acc["full"]["validation"] is not None:
+        gap = 100 * (acc["fast"]["validation"] - acc["full"]["validation"])
+    return {
+        "seconds": fast.seconds,
+        "images": n_images,
+        "images_per_second": rate,
+        "full_decode_build_images_per_second": full_rate,
+        "decode_only_images_per_second": decode["images_per_second"],
+        "accuracy": acc["fast"],
+        "full_decode_accuracy": acc["full"],
+        "validation_accuracy_gap_points": gap,
+        "pooled_cosine_mean": float(cosine.mean()),
+        "pooled_cosine_min": float(cosine.min()),
+        "note": f"litert build {rate / full_rate:.2f}x full decoding; decode-only {decode['images_per_second']:.0f} "
+                f"img/s; sklearn validation {gap:+.1f} points; pooled cosine to full decoding "
+                f"mean {cosine.mean():.3f}, min {cosine.min():.3f}" if gap is not None else "sklearn: no validation split",
+    }
+
+
+def cache_read(run: Run) -> dict:
+    """Read the train split's features and pooled features back (median of 3 reads each)."""
+    from bottlecache.store import Cache
+
+    build = run.build(run.engine)
+    out = {}
+    with Cache(build.report.path) as cache:
+        for what in ("features", "pooled"):
+            timings = [_timed(lambda: getattr(cache, what)("train")) for _ in range(3)]
+            array = timings[0][0]
+            seconds = statistics.median(t for _, t in timings)
+            out[what] = {
+                "seconds": seconds,
+                "megabytes": array.nbytes / 1e6,
+                "megabytes_per_second": array.nbytes / 1e6 / seconds,
+                "images_per_second": len(array) / seconds,
+                "dtype": str(array.dtype),
+            }
+    features = out["features"]
+    return {
+        "seconds": features["seconds"] + out["pooled"]["seconds"],
+        "images_per_second": features["images_per_second"],
+        "megabytes_per_second": features["megabytes_per_second"],
+        **out,
+        "note": f"train features {features['megabytes_per_second']:.0f} MB/s, "
+                f"pooled {out['pooled']['megabytes_per_second']:.0f} MB/s (page cache warm)",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# 4-6. Training a head: the tutorial's way, and on the cache
+
+
+def tutorial_frozen(run: Run) -> dict:
+    """The TensorFlow tutorial: decode every image and run the frozen base inside ``fit``, each epoch."""
+    from bottlecache._tf import import_keras
+    from bottlecache.backbone import load_backbone
+    from bottlecache.data import training_dataset
+    from bottlecache.heads import build_head_model, compile_for
+
+    keras = import_keras()
+    started = time.perf_counter()
+    keras.utils.set_random_seed(run.seed)
+    source = run.source()
+    n_classes = len(source.class_names)
+    base = load_backbone(run.weights, run.image_size)
+    inputs = keras.Input(shape=(run.image_size, run.image_size, 3))
+    x = base(inputs, training=False)
+    outputs = build_head_model(base.output.shape[1:], n_classes)(x)
+    model = compile_for(keras.Model(inputs, outputs), n_classes, 1e-4)
+
+    def dataset(split, shuffle=False):
+        return training_dataset(source, split, run.image_size, 32, shuffle=shuffle, seed=run.seed)
+
+    epoch_seconds = []
+    timer = keras.callbacks.LambdaCallback(
+        on_epoch_begin=lambda epoch, logs: epoch_seconds.append(-time.perf_counter()),
+        on_epoch_end=lambda epoch, logs: epoch_seconds.__setitem__(-1, epoch_seconds[-1] + time.perf_counter()),
+    )
+    history, fit_seconds = _timed(lambda: model.fit(
+        dataset("train", shuffle=True), validation_data=dataset("validation"), epochs=run.epochs,
+        callbacks=[timer], verbose=0,
+    ))
+    test = None
+    if "test" in source.splits:
+        test = float(model.evaluate(dataset("test"), verbose=0, return_dict=True)["accuracy"])
+    return {
+        "seconds": time.perf_counter() - started,
+        "fit_seconds": fit_seconds,
+        "epochs": run.epochs,
+        "seconds_per_epoch": fit_seconds / run.epochs,
+        "epoch_seconds": epoch_seconds,
+        "accuracy": {"validation": float(history.history["val_accuracy"][-1]), "test": test},
+        "note": "frozen base inside fit, images decoded every epoch",
+    }
+
+
+def cached_sklearn(run: Run) -> dict:
+    """Cache build (counted) + logistic regression on the pooled features."""
+    from bottlecache.heads import train_head
+
+    build = run.build(run.engine)
+    head, head_seconds = _timed(lambda: train_head(build.report.path, "sklearn", save=False))
+    return {
+        "seconds": build.seconds + head_seconds,
+        "build_seconds": build.seconds,
+        "build_engine": build.report.engine,
+        "head_seconds": head_seconds,
+        "fit_seconds": head.train_seconds,
+        "accuracy": accuracy(head.metrics),
+        "note": f"build {build.seconds:.1f} s ({build.report.engine}) + fit {head.train_seconds:.1f} s",
+    }
+
+
+def cached_keras(run: Run) -> dict:
+    """Cache build (counted) + the tutorial's Keras head on the cached bottleneck, same epochs."""
+    from bottlecache.heads import train_head
+
+    build = run.build(run.engine)
+    head, head_seconds = _timed(lambda: train_head(
+        build.report.path, "keras", epochs=run.epochs, seed=run.seed, out=run.work_dir / "heads" / "keras",
+    ))
+    run.keras_head_path = head.path
+    epochs_run = head.params["epochs_run"]
+    return {
+        "seconds": build.seconds + head_seconds,
+        "build_seconds": build.seconds,
+        "build_engine": build.report.engine,
+        "head_seconds": head_seconds,
+        "fit_seconds": head.train_seconds,
+        "epochs": epochs_run,
+        "seconds_per_epoch": head.train_seconds / epochs_run,
+        "accuracy": accuracy(head.metrics),
+        "note": f"build {build.seconds:.1f} s ({build.report.engine}) + head {head_seconds:.1f} s; best epoch kept",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Fine-tuning
+
+
+def finetune(run: Run) -> dict:
+    """Warm-started fine-tuning (layers from 100 on) for ``--finetune-epochs`` epochs."""
+    from bottlecache.finetune import finetune as run_finetune
+
+    build = run.build(run.engine)  # the cache the warm-start head was (or will be) trained on
+    result, seconds = _timed(lambda: run_finetune(
+        run.data, run.splits, image_size=run.image_size, weights=run.weights.path, cache_dir=build.cache_dir,
+        head=run.keras_head_path, head_epochs=run.epochs, epochs=run.finetune_epochs, seed=run.seed,
+        out=run.work_dir / "finetune",
+    ))
+    before, after = accuracy(result.head_metrics), accuracy(result.metrics)
+    warm_start = "the cached-keras head" if run.keras_head_path else f"a head trained here ({run.epochs} epochs)"
+    return {
+        "seconds": seconds,
+        "train_seconds": result.train_seconds,
+        "epochs": result.epochs_run,
+        "seconds_per_epoch": result.seconds_per_epoch,
+        "epoch_seconds": result.history.get("seconds"),  # the first includes tracing the training step
+        "best_epoch": result.best_epoch,
+        "accuracy": after,
+        "accuracy_before": before,
+        "note": f"warm start from {warm_start}; validation {_percent(before['validation'])} before",
+    }
+
+
+def _percent(value) -> str:
+    return "–" if value is None else f"{100 * value:.2f} %"
+
+
+# The order cases run in: each may use what an earlier one left in the Run (a build, a head, a
+# forward limit to compare with); fine-tuning, the longest, comes last.
+CASES = {
+    "forward-limit": forward_limit,
+    "forward-limit-litert": forward_limit_litert,
+    "decode-only": decode_only,
+    "cache-build": cache_build,
+    "cache-build-keras": cache_build_keras,
+    "cache-build-litert": cache_build_litert,
+    "fast-decode": fast_decode,
+    "cache-read": cache_read,
+    "cached-sklearn": cached_sklearn,
+    "cached-keras": cached_keras,
+    "tutorial-frozen": tutorial_frozen,
+    "finetune": finetune,
+}

@@ -1,0 +1,99 @@
+"""What the cases of one run share: the data, the weights, a fresh work folder, and the things
+worth making once (the Keras base, the LiteRT flatbuffer, one cache build per engine).
+
+Every cache is built in its own folder under the run's temporary work folder, so each build is
+real (never a hit of an earlier run), and builds with different engines never find each other's
+file (the engine is not part of a cache's fingerprint).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bottlecache.backbone import WeightsRef
+
+
+@dataclass
+class Build:
+    """One real cache build: its report, the wall seconds of ``build_cache``, and its folder."""
+
+    report: object  # bottlecache.build.BuildReport
+    seconds: float
+    cache_dir: Path
+
+
+@dataclass
+class Run:
+    data: str
+    splits: list[str] | None
+    weights: WeightsRef
+    image_size: int
+    epochs: int
+    finetune_epochs: int
+    seed: int
+    engine: str  # of the plain "cache-build" case and of the cached-* cases
+    quick: bool
+    work_dir: Path
+    results: dict = field(default_factory=dict)  # case name → its result, filled in as cases finish
+    keras_head_path: Path | None = None  # set by cached-keras; the warm start of finetune
+    flatbuffer_seconds: float | None = None
+    _source: object = None
+    _base: object = None
+    _flatbuffer: Path | None = None
+    _builds: dict = field(default_factory=dict)
+
+    def source(self):
+        if self._source is None:
+            from bottlecache.data import open_source
+
+            self._source = open_source(self.data, self.splits)
+        return self._source
+
+    def base(self):
+        """The frozen Keras base, loaded once for the forward-limit cases and the conversion."""
+        if self._base is None:
+            from bottlecache.backbone import load_backbone
+
+            self._base = load_backbone(self.weights, self.image_size)
+        return self._base
+
+    def flatbuffer(self) -> Path:
+        """The LiteRT flatbuffer of the base, converted once per run (its seconds are kept)."""
+        if self._flatbuffer is None:
+            from bottlecache.engines import convert_to_flatbuffer, flatbuffer_path
+
+            started = time.perf_counter()
+            path = flatbuffer_path(self.work_dir / "converted", self.weights.sha256, self.image_size)
+            self._flatbuffer = convert_to_flatbuffer(self.base(), path)
+            self.flatbuffer_seconds = time.perf_counter() - started
+        return self._flatbuffer
+
+    def build(self, engine: str, fast_decode: bool = False) -> Build:
+        """Build the cache with ``engine`` in a fresh folder, once per engine per run.
+
+        The folder is given the run's converted flatbuffer first, as a user's second build would
+        find it: the conversion is timed once, in forward-limit-litert, not in every build.
+        """
+        key = (engine, fast_decode)
+        if key not in self._builds:
+            from bottlecache.build import build_cache
+            from bottlecache.engines import flatbuffer_path, litert_available
+
+            cache_dir = self.work_dir / f"cache-{engine}{'-fast-decode' if fast_decode else ''}"
+            if engine != "keras" and litert_available():
+                converted = self.flatbuffer()
+                target = flatbuffer_path(cache_dir, self.weights.sha256, self.image_size)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(converted, target)
+                shutil.copy2(converted.with_suffix(".json"), target.with_suffix(".json"))
+            started = time.perf_counter()
+            report = build_cache(self.data, self.splits, image_size=self.image_size, weights=self.weights.path,
+                                 cache_dir=cache_dir, engine=engine, fast_decode=fast_decode)
+            seconds = time.perf_counter() - started
+            if report.hit:
+                raise RuntimeError(f"the {engine} build in the fresh folder {cache_dir} was a cache hit")
+            self._builds[key] = Build(report, seconds, cache_dir)
+        return self._builds[key]

@@ -1,0 +1,212 @@
+"""From the cases' numbers to the files: the checks of the README's claims, the Markdown table,
+the plot, and the JSON (a dated file plus a stable ``latest-<kind>`` copy)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+from pathlib import Path
+
+# (name, the claim, how its value is computed from the cases, comparison, threshold)
+CLAIMS = (
+    ("cached_sklearn_time_fraction",
+     "cached-sklearn total seconds (build counted) / tutorial-frozen total seconds",
+     lambda c: c["cached-sklearn"]["seconds"] / c["tutorial-frozen"]["seconds"], "<=", 0.2),
+    ("cached_sklearn_accuracy_gap_points",
+     "cached-sklearn minus tutorial-frozen validation accuracy, in points",
+     lambda c: 100 * (c["cached-sklearn"]["accuracy"]["validation"] - c["tutorial-frozen"]["accuracy"]["validation"]),
+     ">=", -1.0),
+    ("cached_keras_epoch_speedup",
+     "tutorial-frozen seconds per epoch / cached-keras head seconds per epoch",
+     lambda c: c["tutorial-frozen"]["seconds_per_epoch"] / c["cached-keras"]["seconds_per_epoch"], ">=", 50.0),
+    ("litert_build_speedup",
+     "cache-build-litert images/s / cache-build-keras images/s",
+     lambda c: c["cache-build-litert"]["images_per_second"] / c["cache-build-keras"]["images_per_second"],
+     ">=", 1.8),
+    ("litert_build_vs_forward_limit",
+     "cache-build-litert images/s / forward-limit-litert images/s",
+     lambda c: c["cache-build-litert"]["images_per_second"] / c["forward-limit-litert"]["images_per_second"],
+     ">=", 0.85),
+    ("litert_sklearn_accuracy_gap_points",
+     "distance between the sklearn validation accuracies on the litert- and keras-built caches, in points",
+     lambda c: 100 * abs(c["cache-build-litert"]["sklearn_accuracy"]["validation"]
+                         - c["cache-build-keras"]["sklearn_accuracy"]["validation"]), "<=", 0.3),
+)
+
+
+def machine() -> dict:
+    """CPU model, cores, memory and platform of this machine, and its load right now."""
+    cpu = platform.processor() or platform.machine()
+    memory_gib = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory_gib = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:  # not Linux: platform's answer stands
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable, "memory_gib": memory_gib,
+            "platform": platform.platform(), "python": platform.python_version()}
+
+
+def load_average():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def checks(cases: dict) -> dict:
+    """Each claim as ``{"value", "threshold", "pass"}``; ``None`` where its cases did not run."""
+    out = {}
+    for name, claim, compute, comparison, threshold in CLAIMS:
+        try:
+            value = compute(cases)
+        except (KeyError, TypeError, ZeroDivisionError):  # a case missing, failed, or without that number
+            value = None
+        passed = None if value is None else (value <= threshold if comparison == "<=" else value >= threshold)
+        out[name] = {"value": value, "threshold": threshold, "comparison": comparison, "pass": passed,
+                     "claim": claim}
+    return out
+
+
+def rounded(value, digits: int = 4):
+    """Floats rounded (for a readable file); everything else as is."""
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(v, digits) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _number(value, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def _percent(value) -> str:
+    return "–" if value is None else f"{100 * value:.2f} %"
+
+
+def summary_line(result: dict) -> str:
+    m, c, v = result["machine"], result["config"], result["versions"]
+    splits = ", ".join(f"{name} {s['n_examples']}" for name, s in c["splits"].items())
+    return (
+        f"{result['date'][:16].replace('T', ' ')} · {m['cpu']}, {m['cores']} cores, {m['platform']} · "
+        f"data {c['data_name']} ({splits}) · image size {c['image_size']} · epochs {c['epochs']}, "
+        f"fine-tune epochs {c['finetune_epochs']} · seed {c['seed']} · weights sha256 {c['weights_sha256'][:12]} · "
+        f"TensorFlow {v.get('tensorflow', '?')}, Keras {v.get('keras', '?')}, LiteRT {v.get('ai-edge-litert', '–')} · "
+        f"whole run {result['wall_seconds'] / 60:.1f} min, 1-minute load average {_load(result, 'start')} at the "
+        f"start, {_load(result, 'end')} at the end (other work on the machine makes timings noisy)"
+    )
+
+
+def _load(result: dict, when: str) -> str:
+    load = (result.get("load_average") or {}).get(when)
+    return "–" if not load else f"{load[0]:.2f}"
+
+
+def cases_table(cases: dict) -> str:
+    rows = ["| case | seconds | images/s | s/epoch | epochs | validation acc. | test acc. | notes |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for name, case in cases.items():
+        acc = case.get("accuracy") or {}
+        note = case.get("error") and f"**failed:** {case['error']}" or case.get("note", "")
+        rows.append(
+            f"| {name} | {_number(case.get('seconds'))} | {_number(case.get('images_per_second'))} | "
+            f"{_number(case.get('seconds_per_epoch'), 2)} | {case.get('epochs', '–')} | "
+            f"{_percent(acc.get('validation'))} | {_percent(acc.get('test'))} | {note.replace('|', '/')} |"
+        )
+    return "\n".join(rows)
+
+
+def checks_table(result_checks: dict) -> str:
+    rows = ["| claim | value | threshold | pass |", "| --- | ---: | ---: | :---: |"]
+    for name, check in result_checks.items():
+        verdict = {True: "yes", False: "**no**", None: "–"}[check["pass"]]
+        rows.append(f"| {check['claim'].replace('|', '/')} | {_number(check['value'], 3)} | {check['comparison']} "
+                    f"{check['threshold']:g} | {verdict} |")
+    return "\n".join(rows)
+
+
+def markdown(result: dict, heading: bool = True) -> str:
+    kind = "quick" if result["config"]["quick"] else "full"
+    parts = [f"## bottlecache benchmarks ({kind} run)\n"] if heading else []
+    parts += [summary_line(result), "", cases_table(result["cases"]), "", checks_table(result["checks"])]
+    return "\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Plot (optional: matplotlib is not a dependency)
+
+
+def plot(result: dict, path: Path) -> Path | None:
+    """Seconds vs validation accuracy of the cases that train something; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib import ticker
+    except ImportError:
+        return None
+    points = [(name, case["seconds"], case["accuracy"]["validation"]) for name, case in result["cases"].items()
+              if (case.get("accuracy") or {}).get("validation") is not None]
+    if not points:
+        return None
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for name, seconds, acc in points:
+        axes.scatter(seconds, 100 * acc, s=40)
+        axes.annotate(name, (seconds, 100 * acc), textcoords="offset points", xytext=(6, 4), fontsize=9)
+    axes.set_xscale("log")
+    axes.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    axes.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    axes.xaxis.set_minor_formatter(ticker.NullFormatter())
+    axes.set_xlabel("wall seconds (log scale; cache builds counted)")
+    axes.set_ylabel("validation accuracy (%)")
+    axes.set_title(f"bottlecache: time vs accuracy ({result['date'][:16]}, {result['machine']['cpu']})", fontsize=10)
+    axes.grid(True, which="both", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def write(result: dict, out_dir: Path, stamp: str, kind: str, latest: bool) -> dict[str, Path]:
+    """``<stamp>-<kind>.json`` / ``.md`` (/ ``.png``) in ``out_dir``; copies as ``latest-<kind>.*``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{stamp}-{kind}"
+    n = 1
+    while (out_dir / f"{stem}.json").exists():
+        n += 1
+        stem = f"{stamp}-{kind}-{n}"
+    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
+    paths["json"].write_text(json.dumps(result, indent=2) + "\n")
+    paths["md"].write_text(markdown(result))
+    png = plot(result, out_dir / f"{stem}.png")
+    if png:
+        paths["png"] = png
+    if latest:
+        for suffix, path in list(paths.items()):
+            target = out_dir / f"latest-{kind}.{suffix}"
+            shutil.copyfile(path, target)
+            paths[f"latest-{suffix}"] = target
+    return paths

@@ -1,0 +1,171 @@
+"""``python -m benchmarks``: parse the options, run the cases in order, write and print the results."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import traceback
+from datetime import datetime
+from pathlib import Path
+
+from . import REPO, RESULTS_DIR, SCHEMA_VERSION, report
+
+SHARED = Path(os.environ.get("BOTTLECACHE_SHARED", REPO.parent / "shared"))
+SHARED_DATA = SHARED / "data" / "cats_and_dogs_filtered"
+SHARED_WEIGHTS = SHARED / "weights" / "mobilenet_v2_1.0_224_imagenet_no_top.weights.h5"
+QUICK_SPLITS = {"folder": ["train=train[:64]", "validation=validation[:32]"],
+                "tfds": ["train=train[:64]", "validation=train[64:96]"]}
+
+
+def default_data() -> str:
+    return str(SHARED_DATA) if SHARED_DATA.is_dir() else "cats_vs_dogs"
+
+
+def default_weights() -> str:
+    return os.environ.get("BOTTLECACHE_WEIGHTS") or (str(SHARED_WEIGHTS) if SHARED_WEIGHTS.is_file() else "imagenet")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from .cases import CASES
+
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Time every claim of bottlecache in one run: forward limits, decoding, cache builds, "
+                    "cache reads, heads on the cache vs the tutorial's frozen-base training, fine-tuning.",
+    )
+    parser.add_argument("--data", default=default_data(),
+                        help="image folder or tfds name (default: ../shared/data/cats_and_dogs_filtered if present, "
+                             "else cats_vs_dogs)")
+    parser.add_argument("--weights", default=default_weights(),
+                        help="weights file or 'imagenet' (default: $BOTTLECACHE_WEIGHTS, else the ../shared "
+                             "weights if present, else imagenet)")
+    parser.add_argument("--epochs", type=int, help="head epochs, tutorial and cached-keras (default 10; quick 1)")
+    parser.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs (default 2; quick 1)")
+    parser.add_argument("--image-size", type=int, default=160)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--engine", default="auto", choices=("auto", "keras", "litert"),
+                        help="engine of the cache-build case and of the builds the cached-* cases count")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder (default benchmarks/results)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a small slice (train[:64], validation[:32]), 1 epoch each: for CI, a few minutes")
+    parser.add_argument("--cases", type=lambda s: [c.strip() for c in s.split(",") if c.strip()],
+                        help=f"comma-separated subset of: {', '.join(CASES)} (default all)")
+    args = parser.parse_args(argv)
+    unknown = [c for c in args.cases or [] if c not in CASES]
+    if unknown:
+        parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    if args.epochs is None:
+        args.epochs = 1 if args.quick else 10
+    if args.finetune_epochs is None:
+        args.finetune_epochs = 1 if args.quick else 2
+    for option, value in (("--epochs", args.epochs), ("--finetune-epochs", args.finetune_epochs)):
+        if value < 1:
+            parser.error(f"{option} must be a positive integer, got {value}")
+    args.cases = [c for c in CASES if c in (args.cases or CASES)]  # always in the suite's order
+    return args
+
+
+def make_run(args, work_dir: Path):
+    from bottlecache.backbone import resolve_weights
+
+    from .context import Run
+
+    splits = None
+    if args.quick:
+        kind = "folder" if Path(args.data).expanduser().is_dir() else "tfds"
+        splits = QUICK_SPLITS[kind]
+    run = Run(
+        data=args.data, splits=splits, weights=resolve_weights(args.weights, args.image_size),
+        image_size=args.image_size, epochs=args.epochs, finetune_epochs=args.finetune_epochs, seed=args.seed,
+        engine=args.engine, quick=args.quick, work_dir=work_dir,
+    )
+    run.source()  # a bad --data fails here, before any case runs
+    return run
+
+
+def config(args, run) -> dict:
+    source = run.source()
+    return {
+        "data": str(args.data),
+        "data_name": source.name,
+        "splits": {name: {"spec": str(s.spec), "n_examples": s.n_examples} for name, s in source.splits.items()},
+        "weights": args.weights,
+        "weights_sha256": run.weights.sha256,
+        "image_size": run.image_size,
+        "epochs": run.epochs,
+        "finetune_epochs": run.finetune_epochs,
+        "seed": run.seed,
+        "engine": run.engine,
+        "quick": run.quick,
+        "cases": args.cases,
+    }
+
+
+def run_cases(run, names: list[str]) -> dict:
+    """Run each case, in order; a failing case is recorded with its error and the rest go on."""
+    from .cases import CASES
+
+    for i, name in enumerate(names, 1):
+        print(f"[{i}/{len(names)}] {name} …", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        try:
+            result = CASES[name](run)
+        except Exception as error:  # recorded in the results and the exit code, never hidden
+            traceback.print_exc()
+            result = {"seconds": time.perf_counter() - started, "error": f"{type(error).__name__}: {error}"[:500]}
+        run.results[name] = result
+        print(f"[{i}/{len(names)}] {name}: {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+    return run.results
+
+
+def main(argv=None) -> int:
+    from bottlecache.build import library_versions
+    from bottlecache.errors import BottlecacheError
+
+    from .cases import CASES
+
+    args = parse_args(argv)
+    started = time.perf_counter()
+    now = datetime.now().astimezone()
+    load_start = report.load_average()
+    with tempfile.TemporaryDirectory(prefix="bottlecache-bench-") as tmp:
+        try:
+            run = make_run(args, Path(tmp))
+        except BottlecacheError as error:  # bad --data / --weights: one line, as the CLI says it
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        cases = run_cases(run, args.cases)
+        result = {
+            "schema_version": SCHEMA_VERSION,
+            "date": now.isoformat(timespec="seconds"),
+            "wall_seconds": time.perf_counter() - started,
+            "load_average": {"start": load_start, "end": report.load_average()},
+            "machine": report.machine(),
+            "versions": library_versions(),
+            "config": config(args, run),
+            "cases": cases,
+            "checks": report.checks(cases),
+        }
+    result = report.rounded(result)
+    kind = "quick" if args.quick else "full"
+    complete = len(args.cases) == len(CASES)
+    if not complete:
+        kind += "-subset"
+    paths = report.write(result, args.out, now.strftime("%Y-%m-%dT%H%M"), kind, latest=complete)
+    print(report.markdown(result))
+    for label, path in paths.items():
+        print(f"{label}: {_shown(path)}")
+    failed = [name for name, case in cases.items() if "error" in case]
+    if failed:
+        print(f"failed cases: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
