@@ -12,8 +12,10 @@ Layout of ``<dataset>-<model>-<size>-<fingerprint12>.h5``::
               attrs:  spec, n_examples, n_done, n_rows, n_skipped, complete
 
 A split's attributes ``n_rows`` / ``n_skipped`` / ``n_done`` are the commit record: they are
-written after the rows of a batch, then the file is flushed and fsync'ed. Rows beyond
-``n_rows`` (a batch that was being written when the process died) are cut off on resume.
+written once the rows of a batch are flushed and fsync'ed, then flushed and fsync'ed in turn.
+Rows beyond ``n_rows`` (a batch that was being written when the process died) are cut off on
+resume. The disk space a batch may need is claimed before it is written, so that a full disk
+stops the build with every committed batch intact.
 """
 
 from __future__ import annotations
@@ -114,6 +116,8 @@ class PartialCache:
             for name in json.loads(f.attrs["splits"]):
                 group = f[name]
                 rows, n_skipped = int(group.attrs["n_rows"]), int(group.attrs["n_skipped"])
+                for key, n in (("keys", rows), ("skipped", n_skipped)):
+                    _clear_strings_from(group[key], n)
                 for key in ("features", "pooled", "labels", "keys"):
                     group[key].resize(rows, axis=0)
                 group["skipped"].resize(n_skipped, axis=0)
@@ -149,7 +153,12 @@ class PartialCache:
                 "pooled", (0, n_channels), dtype="float32", maxshape=(None, n_channels),
                 chunks=(POOLED_CHUNK_ROWS, n_channels), **checked,
             )
-            group.create_dataset("labels", (0,), dtype="int64", maxshape=(None,), chunks=(4096,), **checked)
+            # labels in chunks of 32 rows too, as a commit writes them: a commit then rewrites no
+            # committed chunk (unless files were skipped); HDF5 may place a rewritten chunk over
+            # the committed copy before the commit is on disk, and a kill then loses the partial
+            group.create_dataset(
+                "labels", (0,), dtype="int64", maxshape=(None,), chunks=(FEATURE_CHUNK_ROWS,), **checked
+            )
             group.create_dataset("keys", (0,), dtype=_STR, maxshape=(None,), chunks=(4096,))
             group.create_dataset("skipped", (0, 2), dtype=_STR, maxshape=(None, 2), chunks=(256, 2))
             for key, value in attrs.items():
@@ -185,6 +194,7 @@ class PartialCache:
         if skipped:
             group["skipped"].resize(n_skipped + len(skipped), axis=0)
             group["skipped"][n_skipped:] = np.array(skipped, dtype=object)
+        self._sync()  # the rows on disk first: a commit record must never be there before its rows
         group.attrs.update(n_rows=rows + n, n_skipped=n_skipped + len(skipped), n_done=n_done)
         self._sync()
 
@@ -230,6 +240,24 @@ class PartialCache:
             with contextlib.suppress(Exception):
                 self.file.close()
             self.file = None
+
+
+def _clear_strings_from(dataset, n: int) -> None:
+    """Zero the string entries from row ``n`` on, in place and without freeing what they point to.
+
+    Entries past the commit (from a batch cut off by a kill) can point into heap space that never
+    reached the disk; HDF5 frees what an entry points to when the entry is overwritten, and fails
+    there ("bad heap index"). The chunks are unfiltered: their raw bytes are the references.
+    """
+    per_chunk = dataset.chunks[0]
+    for lo in range(n - n % per_chunk, max(n, dataset.shape[0]), per_chunk):
+        offset = (lo,) + (0,) * (dataset.ndim - 1)
+        if dataset.id.get_chunk_info_by_coord(offset).byte_offset is None:
+            continue
+        mask, raw = dataset.id.read_direct_chunk(offset)
+        keep = max(0, n - lo) * (len(raw) // per_chunk)
+        if any(raw[keep:]):
+            dataset.id.write_direct_chunk(offset, raw[:keep] + bytes(len(raw) - keep), mask)
 
 
 def _fsync_dir(folder: Path) -> None:
