@@ -8,6 +8,7 @@ cache's identity, so caches built from different weights never mix.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import sys
 from dataclasses import dataclass
@@ -59,10 +60,12 @@ def resolve_weights(weights: str | os.PathLike | None = None, image_size: int = 
         cached = keras_home / "models" / name
         if not cached.is_file():
             keras = import_keras()
-            try:  # Keras prints its download progress to stdout: keep stdout for --json
-                with contextlib.redirect_stdout(sys.stderr):
+            chatter = io.StringIO()  # Keras prints its download progress to stdout: keep stdout for --json
+            try:
+                with contextlib.redirect_stdout(chatter):
                     cached = Path(keras.utils.get_file(name, IMAGENET_BASE_URL + name, cache_subdir="models",
                                                        cache_dir=str(keras_home)))
+                sys.stderr.write(chatter.getvalue())
             except Exception:
                 raise BottlecacheError(
                     "Could not download the ImageNet weights of MobileNetV2 (no internet?): pass "
