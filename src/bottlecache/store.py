@@ -249,6 +249,8 @@ def _clear_strings_from(dataset, n: int) -> None:
     reached the disk; HDF5 frees what an entry points to when the entry is overwritten, and fails
     there ("bad heap index"). The chunks are unfiltered: their raw bytes are the references.
     """
+    if dataset.compression or dataset.fletcher32:  # raw bytes would be compressed: not ours to edit
+        return
     per_chunk = dataset.chunks[0]
     for lo in range(n - n % per_chunk, max(n, dataset.shape[0]), per_chunk):
         offset = (lo,) + (0,) * (dataset.ndim - 1)
