@@ -59,30 +59,57 @@ def cache_file_name(dataset: str, model: str, image_size: int, fp: str) -> str:
 
 @contextlib.contextmanager
 def build_lock(final_path: Path, *, wait: bool = True, on_wait=None):
-    """An exclusive lock per cache: never two writers. The OS releases it if the process dies."""
+    """An exclusive lock per cache: never two writers. The OS releases it if the process dies.
+
+    The lock file holds the writer's pid, written right after the lock is taken and cleared before
+    it is let go. A process that finds the lock held may look a moment before the pid is there
+    (or see the pid of a writer that was killed): it looks again for up to a second for a live pid
+    before saying "another process".
+    """
     lock_path = final_path.with_name("." + final_path.name + ".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as handle:
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
+            holder = _lock_holder(fd)
             if not wait:
                 raise BottlecacheError(
                     f"Another build of this cache is running (pid {holder}); wait for it or run again later."
                 ) from None
             if on_wait:
                 on_wait(holder)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.pwrite(fd, f"{os.getpid():>12}".encode(), 0)  # one fixed-width write: never read half-done
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            os.ftruncate(fd, 0)  # a free lock names nobody
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _lock_holder(fd: int, patience: float = 1.0) -> str:
+    deadline = time.monotonic() + patience
+    while True:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        if text.isdigit() and _alive(int(text)):
+            return text
+        if time.monotonic() > deadline:
+            return "another process"
+        time.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class PartialCache:
