@@ -19,7 +19,7 @@ CLAIMS = (
      lambda c: 100 * (c["cached-sklearn"]["accuracy"]["validation"] - c["tutorial-frozen"]["accuracy"]["validation"]),
      ">=", -1.0),
     ("cached_keras_epoch_speedup",
-     "tutorial-frozen seconds per epoch / cached-keras head seconds per epoch",
+     "tutorial-frozen seconds per epoch / cached-keras head seconds per epoch (medians over the epochs)",
      lambda c: c["tutorial-frozen"]["seconds_per_epoch"] / c["cached-keras"]["seconds_per_epoch"], ">=", 50.0),
     ("litert_build_speedup",
      "cache-build-litert images/s / cache-build-keras images/s",
@@ -121,7 +121,7 @@ def _load(result: dict, when: str) -> str:
 
 
 def cases_table(cases: dict) -> str:
-    rows = ["| case | seconds | images/s | s/epoch | epochs | validation acc. | test acc. | notes |",
+    rows = ["| case | seconds | images/s | s/epoch (median) | epochs | validation acc. | test acc. | notes |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name, case in cases.items():
         acc = case.get("accuracy") or {}

@@ -159,6 +159,20 @@ def best_weights_callback(monitor: str = "val_loss", patience: int | None = None
     )
 
 
+def epoch_timer(seconds: list):
+    """A callback appending each epoch's wall seconds (training and validation) to ``seconds``."""
+    keras = import_keras()
+
+    class EpochTimer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self._started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            seconds.append(time.perf_counter() - self._started)
+
+    return EpochTimer()
+
+
 class KerasHead:
     """The tutorial's head, on the cached (s, s, 1280) features."""
 
@@ -357,7 +371,9 @@ def _train_keras(cache, n_classes, train_split, has_validation, *, epochs, batch
     model = compile_for(build_head_model(cache.feature_shape, n_classes, dropout), n_classes, learning_rate, optimizer)
     n_values = sum(cache.n_examples(s) for s in cache.splits) * int(np.prod(cache.feature_shape))
     in_memory = n_values * 4 <= max_memory
-    callbacks = [best_weights_callback("val_loss" if has_validation else "loss", early_stopping)]
+    epoch_seconds = []
+    callbacks = [best_weights_callback("val_loss" if has_validation else "loss", early_stopping),
+                 epoch_timer(epoch_seconds)]
     if in_memory:
         x, y = cache.features(train_split).astype(np.float32), cache.labels(train_split)
         validation = (cache.features("validation").astype(np.float32), cache.labels("validation")) if has_validation else None
@@ -377,6 +393,7 @@ def _train_keras(cache, n_classes, train_split, has_validation, *, epochs, batch
               "dropout": dropout, "seed": seed, "early_stopping": early_stopping, "in_memory": in_memory,
               "epochs_run": len(history.history.get("loss", []))}
     hist = {k: [float(v) for v in values] for k, values in history.history.items()}
+    hist["seconds"] = epoch_seconds  # the first epoch includes tracing the training step
     return HeadResult(KerasHead(model), "keras", {}, seconds, params, history=hist)
 
 
