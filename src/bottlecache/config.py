@@ -22,6 +22,14 @@ DEFAULT_CACHE_DIR = "cache"
 N_CHANNELS = 1280
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), which may be fewer than the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def bottleneck_shape(image_size: int) -> tuple[int, int, int]:
     side = -(-image_size // 32)
     return (side, side, N_CHANNELS)

@@ -16,18 +16,12 @@ import numpy as np
 
 from ._tf import import_tf
 from .backbone import KerasEngine
+from .config import usable_cores
 from .errors import BottlecacheError
 from .fingerprint import sha256_file
 
 MAX_ABS_DIFF = 1e-3
 PROBE_IMAGES = 8
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def litert_available() -> bool:
