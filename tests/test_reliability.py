@@ -604,15 +604,18 @@ def _verify_cli(path):
     return faults
 
 
+def _copy_into(folder: Path, original: Path) -> Path:
+    folder.mkdir()
+    return Path(shutil.copy(original, folder / original.name))
+
+
 def test_tampered_caches_are_detected(reference, tmp_path):
     figures = {}
     original = reference.path
     assert verify_cache(original).ok
 
     # a flipped byte in a features chunk: verify names split and rows; a head on the features stops
-    flipped = tmp_path / "features" / original.name
-    flipped.parent.mkdir()
-    shutil.copy(original, flipped)
+    flipped = _copy_into(tmp_path / "features", original)
     first, last = _flip_byte(flipped, "train", "features", 1)
     faults = _verify_cli(flipped)
     assert len(faults) == 1 and faults[0].startswith(f"fault: split 'train': features rows {first}-{last} fail to read")
@@ -624,9 +627,7 @@ def test_tampered_caches_are_detected(reference, tmp_path):
     figures["flipped byte in a features chunk"] = {"verify": faults[0], "train-head --kind keras": line}
 
     # a flipped byte in the pooled features: the default (scikit-learn) head stops too
-    pooled = tmp_path / "pooled" / original.name
-    pooled.parent.mkdir()
-    shutil.copy(original, pooled)
+    pooled = _copy_into(tmp_path / "pooled", original)
     first, last = _flip_byte(pooled, "validation", "pooled", 0)
     faults = _verify_cli(pooled)
     assert len(faults) == 1
@@ -638,9 +639,7 @@ def test_tampered_caches_are_detected(reference, tmp_path):
     figures["flipped byte in a pooled chunk"] = {"verify": faults[0], "train-head (sklearn)": line}
 
     # a flipped byte in the labels
-    labels = tmp_path / "labels" / original.name
-    labels.parent.mkdir()
-    shutil.copy(original, labels)
+    labels = _copy_into(tmp_path / "labels", original)
     first, last = _flip_byte(labels, "train", "labels", 0)
     faults = _verify_cli(labels)
     assert len(faults) == 1 and faults[0].startswith(f"fault: split 'train': labels rows {first}-{last} fail to read")

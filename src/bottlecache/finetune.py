@@ -240,8 +240,9 @@ def finetune(
     params = {"fine_tune_at": fine_tune_at, "epochs": epochs, "learning_rate": learning_rate,
               "batch_size": batch_size, "seed": seed, "augment": augment, "early_stopping": early_stopping}
     run_config = {"data": source.identity, "splits": {n: str(s.spec) for n, s in source.splits.items()},
-                  "backbone": record, "head": loaded.record.get("cache", {}).get("fingerprint", "") + ":" +
-                  str(Path(head).resolve()), "params": params}
+                  "backbone": record, "params": params,
+                  "head": {"path": str(Path(head).resolve()),
+                           "cache_fingerprint": loaded.record.get("cache", {}).get("fingerprint", "")}}
     out = Path(out) if out else cache_dir / "models" / f"finetune-{fingerprint(run_config)[:12]}"
     checkpoint = out / CHECKPOINT_DIR
     if (out / "model.keras").exists():
