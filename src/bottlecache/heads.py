@@ -138,7 +138,15 @@ def build_head_model(feature_shape, n_classes: int, dropout: float = 0.2):
     return keras.Model(inputs, outputs, name="head")
 
 
-def compile_for(model, n_classes: int, learning_rate: float, optimizer: str = "rmsprop"):
+# Steps the Keras head runs per call into its compiled training function. The head's own work per
+# batch of 32 is tiny, so Keras's per-step overhead dominated: 16 steps per call halved the epoch
+# (0.79 s -> 0.39 s with validation in batches of 256, 2,000 train / 1,000 validation images,
+# this 2-core machine). The batches, their order and the updates are unchanged.
+HEAD_STEPS_PER_EXECUTION = 16
+EVAL_BATCH_SIZE = 256
+
+
+def compile_for(model, n_classes: int, learning_rate: float, optimizer: str = "rmsprop", steps_per_execution: int = 1):
     keras = import_keras()
     opt = (keras.optimizers.RMSprop if optimizer == "rmsprop" else keras.optimizers.Adam)(learning_rate=learning_rate)
     if n_classes == 2:
@@ -147,7 +155,7 @@ def compile_for(model, n_classes: int, learning_rate: float, optimizer: str = "r
     else:
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         acc = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
-    model.compile(optimizer=opt, loss=loss, metrics=[acc])
+    model.compile(optimizer=opt, loss=loss, metrics=[acc], steps_per_execution=steps_per_execution)
     return model
 
 
@@ -368,7 +376,8 @@ def _train_keras(cache, n_classes, train_split, has_validation, *, epochs, batch
                  dropout, seed, early_stopping, shuffle, max_memory, verbose) -> HeadResult:
     keras = import_keras()
     keras.utils.set_random_seed(seed)
-    model = compile_for(build_head_model(cache.feature_shape, n_classes, dropout), n_classes, learning_rate, optimizer)
+    model = compile_for(build_head_model(cache.feature_shape, n_classes, dropout), n_classes, learning_rate, optimizer,
+                        steps_per_execution=HEAD_STEPS_PER_EXECUTION)
     n_values = sum(cache.n_examples(s) for s in cache.splits) * int(np.prod(cache.feature_shape))
     in_memory = n_values * 4 <= max_memory
     epoch_seconds = []
@@ -379,12 +388,12 @@ def _train_keras(cache, n_classes, train_split, has_validation, *, epochs, batch
         validation = (cache.features("validation").astype(np.float32), cache.labels("validation")) if has_validation else None
         started = time.perf_counter()
         history = model.fit(x, y, batch_size=batch_size, epochs=epochs, validation_data=validation, shuffle=shuffle,
-                            callbacks=callbacks, verbose=verbose)
+                            validation_batch_size=EVAL_BATCH_SIZE, callbacks=callbacks, verbose=verbose)
     else:
         train = cache.dataset(train_split)
         if shuffle:
             train = train.shuffle(4096, seed=seed, reshuffle_each_iteration=True)
-        validation = cache.dataset("validation", batch_size=256) if has_validation else None
+        validation = cache.dataset("validation", batch_size=EVAL_BATCH_SIZE) if has_validation else None
         started = time.perf_counter()
         history = model.fit(train.batch(batch_size).prefetch(2), epochs=epochs, validation_data=validation,
                             shuffle=False, callbacks=callbacks, verbose=verbose)  # shuffled above, if asked
