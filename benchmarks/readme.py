@@ -25,6 +25,12 @@ def section(result: dict, source: str) -> str:
         "",
         markdown(result, heading=False).rstrip(),
         "",
+        "How to read it: *s/epoch* is the median over a case's epochs (the first epoch also traces the "
+        "training step; first and mean are in the notes and the JSON). *forward-limit* cases run the "
+        "backbone alone on random input; a build must also read, decode and resize every image and "
+        "compress the features on the same cores, so it is also compared with the rate that the "
+        "forward pass and *decode-only*, each measured alone on all cores, allow together.",
+        "",
         "Reproduce from the repository root (real weights and photos in `../shared`, or `--data` / "
         "`--weights`):",
         "",
