@@ -235,7 +235,7 @@ def tutorial_frozen(run: Run) -> dict:
     from bottlecache._tf import import_keras
     from bottlecache.backbone import load_backbone
     from bottlecache.data import training_dataset
-    from bottlecache.heads import build_head_model, compile_for
+    from bottlecache.heads import build_head_model, compile_for, epoch_timer
 
     keras = import_keras()
     started = time.perf_counter()
@@ -252,13 +252,9 @@ def tutorial_frozen(run: Run) -> dict:
         return training_dataset(source, split, run.image_size, 32, shuffle=shuffle, seed=run.seed)
 
     epoch_seconds = []
-    timer = keras.callbacks.LambdaCallback(
-        on_epoch_begin=lambda epoch, logs: epoch_seconds.append(-time.perf_counter()),
-        on_epoch_end=lambda epoch, logs: epoch_seconds.__setitem__(-1, epoch_seconds[-1] + time.perf_counter()),
-    )
     history, fit_seconds = _timed(lambda: model.fit(
         dataset("train", shuffle=True), validation_data=dataset("validation"), epochs=run.epochs,
-        callbacks=[timer], verbose=0,
+        callbacks=[epoch_timer(epoch_seconds)], shuffle=False, verbose=0,  # the dataset reshuffles itself
     ))
     test = None
     if "test" in source.splits:
