@@ -100,16 +100,15 @@ def error_line(result) -> str:
     return lines[0]
 
 
-def flip_byte_in_chunk(path: Path, split: str, chunk: int) -> tuple[int, int]:
-    """Flip one byte in the middle of a stored features chunk; return its row range."""
+def flip_byte_in_chunk(path: Path, split: str, chunk: int, dataset: str = "features") -> tuple[int, int]:
+    """Flip one byte in the middle of a stored chunk of ``split/dataset``; return its row range."""
     import h5py
 
     with h5py.File(path, "r") as f:
-        dataset = f[split]["features"]
-        info = dataset.id.get_chunk_info(chunk)
-        rows = dataset.chunks[0]
+        data = f[split][dataset]
+        info = data.id.get_chunk_info(chunk)
         first = info.chunk_offset[0]
-        last = min(first + rows, dataset.shape[0]) - 1
+        last = min(first + data.chunks[0], data.shape[0]) - 1
     with open(path, "r+b") as handle:
         handle.seek(info.byte_offset + info.size // 2)
         value = handle.read(1)[0]

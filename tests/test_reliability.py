@@ -33,7 +33,7 @@ from bottlecache import build_cache, open_cache, verify_cache
 from bottlecache.errors import BottlecacheError
 from bottlecache.store import FEATURE_CHUNK_ROWS, Cache
 
-from conftest import REPO, error_line, invoke, write_images
+from conftest import REPO, error_line, flip_byte_in_chunk, invoke, write_images
 
 SEED = 20240607
 IMAGE_SIZE = 96  # the smallest input: the faults do not depend on it, and every forward pass is cheaper
@@ -580,21 +580,6 @@ def test_hostile_folders_are_refused_with_one_line(case, weights_path, tmp_path)
 # Tampered caches
 
 
-def _flip_byte(path: Path, split: str, dataset: str, chunk: int) -> tuple[int, int]:
-    """Flip one byte in the middle of a stored chunk; return the chunk's first and last row."""
-    with h5py.File(path, "r") as f:
-        data = f[split][dataset]
-        info = data.id.get_chunk_info(chunk)
-        first = info.chunk_offset[0]
-        last = min(first + data.chunks[0], data.shape[0]) - 1
-    with open(path, "r+b") as handle:
-        handle.seek(info.byte_offset + info.size // 2)
-        value = handle.read(1)[0]
-        handle.seek(-1, os.SEEK_CUR)
-        handle.write(bytes([value ^ 0xFF]))
-    return first, last
-
-
 def _verify_cli(path):
     result = invoke(["cache", "verify", path])
     assert result.exit_code == 1, result.output
@@ -616,7 +601,7 @@ def test_tampered_caches_are_detected(reference, tmp_path):
 
     # a flipped byte in a features chunk: verify names split and rows; a head on the features stops
     flipped = _copy_into(tmp_path / "features", original)
-    first, last = _flip_byte(flipped, "train", "features", 1)
+    first, last = flip_byte_in_chunk(flipped, "train", 1)
     faults = _verify_cli(flipped)
     assert len(faults) == 1 and faults[0].startswith(f"fault: split 'train': features rows {first}-{last} fail to read")
     result = invoke(["cache", "train-head", flipped, "--kind", "keras", "--epochs", 1, "--out", tmp_path / "h1"])
@@ -628,7 +613,7 @@ def test_tampered_caches_are_detected(reference, tmp_path):
 
     # a flipped byte in the pooled features: the default (scikit-learn) head stops too
     pooled = _copy_into(tmp_path / "pooled", original)
-    first, last = _flip_byte(pooled, "validation", "pooled", 0)
+    first, last = flip_byte_in_chunk(pooled, "validation", 0, "pooled")
     faults = _verify_cli(pooled)
     assert len(faults) == 1
     assert faults[0].startswith(f"fault: split 'validation': pooled rows {first}-{last} fail to read")
@@ -640,7 +625,7 @@ def test_tampered_caches_are_detected(reference, tmp_path):
 
     # a flipped byte in the labels
     labels = _copy_into(tmp_path / "labels", original)
-    first, last = _flip_byte(labels, "train", "labels", 0)
+    first, last = flip_byte_in_chunk(labels, "train", 0, "labels")
     faults = _verify_cli(labels)
     assert len(faults) == 1 and faults[0].startswith(f"fault: split 'train': labels rows {first}-{last} fail to read")
     figures["flipped byte in the labels"] = {"verify": faults[0]}
