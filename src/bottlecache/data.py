@@ -491,7 +491,6 @@ def training_dataset(
 
     Shuffling reorders the file list (seeded, reshuffled each epoch) before any decoding.
     """
-    tf = import_tf()
     ordered = source.examples(split)
     if shuffle:
         ordered = ordered.shuffle(source.split(split).n_examples, seed=seed, reshuffle_each_iteration=True)
