@@ -60,7 +60,7 @@ def _forward_case(run: Run, engine) -> dict:
 
 def forward_limit(run: Run) -> dict:
     """The Keras base's raw forward throughput (``training=False``, as the cache build runs it)."""
-    from bottlecache.backbone import KerasEngine
+    from bottlecache.engines import KerasEngine
 
     return _forward_case(run, KerasEngine(run.base()))
 

@@ -86,19 +86,20 @@ def test_cache_hit_recomputes_nothing(small_cache, weights_path, cats_dogs):
 
 def test_cache_identity_changes_with_the_content(small_cache, weights_path, cats_dogs):
     """Another slice, dtype or size is another cache (checked without building it)."""
-    from bottlecache.backbone import resolve_weights
-    from bottlecache.build import make_config
-    from bottlecache.fingerprint import fingerprint
+    from bottlecache.config import CacheSettings
 
-    weights = resolve_weights(weights_path, 160)
-    base = make_config(open_source(cats_dogs, SMALL_SPLITS), weights, 160, "float16")
-    assert fingerprint(base) == small_cache.fingerprint
+    def resolved(splits=tuple(SMALL_SPLITS), **kw):
+        return CacheSettings(str(cats_dogs), splits, weights=str(weights_path), **kw).resolve()
+
+    base = resolved()
+    assert base.fingerprint == small_cache.fingerprint and base.path.name == small_cache.path.name
     others = [
-        make_config(open_source(cats_dogs, ["train=train[:95]", "validation=validation[:48]"]), weights, 160, "float16"),
-        make_config(open_source(cats_dogs, SMALL_SPLITS), weights, 160, "float32"),
-        make_config(open_source(cats_dogs, SMALL_SPLITS), resolve_weights(weights_path, 96), 96, "float16"),
+        resolved(("train=train[:95]", "validation=validation[:48]")),
+        resolved(dtype="float32"),
+        resolved(image_size=96),
+        resolved(fast_decode=True),
     ]
-    assert len({fingerprint(c) for c in others} | {fingerprint(base)}) == 4
+    assert len({c.fingerprint for c in others} | {base.fingerprint}) == 5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,15 +315,24 @@ def test_verify_reports_files_that_are_not_caches(tmp_path):
     assert not report.ok and "not a readable HDF5 file" in report.problems[0]
 
 
-def test_bad_weights_file_leaves_nothing_behind(tmp_path, cats_dogs):
-    """A weights file that does not load fails before the cache file is created (exit 2)."""
+@pytest.mark.parametrize("kind, expected", [("text", "is not an HDF5 file"),
+                                             ("hdf5", "could not be loaded into MobileNetV2")])
+def test_bad_weights_file_leaves_nothing_behind(kind, expected, tmp_path, cats_dogs):
+    """A weights file that does not load fails before the cache file is created (exit 2), and leaves
+    no partial file and no lock file behind: only the folder's .gitignore."""
+    import h5py
+
     weights = tmp_path / "not-weights.h5"
-    weights.write_text("hello")
+    if kind == "text":
+        weights.write_text("hello")
+    else:
+        with h5py.File(weights, "w") as f:
+            f["kernel"] = np.zeros((3, 3))
     cache_dir = tmp_path / "cache"
     for attempt in range(2):  # the second run must not "resume" anything either
         result = invoke(["cache", "build", "--data", cats_dogs, "--split", "train=train[:8]", "--weights", weights,
                          "--cache-dir", cache_dir, "--engine", "keras"])
         assert result.exit_code == 2
         line = error_line(result)
-        assert "could not be loaded into MobileNetV2" in line and "not-weights.h5" in line
-        assert not list(cache_dir.glob("*.h5")) and not list(cache_dir.glob("*.partial")), list(cache_dir.iterdir())
+        assert expected in line and "not-weights.h5" in line
+        assert not cache_dir.exists() or sorted(p.name for p in cache_dir.iterdir()) == [".gitignore"]

@@ -42,7 +42,7 @@ def test_build_non_weights_file(tmp_path, cats_dogs):
                      "--cache-dir", tmp_path / "cache", "--engine", "keras"])
     assert result.exit_code == 2
     line = error_line(result)
-    assert "could not be loaded into MobileNetV2" in line and "notes.weights.h5" in line
+    assert "is not an HDF5 file" in line and "notes.weights.h5" in line
 
 
 def test_build_bad_image_size(tmp_path, cats_dogs, weights_path):
@@ -180,9 +180,10 @@ def test_verify_flipped_byte_exits_1(small_cache, tmp_path):
     result = invoke(["cache", "verify", copy])
     assert result.exit_code == 1
     assert "Traceback" not in result.output
-    faults = [line for line in result.stderr.splitlines() if line.startswith("fault: ")]
+    faults = [line for line in result.stdout.splitlines() if line.startswith("fault: ")]
     assert len(faults) == 1 and "split 'validation': features rows 0-31 fail to read" in faults[0]
-    assert any(line.startswith("error: ") and "1 fault(s)" in line for line in result.stderr.splitlines())
+    line = error_line(result)  # one line on stderr: the fault, and what to do
+    assert "split 'validation': features rows 0-31 fail to read" in line and "delete or move the file" in line
     record = json.loads(invoke(["cache", "verify", copy, "--json"]).stdout)
     assert record["ok"] is False and record["problems"] == [faults[0][len("fault: "):]]
 
@@ -212,7 +213,7 @@ def test_train_head_json_and_heads_list(small_cache, tmp_path, wide_tables):
     result = invoke(["cache", "heads", "--cache-dir", cache_dir, "--json"])
     assert result.exit_code == 0, result.output
     listed = {r["path"]: r for r in json.loads(result.stdout)}
-    assert set(listed) == {records["sklearn"]["path"], records["keras"]["path"]}
+    assert set(listed) == {records["sklearn"]["path"], records["keras"]["path"]}, listed
     for record in records.values():
         row = listed[record["path"]]
         assert row["kind"] == record["kind"]
@@ -252,3 +253,40 @@ def test_train_head_errors(small_cache, float32_train_cache, tmp_path):
     assert not (tmp_path / "heads-dir").exists()  # nothing was saved
     result = invoke(["cache", "train-head", "--cache-dir", tmp_path / "empty"])
     assert result.exit_code == 2 and "No cache in" in error_line(result)
+
+
+# ---------------------------------------------------------------------------------------------
+# Quiet by default, a cache folder that explains itself
+
+
+def test_tensorflow_start_up_lines_are_quiet_unless_verbose(tmp_path):
+    """A command that imports TensorFlow prints only its own line; --verbose lets TensorFlow's
+    start-up lines through (whatever this machine's TensorFlow prints at import)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "BOTTLECACHE_VERBOSE")}
+    raw = subprocess.run([sys.executable, "-c", "import tensorflow"], capture_output=True, text=True, env=env)
+    command = [sys.executable, "-m", "bottlecache", "cache", "build", "--data", "tfds:no_such_dataset_here",
+               "--cache-dir", str(tmp_path)]
+    quiet = subprocess.run(command, capture_output=True, text=True, env=env)
+    lines = [line for line in quiet.stderr.splitlines() if line.strip()]
+    assert quiet.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), quiet.stderr
+    loud = subprocess.run([sys.executable, "-m", "bottlecache", "--verbose", *command[3:]], capture_output=True,
+                          text=True, env=env)
+    assert loud.returncode == 2 and loud.stderr.rstrip().splitlines()[-1] == lines[0]
+    tf_lines = [line for line in raw.stderr.splitlines() if line.strip()]
+    if tf_lines:  # TensorFlow does print at import here: --verbose shows it, the default does not
+        assert len(loud.stderr.strip().splitlines()) > 1, loud.stderr
+
+
+def test_a_new_cache_folder_gets_a_gitignore(small_cache, tmp_path):
+    from bottlecache.files import GITIGNORE_TEXT, ensure_cache_dir
+
+    folder = ensure_cache_dir(tmp_path / "custom" / "cache")
+    assert (folder / ".gitignore").read_text() == GITIGNORE_TEXT and "\n*\n" in GITIGNORE_TEXT
+    assert (small_cache.path.parent / ".gitignore").read_text() == GITIGNORE_TEXT  # written by a build
+    (folder / ".gitignore").write_text("mine\n")  # never overwritten
+    ensure_cache_dir(folder)
+    assert (folder / ".gitignore").read_text() == "mine\n"

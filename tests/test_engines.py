@@ -41,7 +41,7 @@ def _copy_engines(source_dir, cache_dir):
 
 
 def test_litert_matches_keras_on_real_images(base_and_images, engines_dir):
-    from bottlecache.backbone import KerasEngine
+    from bottlecache.engines import KerasEngine
     from bottlecache.engines import MAX_ABS_DIFF, make_engine
 
     model, weights, images = base_and_images

@@ -39,6 +39,7 @@ def finetuned(keras_head, cats_dogs, weights_path, tmp_path_factory):
 def test_every_path_uses_the_one_preprocessing_function(monkeypatch, cats_dogs):
     import bottlecache.data as data
     import bottlecache.finetune as finetune_module
+    import bottlecache.predict as predict_module
     from bottlecache.build import _windows
 
     calls = []
@@ -59,12 +60,12 @@ def test_every_path_uses_the_one_preprocessing_function(monkeypatch, cats_dogs):
     data.load_image(source.split("train").paths[0], 96)  # prediction
     assert calls, "prediction did not call data.preprocess"
     # and nothing holds a private copy of it
-    assert finetune_module.load_image is data.load_image
+    assert predict_module.load_image is data.load_image
     assert finetune_module.training_dataset is data.training_dataset
 
 
 def test_head_on_the_base_predicts_like_the_head_on_cached_features(small_cache, keras_head, weights_path):
-    from bottlecache.finetune import load_model
+    from bottlecache.predict import load_model
     from bottlecache.heads import load_head
     from bottlecache.store import Cache
     from conftest import CATS_DOGS
@@ -101,9 +102,11 @@ def test_finetune_keeps_frozen_batchnorm_statistics_and_trains_the_top(finetuned
                 changed_bottom += index < 100
     assert n_bn > 40
     assert changed_bottom == 0, "layers below fine_tune_at changed"
-    assert finetuned.best_epoch in (0, 1)
-    if finetuned.best_epoch == 1:
+    assert finetuned.best_epoch in (0, 1) and finetuned.epochs_run == 1 and len(finetuned.history["loss"]) == 1
+    if finetuned.best_epoch == 1:  # the trained epoch was kept: the unfrozen top moved
         assert changed_top > 0, "fine-tuning changed no layer of the unfrozen top"
+    else:  # the warm start was better: it is what was saved, the trained epoch's weights are not
+        assert changed_top == 0, "best epoch 0 (the warm start) but the saved base is not the warm start's"
 
 
 def test_finetune_artifacts_and_metrics(finetuned):
@@ -128,13 +131,16 @@ def test_predict_on_model_and_head_folders(finetuned, keras_head, cats_dogs, wei
         (images / Path(name).name).write_bytes((cats_dogs / "validation" / name).read_bytes())
     (images / "broken.jpg").write_bytes(b"not an image")
     runner = CliRunner()
-    for folder in (finetuned.path, keras_head):
-        result = runner.invoke(app, ["predict", str(folder), str(images), "--weights", str(weights_path), "--json"])
-        assert result.exit_code == 0, result.output
+    for folder, weights in ((finetuned.path, []), (keras_head, ["--weights", str(weights_path)])):
+        result = runner.invoke(app, ["predict", str(folder), str(images), *weights, "--json"])
+        # one image could not be read: the others are predicted, the exit code says so in one line
+        assert result.exit_code == 1, result.output
+        assert "1 of 3 image(s) could not be read" in result.stderr and len(result.stderr.strip().splitlines()) == 1
         rows = json.loads(result.stdout)
         by_name = {Path(r["path"]).name: r for r in rows}
         assert set(by_name) == {"cat.2000.jpg", "dog.2000.jpg", "broken.jpg"}
-        assert "error" in by_name["broken.jpg"]
+        assert by_name["broken.jpg"]["error"].startswith("not a decodable image")
+        assert "{{function_node" not in by_name["broken.jpg"]["error"] and "[Op:" not in by_name["broken.jpg"]["error"]
         for name in ("cat.2000.jpg", "dog.2000.jpg"):
             assert by_name[name]["label"] in ("cats", "dogs") and 0.5 <= by_name[name]["probability"] <= 1
         # the head was trained on real features: it gets these two clear photos right
@@ -210,3 +216,38 @@ def test_finetune_killed_mid_run_resumes_from_last_finished_epoch(keras_head, ca
     assert len(history["loss"]) == 2
     assert history["loss"][0] == first_epoch["loss"][0]  # epoch 1 was kept, not rerun
     assert (out / "model.keras").exists()
+
+
+def test_resume_with_other_settings_is_refused_and_epochs_may_grow(keras_head, cats_dogs, weights_path, tmp_path):
+    """An interrupted run is resumed only with its own settings: a changed --learning-rate or
+    --augment is refused in one line naming each; more --epochs is honoured."""
+    from bottlecache.errors import BottlecacheError
+    from bottlecache.finetune import finetune
+    from bottlecache.progress import NullProgress
+
+    class StopAfterFirstEpoch(NullProgress):  # Ctrl-C once the first epoch's checkpoint is written
+        def message(self, text):
+            if text.startswith("epoch 1:"):
+                raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    common = dict(weights=weights_path, head=keras_head, out=out, cache_dir=tmp_path / "c")
+    with pytest.raises(KeyboardInterrupt):
+        finetune(cats_dogs, FT_SPLITS, epochs=1, progress=StopAfterFirstEpoch(), **common)
+    state = json.loads((out / ".checkpoint" / "state.json").read_text())
+    assert state["epoch"] == 1 and not (out / "model.keras").exists()
+
+    with pytest.raises(BottlecacheError) as refused:
+        finetune(cats_dogs, FT_SPLITS, epochs=1, learning_rate=1e-3, augment=True, resume=True, **common)
+    message = str(refused.value)
+    assert "--learning-rate 1e-05 -> 0.001" in message and "--augment False -> True" in message
+    assert "\n" not in message and not (out / "model.keras").exists()
+    assert json.loads((out / ".checkpoint" / "state.json").read_text()) == state  # nothing changed
+    with pytest.raises(BottlecacheError, match="holds an interrupted run; pass --resume"):
+        finetune(cats_dogs, FT_SPLITS, epochs=1, **common)
+
+    result = finetune(cats_dogs, FT_SPLITS, epochs=2, resume=True, **common)  # one more epoch: honoured
+    assert result.epochs_run == 2 and len(result.history["loss"]) == 2
+    assert result.history["loss"][0] == state["history"]["loss"][0]
+    record = json.loads((out / "model.json").read_text())
+    assert record["params"]["epochs"] == 2 and record["backbone"]["preprocess_version"] >= 1

@@ -133,7 +133,7 @@ def test_saved_head_loads_and_predicts_the_same(kind, sklearn_result, keras_resu
 def test_loaded_head_refuses_another_backbone(sklearn_result, three_classes):
     loaded = load_head(sklearn_result.path)
     with open_cache(three_classes.path) as other:  # 96 px
-        with pytest.raises(CacheMismatchError, match="image_size: head has 160, got 96"):
+        with pytest.raises(CacheMismatchError, match="image_size: head has 160, expected 96"):
             loaded.check_cache(other)
     with pytest.raises(CacheMismatchError, match="weights_sha256"):
         loaded.check_backbone(weights_sha256="0" * 64)
@@ -150,7 +150,7 @@ def test_load_head_errors(tmp_path, sklearn_result):
     with pytest.raises(BottlecacheError, match="not valid JSON"):
         load_head(tmp_path)
     (tmp_path / "head.json").write_text(json.dumps({"format": "other", "kind": "sklearn"}))
-    with pytest.raises(BottlecacheError, match="not a bottlecache head"):
+    with pytest.raises(BottlecacheError, match="is not a bottlecache-head record"):
         load_head(tmp_path)
     from bottlecache.heads import save_head
 

@@ -377,7 +377,7 @@ def test_two_builds_of_the_same_cache_one_writes(reference, weights_path, cats_d
 def test_litert_build_interrupted_and_resumed_is_bit_identical(weights_path, cats_dogs, tmp_path):
     """A resumed build with the default engine (auto → LiteRT) equals its uninterrupted build bit
     for bit: the engine is deterministic for the same batches."""
-    from bottlecache.build import NullProgress
+    from bottlecache.progress import NullProgress
     from bottlecache.engines import litert_available
 
     if not litert_available():

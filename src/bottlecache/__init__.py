@@ -14,6 +14,8 @@ TensorFlow is imported only when a function that needs it runs.
 import os
 from importlib import import_module
 
+if "TF_CPP_MIN_LOG_LEVEL" in os.environ:  # the user's own choice: keep TensorFlow's start-up lines (see _tf)
+    os.environ.setdefault("_BOTTLECACHE_USER_TF_LOG_LEVEL", os.environ["TF_CPP_MIN_LOG_LEVEL"])
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is ever imported
 
 __version__ = "0.1.0"
@@ -33,7 +35,9 @@ _API = {
     "train_head": "heads",
     "load_head": "heads",
     "finetune": "finetune",
-    "load_model": "finetune",
+    "load_model": "predict",
+    "Predictor": "predict",
+    "CacheSettings": "config",
     "BottlecacheError": "errors",
     "CacheMismatchError": "errors",
 }

@@ -1,4 +1,4 @@
-"""The frozen MobileNetV2 base: resolving its weights, building it, and running it.
+"""The frozen MobileNetV2 base: resolving its weights and building it.
 
 ``--weights imagenet`` (the default for users who are online) uses Keras's own download and
 cache; a path uses a local weights file. Either way the file's sha256 becomes part of every
@@ -11,13 +11,14 @@ import contextlib
 import io
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._tf import import_keras, import_tf
-from .config import ALPHA, MODEL_NAME, check_image_size
-from .errors import BottlecacheError
-from .fingerprint import sha256_file
+from ._tf import import_keras
+from .config import ALPHA, DEFAULT_IMAGE_SIZE, MODEL_NAME, check_image_size
+from .errors import BottlecacheError, reason
+from .fingerprint import PREPROCESS_VERSION, sha256_file
 
 IMAGENET_BASE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
 _SHA_MEMO: dict[tuple, str] = {}
@@ -44,7 +45,7 @@ def _sha256_memo(path: Path) -> str:
     return _SHA_MEMO[key]
 
 
-def resolve_weights(weights: str | os.PathLike | None = None, image_size: int = 160) -> WeightsRef:
+def resolve_weights(weights: str | os.PathLike | None = None, image_size: int = DEFAULT_IMAGE_SIZE) -> WeightsRef:
     """``weights`` or ``$BOTTLECACHE_WEIGHTS`` or ``"imagenet"`` → a local file and its sha256.
 
     Raises
@@ -78,20 +79,35 @@ def resolve_weights(weights: str | os.PathLike | None = None, image_size: int = 
             f"The 'weights' option must be 'imagenet' or a weights file. Got {spec!r}, which "
             f"{'is a folder' if path.is_dir() else 'does not exist'}."
         )
-    return WeightsRef(spec, str(path.resolve()), _sha256_memo(path))
+    import h5py
+
+    try:
+        is_hdf5 = h5py.is_hdf5(path)
+        digest = _sha256_memo(path)
+    except OSError as error:
+        raise BottlecacheError(f"The 'weights' file {spec!r} cannot be read ({reason(error)}).") from None
+    if not is_hdf5:
+        kind = "a .keras model archive" if path.suffix == ".keras" else "not an HDF5 file"
+        raise BottlecacheError(
+            f"The 'weights' file {spec!r} is {kind}; pass a Keras MobileNetV2 (alpha 1.0, no top) "
+            "weights file (.weights.h5 or .h5) or 'imagenet'."
+        )
+    return WeightsRef(spec, str(path.resolve()), digest)
 
 
 def load_backbone(weights: WeightsRef, image_size: int):
     """The MobileNetV2 base (``include_top=False``) with the given weights, frozen."""
     keras = import_keras()
+    chatter = io.StringIO()  # Keras warns at length about a file that does not fit: the one line below says it
     try:
-        model = keras.applications.MobileNetV2(
-            input_shape=(image_size, image_size, 3), alpha=ALPHA, include_top=False, weights=weights.path
-        )
+        with warnings.catch_warnings(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            warnings.simplefilter("ignore")
+            model = keras.applications.MobileNetV2(
+                input_shape=(image_size, image_size, 3), alpha=ALPHA, include_top=False, weights=weights.path
+            )
     except Exception as error:
-        reason = " ".join(str(error).split())[:200]
         raise BottlecacheError(
-            f"The 'weights' file {weights.spec!r} could not be loaded into MobileNetV2 ({reason}); "
+            f"The 'weights' file {weights.spec!r} could not be loaded into MobileNetV2 ({reason(error)}); "
             "pass 'imagenet' or a Keras MobileNetV2 (alpha 1.0, no top) weights file."
         ) from None
     model.trainable = False
@@ -99,20 +115,6 @@ def load_backbone(weights: WeightsRef, image_size: int):
 
 
 def backbone_record(weights: WeightsRef, image_size: int) -> dict:
-    """What identifies a backbone in caches, heads and models."""
-    return {"model": MODEL_NAME, "alpha": ALPHA, "image_size": image_size, "weights_sha256": weights.sha256}
-
-
-class KerasEngine:
-    """Runs the Keras base with ``training=False`` (BatchNorm in inference mode); exact."""
-
-    name = "keras"
-    batch_size = 32
-
-    def __init__(self, model):
-        tf = import_tf()
-        self.model = model
-        self._call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-
-    def __call__(self, images):
-        return self._call(images).numpy()
+    """What identifies a backbone in caches, heads and models (the preprocessing included)."""
+    return {"model": MODEL_NAME, "alpha": ALPHA, "image_size": image_size, "weights_sha256": weights.sha256,
+            "preprocess_version": PREPROCESS_VERSION}

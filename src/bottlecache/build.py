@@ -7,7 +7,6 @@ file, run each split batch by batch, commit each batch, and rename the file when
 
 from __future__ import annotations
 
-import errno
 import json
 import platform
 import time
@@ -17,24 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbone import backbone_record, load_backbone, resolve_weights
-from .config import DTYPES, ENGINES, bottleneck_shape, check_choice, check_image_size, check_positive, resolve_cache_dir
-from .data import describe_failure, image_dataset, open_source, split_config
-from .errors import BottlecacheError
-from .fingerprint import PREPROCESS_VERSION, fingerprint
-from .store import FEATURE_CHUNK_ROWS, Cache, PartialCache, build_lock, cache_file_name, root_attrs
-
-
-class NullProgress:
-    """The progress interface ``build_cache`` reports to; the CLI passes a rich progress bar."""
-
-    def start_split(self, split: str, total: int, done: int) -> None: ...
-
-    def advance(self, split: str, n: int) -> None: ...
-
-    def end_split(self, split: str) -> None: ...
-
-    def message(self, text: str) -> None: ...
+from .backbone import load_backbone
+from .config import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE, ENGINES, MAX_BATCH_SIZE, \
+    CacheSettings, ResolvedCache, bottleneck_shape, check_choice, check_positive
+from .data import describe_failure, image_dataset
+from .files import ensure_cache_dir, write_error
+from .progress import NullProgress
+from .records import DECODE_FAST
+from .store import FEATURE_CHUNK_ROWS, Cache, PartialCache, build_lock, root_attrs
 
 
 @dataclass
@@ -84,29 +73,16 @@ def library_versions() -> dict:
     return out
 
 
-def make_config(source, weights, image_size: int, dtype: str, fast_decode: bool = False) -> dict:
-    """Everything that determines a cache's content (and nothing else)."""
-    return {
-        "decode": "dct-downscale" if fast_decode else "full",
-        "data": source.identity,
-        "splits": split_config(source),
-        "class_names": source.class_names,
-        **backbone_record(weights, image_size),
-        "preprocess_version": PREPROCESS_VERSION,
-        "dtype": dtype,
-    }
-
-
 def build_cache(
-    data="cats_vs_dogs",
+    data=DEFAULT_DATA,
     splits=None,
     *,
-    image_size: int = 160,
+    image_size: int = DEFAULT_IMAGE_SIZE,
     weights=None,
     cache_dir=None,
-    dtype: str = "float16",
+    dtype: str = DEFAULT_DTYPE,
     batch_size: int | None = None,
-    engine: str = "auto",
+    engine: str = DEFAULT_ENGINE,
     tfds_data_dir=None,
     wait: bool = True,
     fast_decode: bool = False,
@@ -131,54 +107,74 @@ def build_cache(
     batch_size : int, optional
         Images per forward pass (the engine's best by default). Not part of the fingerprint.
     engine : {"auto", "keras", "litert"}
-        What runs the base. Not part of the fingerprint (see README, "Engines").
+        What runs the base. Not part of the fingerprint (see docs/engines.md).
     wait : bool
         If another process is building the same cache, wait for it (default) or stop.
     fast_decode : bool
         Decode large JPEGs at 1/2, 1/4 or 1/8 scale in the DCT domain (part of the fingerprint).
-    progress : NullProgress-like, optional
+    progress : bottlecache.progress.Progress, optional
 
     Returns
     -------
     BuildReport
     """
-    check_image_size(image_size)
-    check_choice("dtype", dtype, DTYPES)
+    settings = CacheSettings(data, None if splits is None else tuple(splits), image_size, weights, dtype,
+                             fast_decode, tfds_data_dir, cache_dir)
+    check_build_options(engine, batch_size)
+    return build_resolved(settings.resolve(), batch_size=batch_size, engine=engine, wait=wait, progress=progress)
+
+
+def check_build_options(engine: str, batch_size: int | None) -> None:
     check_choice("engine", engine, ENGINES)
     if batch_size is not None:
-        check_positive("batch_size", batch_size)
+        check_positive("batch_size", batch_size, maximum=MAX_BATCH_SIZE)
+
+
+def build_resolved(resolved: ResolvedCache, *, batch_size: int | None = None, engine: str = DEFAULT_ENGINE,
+                   wait: bool = True, progress=None) -> BuildReport:
+    """``build_cache`` for settings already resolved (``CacheSettings.resolve()``)."""
+    check_build_options(engine, batch_size)
     progress = progress or NullProgress()
-    cache_dir = resolve_cache_dir(cache_dir)
-    source = open_source(data, splits, tfds_data_dir=tfds_data_dir)
-    weights_ref = resolve_weights(weights, image_size)
-    config = make_config(source, weights_ref, image_size, dtype, fast_decode)
-    fp = fingerprint(config)
-    final_path = cache_dir / cache_file_name(source.name, config["model"], image_size, fp)
-
-    def hit_report() -> BuildReport:
-        with Cache(final_path) as cache:
-            reports = [
-                SplitReport(s, cache.n_examples(s), len(cache.skipped(s)), 0, 0.0, cache.nbytes(s), cache.skipped(s))
-                for s in cache.splits
-            ]
-            engine_name = cache.build_info.get("engine", "")
-        return BuildReport(final_path, fp, True, False, reports, engine_name, final_path.stat().st_size, config)
-
+    final_path = resolved.path
     if final_path.exists():
-        return hit_report()
-    cache_dir.mkdir(parents=True, exist_ok=True)
+        return hit_report(resolved, final_path)
+    ensure_cache_dir(final_path.parent)
     with build_lock(final_path, wait=wait, on_wait=lambda pid: progress.message(
         f"another build of this cache is running (pid {pid}); waiting for it to finish"
     )):
         if final_path.exists():  # the other build finished it while we waited
-            return hit_report()
-        return _build_locked(source, weights_ref, config, fp, final_path, dtype, batch_size, engine, progress)
+            return hit_report(resolved, final_path)
+        return _build_locked(resolved, batch_size, engine, progress)
 
 
-def _build_locked(source, weights_ref, config, fp, final_path, dtype, batch_size, engine_name, progress):
+def split_reports(file, processed: dict[str, tuple[int, float]] | None = None) -> list[SplitReport]:
+    """The per-split report of an open cache file (h5py), with what this call processed."""
+    processed = processed or {}
+    reports = []
+    for name in json.loads(file.attrs["splits"]):
+        group = file[name]
+        n_processed, seconds = processed.get(name, (0, 0.0))
+        reports.append(SplitReport(
+            name, int(group["labels"].shape[0]), int(group["skipped"].shape[0]), n_processed, seconds,
+            sum(group[k].id.get_storage_size() for k in group),
+            [(k.decode("utf-8"), r.decode("utf-8")) for k, r in group["skipped"][:]],
+        ))
+    return reports
+
+
+def hit_report(resolved: ResolvedCache, path: Path) -> BuildReport:
+    with Cache(path) as cache:  # validates the file under the final name before calling it a hit
+        reports = split_reports(cache.file)
+        engine_name = cache.build_info.get("engine", "")
+    return BuildReport(path, resolved.fingerprint, True, False, reports, engine_name, path.stat().st_size,
+                       resolved.config)
+
+
+def _build_locked(resolved: ResolvedCache, batch_size, engine_name, progress):
     from .engines import make_engine
 
-    image_size = config["image_size"]
+    source, weights_ref, config, fp = resolved.source, resolved.weights, resolved.config, resolved.fingerprint
+    final_path, dtype, image_size = resolved.path, resolved.settings.dtype, resolved.settings.image_size
     versions = library_versions()
     # Load the weights and check the engine before anything is written: a weights file that does
     # not load must not leave a .partial behind (the next run would "resume" it).
@@ -196,7 +192,7 @@ def _build_locked(source, weights_ref, config, fp, final_path, dtype, batch_size
     elif existed:
         progress.message(f"the partial build in {partial.path.name} could not be resumed (unreadable or damaged); "
                          "starting over")
-    reports = []
+    processed = {}
     committer = _Committer(partial)
     try:
         for name, split in source.splits.items():
@@ -209,7 +205,7 @@ def _build_locked(source, weights_ref, config, fp, final_path, dtype, batch_size
                 # recompress and checksum the same chunk again at every batch.
                 window_size = -(-max(size, FEATURE_CHUNK_ROWS) // FEATURE_CHUNK_ROWS) * FEATURE_CHUNK_ROWS
                 progress.start_split(name, split.n_examples, done)
-                fast = config["decode"] == "dct-downscale"
+                fast = config["decode"] == DECODE_FAST
                 for window in _windows(source, name, image_size, done, split.n_examples, window_size, fast):
                     lo, hi, indices, keys, labels, images = window
                     if len(images):
@@ -226,15 +222,8 @@ def _build_locked(source, weights_ref, config, fp, final_path, dtype, batch_size
                 committer.wait()
                 partial.complete_split(name, time.perf_counter() - started)
                 progress.end_split(name)
-            group = partial.file[name]
-            reports.append(
-                SplitReport(
-                    name, int(group.attrs["n_rows"]), int(group.attrs["n_skipped"]), n_processed,
-                    time.perf_counter() - started if n_processed else 0.0,
-                    sum(group[k].id.get_storage_size() for k in group),
-                    [(k.decode(), r.decode()) for k, r in group["skipped"][:]],
-                )
-            )
+            processed[name] = (n_processed, time.perf_counter() - started if n_processed else 0.0)
+        reports = split_reports(partial.file, processed)
         build_info = {
             "engine": engine.name,
             "engine_max_abs_diff": getattr(engine, "max_abs_diff", 0.0),
@@ -244,13 +233,8 @@ def _build_locked(source, weights_ref, config, fp, final_path, dtype, batch_size
         }
         path = partial.finalize({"build": json.dumps(build_info)})
     except OSError as error:  # a failed write; with a full disk, nothing committed is lost (PartialCache._reserve)
-        reason = error.strerror or " ".join(str(error).split())[:200]
-        advice = ("free some disk space and run the same command again to resume"
-                  if error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-                  else "run the same command again to resume, or delete it to start over")
-        raise BottlecacheError(
-            f"Could not write {partial.path} ({reason}). The partial file is kept with every finished batch; {advice}."
-        ) from None
+        raise write_error(partial.path, error, "the partial file is kept with every finished batch; "
+                                               "run the same command again to resume") from None
     finally:
         committer.close()  # a commit under way finishes before the file is closed
         partial.close()

@@ -5,7 +5,9 @@ Messages follow one form: what was expected, what was received, and (where usefu
 
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BottlecacheError
@@ -18,7 +20,10 @@ DTYPES = ("float16", "float32")
 ENGINES = ("auto", "keras", "litert")
 DEFAULT_DATA = "cats_vs_dogs"
 DEFAULT_IMAGE_SIZE = 160
+DEFAULT_DTYPE = "float16"
+DEFAULT_ENGINE = "auto"
 DEFAULT_CACHE_DIR = "cache"
+SEED_LIMIT = 2**32  # numpy's and Keras's seeds lie in [0, 2**32)
 N_CHANNELS = 1280
 
 
@@ -51,20 +56,40 @@ def check_image_size(image_size) -> int:
     return image_size
 
 
-def check_positive(name: str, value, kind=int):
+def _number(name: str, value, kind):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-        raise BottlecacheError(f"The '{name}' option must be a positive {kind.__name__}. Got {value!r} instead.")
-    if not value > 0:
-        raise BottlecacheError(f"The '{name}' option must be positive. Got {value!r} instead.")
+        what = "an integer" if kind is int else "a number"
+        raise BottlecacheError(f"The '{name}' option must be {what}. Got {value!r} instead.")
+    if not math.isfinite(value):
+        raise BottlecacheError(f"The '{name}' option must be a finite number. Got {value!r} instead.")
     return value
 
 
+def check_positive(name: str, value, kind=int, *, maximum=None):
+    """A positive (finite) int or float, at most ``maximum`` if given."""
+    _number(name, value, kind)
+    if not value > 0:
+        raise BottlecacheError(f"The '{name}' option must be positive. Got {value!r} instead.")
+    if maximum is not None and value > maximum:
+        raise BottlecacheError(f"The '{name}' option must be at most {maximum:g}. Got {value!r} instead.")
+    return value
+
+
+def check_range(name: str, value, low, high, kind=int, *, high_open: bool = True):
+    """``low <= value < high`` (or ``<= high`` with ``high_open=False``)."""
+    _number(name, value, kind)
+    if not (low <= value and (value < high if high_open else value <= high)):
+        upper = ")" if high_open else "]"
+        raise BottlecacheError(f"The '{name}' option must be in [{low:g}, {high:g}{upper}. Got {value!r} instead.")
+    return value
+
+
+def check_seed(seed) -> int:
+    return check_range("seed", seed, 0, SEED_LIMIT)
+
+
 def check_fraction(name: str, value, *, inclusive_one: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and 0 <= value < 1 or (inclusive_one and value == 1)
-    if not ok:
-        upper = "1]" if inclusive_one else "1)"
-        raise BottlecacheError(f"The '{name}' option must be in [0, {upper}. Got {value!r} instead.")
-    return float(value)
+    return float(check_range(name, value, 0, 1, float, high_open=not inclusive_one))
 
 
 def resolve_cache_dir(cache_dir=None) -> Path:
@@ -74,3 +99,90 @@ def resolve_cache_dir(cache_dir=None) -> Path:
     if path.exists() and not path.is_dir():
         raise BottlecacheError(f"The 'cache_dir' option must be a folder. Got the file {str(path)!r} instead.")
     return path
+
+
+MAX_BATCH_SIZE = 65536
+MAX_EPOCHS = 100_000
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """What defines a cache, validated once on creation and passed down unchanged.
+
+    ``data`` (a folder, ``tfds:NAME`` or a tfds name), ``splits`` (specs such as
+    ``"validation=train[80%:90%]"``; None: the source's own), the backbone's ``image_size`` and
+    ``weights`` (``"imagenet"``, a weights file, or None: ``$BOTTLECACHE_WEIGHTS`` or imagenet),
+    the storage ``dtype``, ``fast_decode``, and where it lives (``cache_dir``). Settings that do
+    not change a cache's content (engine, batch size) are not here.
+
+    ``resolve()`` opens the source and the weights once; everything downstream takes the result.
+    """
+
+    data: str = DEFAULT_DATA
+    splits: tuple[str, ...] | None = None
+    image_size: int = DEFAULT_IMAGE_SIZE
+    weights: str | None = None
+    dtype: str = DEFAULT_DTYPE
+    fast_decode: bool = False
+    tfds_data_dir: str | None = None
+    cache_dir: Path = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self):
+        set_ = object.__setattr__
+        if not isinstance(self.data, (str, os.PathLike)) or not str(self.data).strip():
+            raise BottlecacheError(f"The 'data' option must be a folder or a tfds name. Got {self.data!r} instead.")
+        set_(self, "data", str(self.data))
+        if self.splits is not None:
+            if isinstance(self.splits, str):
+                set_(self, "splits", (self.splits,))
+            from .data import parse_splits
+
+            parse_splits(self.splits)  # raises on a malformed or repeated spec
+            set_(self, "splits", tuple(str(s) for s in self.splits))
+        check_image_size(self.image_size)
+        check_choice("dtype", self.dtype, DTYPES)
+        if self.weights is not None:
+            set_(self, "weights", str(self.weights))
+        if self.tfds_data_dir is not None:
+            set_(self, "tfds_data_dir", str(self.tfds_data_dir))
+        set_(self, "fast_decode", bool(self.fast_decode))
+        set_(self, "cache_dir", resolve_cache_dir(self.cache_dir))
+
+    def resolve(self) -> "ResolvedCache":
+        """Open the source and the weights, and compute the configuration and its fingerprint."""
+        from .backbone import backbone_record, resolve_weights
+        from .data import open_source, split_config
+        from .fingerprint import PREPROCESS_VERSION, fingerprint
+        from .records import DECODE_FAST, DECODE_FULL
+
+        source = open_source(self.data, self.splits, tfds_data_dir=self.tfds_data_dir)
+        weights = resolve_weights(self.weights, self.image_size)
+        config = {
+            "decode": DECODE_FAST if self.fast_decode else DECODE_FULL,
+            "data": source.identity,
+            "splits": split_config(source),
+            "class_names": source.class_names,
+            **backbone_record(weights, self.image_size),
+            "preprocess_version": PREPROCESS_VERSION,
+            "dtype": self.dtype,
+        }
+        return ResolvedCache(self, source, weights, config, fingerprint(config))
+
+
+@dataclass(frozen=True)
+class ResolvedCache:
+    """A ``CacheSettings`` resolved: the opened source, the weights file, config and fingerprint."""
+
+    settings: CacheSettings
+    source: object = field(repr=False)
+    weights: object
+    config: dict = field(repr=False)
+    fingerprint: str
+
+    @property
+    def path(self) -> Path:
+        from .store import cache_file_name
+
+        return self.settings.cache_dir / cache_file_name(
+            self.source.name, self.config["model"], self.settings.image_size, self.fingerprint
+        )

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ._tf import import_tf
 from .config import DEFAULT_DATA, usable_cores
-from .errors import BottlecacheError
+from .errors import BottlecacheError, reason
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 DEFAULT_TFDS_SPLITS = ("train=train[:80%]", "validation=train[80%:90%]", "test=train[90%:]")
@@ -98,10 +98,7 @@ def describe_failure(path_or_bytes) -> str:
             return "empty file"
         decode_image(data)
     except Exception as error:  # the decoder's own message is the reason we record
-        message = getattr(error, "message", None) or str(error)
-        # Drop TensorFlow's wrapping ("{{function_node …}} … [Op:DecodeImage] name:"): keep the reason.
-        message = re.sub(r"\{\{function_node [^}]*\}\}|\[Op:[^\]]*\].*$", "", message, flags=re.DOTALL)
-        return " ".join(message.split())[:300] or type(error).__name__
+        return reason(error, 300)
     return "could not be decoded"
 
 
@@ -214,7 +211,7 @@ class Source:
             split=split.spec.tfds_spec,
             shuffle_files=False,
             decoders={"image": tfds.decode.SkipDecoding()},
-            read_config=tfds.ReadConfig(add_tfrecord_id=True, interleave_cycle_length=1),
+            read_config=tfds.ReadConfig(add_tfds_id=True, interleave_cycle_length=1),
         )
         ds = ds.skip(start).enumerate(start)
         return ds.map(lambda i, ex: (i, ex["tfds_id"], tf.cast(ex["label"], tf.int64), ex["image"]))
@@ -274,6 +271,13 @@ def _list_images(folder: Path) -> list[Path]:
     return entries
 
 
+def _class_images(class_dir: Path) -> list[Path]:
+    files = _list_images(class_dir)
+    if not files:
+        raise BottlecacheError(f"The class folder {class_dir} has no images ({', '.join(IMAGE_EXTENSIONS)}).")
+    return files
+
+
 def _class_folders(folder: Path, where: str) -> list[Path]:
     classes = sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
     if not classes:
@@ -302,9 +306,7 @@ def _open_folder(root: Path, splits) -> Source:
             classes = _class_folders(split_dir, f"{root.name}/{split_dir.name}")
             class_sets[split_name] = [c.name for c in classes]
             for class_dir in classes:
-                files = _list_images(class_dir)
-                if not files:
-                    raise BottlecacheError(f"The class folder {class_dir} has no images ({', '.join(IMAGE_EXTENSIONS)}).")
+                files = _class_images(class_dir)
                 rows += [(f.relative_to(root).as_posix(), str(f), class_dir.name) for f in files]
             base[split_name] = rows
         class_names = class_sets["train"]
@@ -321,10 +323,7 @@ def _open_folder(root: Path, splits) -> Source:
         class_names = [c.name for c in classes]
         base = {name: [] for name, _ in HASH_SPLIT}
         for class_dir in classes:
-            files = _list_images(class_dir)
-            if not files:
-                raise BottlecacheError(f"The class folder {class_dir} has no images ({', '.join(IMAGE_EXTENSIONS)}).")
-            for f in files:
+            for f in _class_images(class_dir):
                 relative = f.relative_to(root).as_posix()
                 fraction = _hash_fraction(relative)
                 split_name = next(name for name, upper in HASH_SPLIT if fraction < upper)
@@ -369,9 +368,9 @@ def _open_folder(root: Path, splits) -> Source:
 
 
 def _open_tfds(name: str, splits, data_dir) -> Source:
+    import_tf()  # first: quietly (see _tf)
     import tensorflow_datasets as tfds
 
-    import_tf()
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as error:
@@ -399,9 +398,8 @@ def tfds_source(builder, splits=None) -> Source:
         try:
             builder.download_and_prepare()
         except Exception as error:
-            reason = " ".join(str(error).split())[:160]
             raise BottlecacheError(
-                f"Could not download the tfds data set {builder.name!r} (offline? {reason}); "
+                f"Could not download the tfds data set {builder.name!r} (offline? {reason(error, 160)}); "
                 "pass --data PATH to a local folder of <class>/<image> files instead."
             ) from None
     specs = parse_splits(splits or DEFAULT_TFDS_SPLITS)
@@ -453,7 +451,6 @@ def image_dataset(source: Source, split: str, image_size: int, *, start: int = 0
 
     tf.data's autotuning is off (see ``pipeline_options``).
     """
-    tf = import_tf()
     ds = ordered if ordered is not None else source.examples(split, start)
     fast_size = image_size if fast_decode else None
     ds = ds.map(

@@ -15,13 +15,28 @@ from pathlib import Path
 import numpy as np
 
 from ._tf import import_tf
-from .backbone import KerasEngine
 from .config import usable_cores
-from .errors import BottlecacheError
+from .errors import BottlecacheError, reason
 from .fingerprint import sha256_file
 
 MAX_ABS_DIFF = 1e-3
 PROBE_IMAGES = 8
+
+
+class KerasEngine:
+    """Runs the Keras base with ``training=False`` (BatchNorm in inference mode); exact."""
+
+    name = "keras"
+    batch_size = 32
+
+    def __init__(self, model):
+        tf = import_tf()
+        self.model = model
+        self._call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        self.max_abs_diff = 0.0
+
+    def __call__(self, images):
+        return self._call(images).numpy()
 
 
 def litert_available() -> bool:
@@ -77,7 +92,9 @@ class LiteRTEngine:
         try:
             self.interpreter = Interpreter(model_path=str(flatbuffer), num_threads=threads or usable_cores())
         except (ValueError, RuntimeError) as error:
-            raise BottlecacheError(f"LiteRT could not load {flatbuffer} ({error}).") from None
+            raise BottlecacheError(
+                f"LiteRT could not load {flatbuffer} ({reason(error)}); delete it to convert again, or use --engine keras."
+            ) from None
         self._input = self.interpreter.get_input_details()[0]["index"]
         self._output = self.interpreter.get_output_details()[0]["index"]
         self._shape = None

@@ -1,16 +1,16 @@
-"""End-to-end fine-tuning (the tutorial's second phase) and prediction from images.
+"""End-to-end fine-tuning: the tutorial's second phase, warm-started from a head trained on the cache.
 
-The flow: resolve the data and the weights exactly as ``cache build`` does → take a Keras head
-trained on the cache (or train one on the cache first) → put it on the frozen base, called with
-``training=False`` so BatchNorm stays in inference mode → unfreeze the layers from
-``fine_tune_at`` on → train at a small learning rate on images preprocessed by the shared
-function → keep the best epoch by validation loss → save ``model.keras`` with its record.
+The flow, one named step each: resolve the cache settings once (the same object ``cache build``
+uses) → take a Keras head trained on the cache, or build the cache and train one first → put it
+on the frozen base, called with ``training=False`` so BatchNorm stays in inference mode → unfreeze
+the layers from ``fine_tune_at`` on → train at a small learning rate on images preprocessed by the
+shared function, one resumable checkpoint per epoch → keep the best epoch by validation loss →
+save ``model.keras`` with its record. Prediction lives in ``bottlecache.predict``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 import warnings
@@ -20,15 +20,23 @@ from pathlib import Path
 import numpy as np
 
 from ._tf import import_keras, import_tf
-from .backbone import backbone_record, load_backbone, resolve_weights
-from .config import check_image_size, check_positive, resolve_cache_dir
-from .data import IMAGE_EXTENSIONS, image_dataset, load_image, open_source, preprocess, training_dataset
+from .backbone import backbone_record, load_backbone
+from .config import DEFAULT_DATA, DEFAULT_IMAGE_SIZE, MAX_BATCH_SIZE, MAX_EPOCHS, CacheSettings, check_positive, \
+    check_seed
+from .data import image_dataset, training_dataset
 from .errors import BottlecacheError
+from .files import atomic_save, atomic_write_text, write_error
 from .fingerprint import canonical_json, fingerprint
-from .heads import compile_for, compute_metrics, load_head, load_keras_file, probabilities_from_logits
+from .heads import MAX_LEARNING_RATE, compile_for, compute_metrics, load_head, load_keras_file, \
+    probabilities_from_logits
+from .progress import NullProgress
+from .records import MODEL_FORMAT, RECORD_VERSION, CheckpointState, read_json, to_json
 
-MODEL_FORMAT = "bottlecache-model"
 CHECKPOINT_DIR = ".checkpoint"
+DEFAULT_FINE_TUNE_AT = 100  # the tutorial's: MobileNetV2's layers from index 100 on train
+# Options that only say when to stop: a resumed run honours new values. Every other option must match.
+RESUMABLE_PARAMS = ("epochs", "early_stopping")
+CHECKPOINT_ADVICE = "delete the folder's .checkpoint to start over, or pass another --out"
 
 
 @dataclass
@@ -118,10 +126,10 @@ def epoch_checkpoint(folder: Path, state: dict, patience, progress, n_images: in
             state["history"].setdefault("seconds", []).append(seconds)
             if logs.get(monitor, float("inf")) < state["best"]:
                 state["best"], state["best_epoch"] = logs[monitor], epoch + 1
-                _atomic_save_weights(self.model, folder / "best.weights.h5")
+                atomic_save(folder / "best.weights.h5", self.model.save_weights)
             state["epoch"] = epoch + 1
-            _atomic_save_model(self.model, folder / "last.keras")
-            _atomic_write(folder / "state.json", json.dumps(state))
+            atomic_save(folder / "last.keras", self.model.save)
+            atomic_write_text(folder / "state.json", to_json(state))
             progress.end_split(f"epoch {epoch + 1}")
             shown = ", ".join(f"{k} {v:.4f}" for k, v in logs.items())
             progress.message(f"epoch {epoch + 1}: {shown} ({seconds:.1f} s)")
@@ -129,24 +137,6 @@ def epoch_checkpoint(folder: Path, state: dict, patience, progress, n_images: in
                 self.model.stop_training = True
 
     return EpochCheckpoint()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    staged = path.with_name(path.name + ".tmp")
-    staged.write_text(text)
-    os.replace(staged, path)
-
-
-def _atomic_save_model(model, path: Path) -> None:
-    staged = path.with_name("staged-" + path.name)
-    model.save(staged)
-    os.replace(staged, path)
-
-
-def _atomic_save_weights(model, path: Path) -> None:
-    staged = path.with_name("staged-" + path.name)
-    model.save_weights(staged)
-    os.replace(staged, path)
 
 
 def _evaluate(model, source, split: str, image_size: int, batch_size: int) -> dict:
@@ -160,15 +150,15 @@ def _evaluate(model, source, split: str, image_size: int, batch_size: int) -> di
 
 
 def finetune(
-    data="cats_vs_dogs",
+    data=DEFAULT_DATA,
     splits=None,
     *,
-    image_size: int = 160,
+    image_size: int = DEFAULT_IMAGE_SIZE,
     weights=None,
     cache_dir=None,
     head=None,
     head_epochs: int = 10,
-    fine_tune_at: int = 100,
+    fine_tune_at: int = DEFAULT_FINE_TUNE_AT,
     epochs: int = 10,
     learning_rate: float = 1e-5,
     batch_size: int = 32,
@@ -185,7 +175,7 @@ def finetune(
     Parameters
     ----------
     data, splits, image_size, weights, cache_dir, tfds_data_dir
-        As for ``build_cache`` (the same code resolves them).
+        What defines the cache (``bottlecache.config.CacheSettings``), resolved once.
     head : path, optional
         A Keras head folder from ``train_head``. Without it, the cache is built (or found) and a
         head is trained on it for ``head_epochs`` first: the tutorial's two phases.
@@ -196,197 +186,218 @@ def finetune(
     out : path, optional
         Folder for ``model.keras``; default ``<cache dir>/models/finetune-<fingerprint12>``.
     resume : bool
-        Continue an interrupted run in ``out`` from its last finished epoch.
+        Continue an interrupted run in ``out`` from its last finished epoch. Its settings must be
+        the run's own (``epochs`` and ``early_stopping`` may change); a difference is refused,
+        naming each option.
 
     Returns
     -------
     FinetuneResult
     """
-    from .build import NullProgress, build_cache
-    from .heads import train_head
-
-    check_image_size(image_size)
-    for name, value in (("epochs", epochs), ("head_epochs", head_epochs), ("batch_size", batch_size)):
-        check_positive(name, value)
-    check_positive("learning_rate", learning_rate, float)
-    if early_stopping is not None:
-        check_positive("early_stopping", early_stopping)
+    settings = CacheSettings(data, None if splits is None else tuple(splits), image_size, weights,
+                             tfds_data_dir=tfds_data_dir, cache_dir=cache_dir)
+    params = check_params(fine_tune_at=fine_tune_at, epochs=epochs, learning_rate=learning_rate,
+                          batch_size=batch_size, seed=seed, augment=augment, early_stopping=early_stopping)
+    check_positive("head_epochs", head_epochs, maximum=MAX_EPOCHS)
     progress = progress or NullProgress()
-    cache_dir = resolve_cache_dir(cache_dir)
-    source = open_source(data, splits, tfds_data_dir=tfds_data_dir)
+    resolved = settings.resolve()
+    source = resolved.source
     if "train" not in source.splits or "validation" not in source.splits:
         raise BottlecacheError(
             f"Fine-tuning needs 'train' and 'validation' splits; the data has {', '.join(source.splits)}. "
             "Name them with --split train=... --split validation=...."
         )
-    weights_ref = resolve_weights(weights, image_size)
-    record = backbone_record(weights_ref, image_size)
-
-    if head is None:
-        progress.message(f"phase 1: caching features and training a Keras head for {head_epochs} epochs")
-        report = build_cache(data, splits, image_size=image_size, weights=weights, cache_dir=cache_dir,
-                             tfds_data_dir=tfds_data_dir, progress=progress)
-        head = train_head(report.path, "keras", epochs=head_epochs, batch_size=batch_size, seed=seed,
-                          cache_dir=cache_dir).path
-    loaded = load_head(head)
-    if loaded.kind != "keras":
-        raise BottlecacheError(f"The 'head' option needs a Keras head (cache train-head --kind keras); {head} is {loaded.kind}.")
-    loaded.check_backbone(**record)
-    if loaded.class_names != source.class_names:
-        raise BottlecacheError(
-            f"The head's classes {loaded.class_names} differ from the data's {source.class_names}."
-        )
-
-    params = {"fine_tune_at": fine_tune_at, "epochs": epochs, "learning_rate": learning_rate,
-              "batch_size": batch_size, "seed": seed, "augment": augment, "early_stopping": early_stopping}
+    if out is not None:
+        _check_out(Path(out), resume)
+    head = Path(head) if head is not None else _train_warm_start_head(resolved, head_epochs, batch_size, seed, progress)
+    loaded = _load_warm_start_head(head, resolved)
+    record = backbone_record(resolved.weights, image_size)
     run_config = {"data": source.identity, "splits": {n: str(s.spec) for n, s in source.splits.items()},
                   "backbone": record, "params": params,
-                  "head": {"path": str(Path(head).resolve()),
+                  "head": {"path": str(head.resolve()),
                            "cache_fingerprint": loaded.record.get("cache", {}).get("fingerprint", "")}}
-    out = Path(out) if out else cache_dir / "models" / f"finetune-{fingerprint(run_config)[:12]}"
-    checkpoint = out / CHECKPOINT_DIR
-    if (out / "model.keras").exists():
+    out = Path(out) if out else settings.cache_dir / "models" / f"finetune-{fingerprint(_fixed(run_config))[:12]}"
+    _check_out(out, resume)
+    state = _resume_state(out, run_config) if resume and (out / CHECKPOINT_DIR / "state.json").exists() else None
+    try:
+        return _run(out, resolved, loaded, head, run_config, state, progress)
+    except OSError as error:
+        raise write_error(out, error, "finished epochs are kept; run again with --resume") from None
+
+
+def check_params(**params) -> dict:
+    """The fine-tuning settings, each range-checked (sklearn-style messages)."""
+    check_positive("epochs", params["epochs"], maximum=MAX_EPOCHS)
+    check_positive("learning_rate", params["learning_rate"], float, maximum=MAX_LEARNING_RATE)
+    check_positive("batch_size", params["batch_size"], maximum=MAX_BATCH_SIZE)
+    check_seed(params["seed"])
+    if isinstance(params["fine_tune_at"], bool) or not isinstance(params["fine_tune_at"], int) \
+            or params["fine_tune_at"] < 0:
+        raise BottlecacheError(
+            f"The 'fine_tune_at' option must be a non-negative integer. Got {params['fine_tune_at']!r} instead."
+        )
+    if params["early_stopping"] is not None:
+        check_positive("early_stopping", params["early_stopping"], maximum=MAX_EPOCHS)
+    params["augment"] = bool(params["augment"])
+    return params
+
+
+def _fixed(run_config: dict) -> dict:
+    """The part of a run's configuration a resumed run must share (not when to stop)."""
+    params = {k: v for k, v in run_config["params"].items() if k not in RESUMABLE_PARAMS}
+    return {**run_config, "params": params}
+
+
+def _check_out(out: Path, resume: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise BottlecacheError(f"The 'out' option must be a folder; {out} is a file. Pass another --out.")
+    if (out / "model.keras").exists() or (out / "model.json").exists():
         raise BottlecacheError(f"{out} already holds a finished model; pass another --out.")
-    if (checkpoint / "state.json").exists() and not resume:
+    if (out / CHECKPOINT_DIR / "state.json").exists() and not resume:
         raise BottlecacheError(
             f"{out} holds an interrupted run; pass --resume to continue it, or another --out to start over."
         )
+    if resume and not (out / CHECKPOINT_DIR / "state.json").exists():
+        raise BottlecacheError(f"--resume: {out} holds no interrupted run to continue; run without --resume.")
+    if not resume and out.is_dir() and any(p.name != CHECKPOINT_DIR for p in out.iterdir()):
+        raise BottlecacheError(f"The 'out' folder {out} exists and is not empty; pass another --out.")
 
+
+def _train_warm_start_head(resolved, head_epochs: int, batch_size: int, seed: int, progress) -> Path:
+    """Phase 1: the cache (built or found) and a Keras head trained on it."""
+    from .build import build_resolved
+    from .heads import train_head
+
+    progress.message(f"phase 1: caching features and training a Keras head for {head_epochs} epochs")
+    report = build_resolved(resolved, progress=progress)
+    return train_head(report.path, "keras", epochs=head_epochs, batch_size=batch_size, seed=seed,
+                      cache_dir=resolved.settings.cache_dir).path
+
+
+def _load_warm_start_head(head: Path, resolved):
+    loaded = load_head(head)
+    if loaded.kind != "keras":
+        raise BottlecacheError(
+            f"The 'head' option needs a Keras head (cache train-head --kind keras); {head} is {loaded.kind}."
+        )
+    loaded.check_backbone(**backbone_record(resolved.weights, resolved.settings.image_size))
+    if loaded.class_names != resolved.source.class_names:
+        raise BottlecacheError(f"The head's classes {loaded.class_names} differ from the data's {resolved.source.class_names}.")
+    return loaded
+
+
+def _option(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _resume_state(out: Path, run_config: dict) -> dict:
+    """The interrupted run's state, if it was started with the same settings (else one line naming each)."""
+    checkpoint = out / CHECKPOINT_DIR
+    state = read_json(checkpoint / "state.json", CheckpointState, CHECKPOINT_ADVICE).model_dump(mode="json")
+    stored = json.loads(state["config"])
+    if not isinstance(stored, dict):
+        raise BottlecacheError(f"{checkpoint / 'state.json'}: field 'config' is not an object; {CHECKPOINT_ADVICE}.")
+    stored_params = stored.get("params") if isinstance(stored.get("params"), dict) else {}
+    before, now = _fixed({**stored, "params": stored_params}), _fixed(run_config)
+    differ = []
+    for key in sorted(set(before.get("params", {})) | set(now["params"])):
+        if before.get("params", {}).get(key) != now["params"].get(key):
+            differ.append(f"{_option(key)} {before.get('params', {}).get(key)!r} -> {now['params'].get(key)!r}")
+    names = {"data": "--data", "splits": "--split", "backbone": "--weights/--image-size", "head": "--head"}
+    differ += [f"{names.get(k, k)} changed" for k in sorted(set(before) | set(now)) if k != "params"
+               and before.get(k) != now.get(k)]
+    if differ:
+        raise BottlecacheError(
+            f"{out} holds a run started with other settings ({'; '.join(differ)}); pass the run's own settings "
+            "with --resume, or another --out to start a new run."
+        )
+    state["config"] = canonical_json(run_config)
+    for name in ("last.keras", "head_metrics.json"):
+        if not (checkpoint / name).is_file():
+            raise BottlecacheError(f"{checkpoint / name} is missing; {CHECKPOINT_ADVICE}.")
+    return state
+
+
+def _run(out: Path, resolved, loaded, head: Path, run_config: dict, state: dict | None, progress) -> FinetuneResult:
+    params, source, image_size = run_config["params"], resolved.source, resolved.settings.image_size
+    checkpoint = out / CHECKPOINT_DIR
     keras = import_keras()
     import_tf()
-    keras.utils.set_random_seed(seed)
-    n_classes = len(source.class_names)
-    state = {"epoch": 0, "history": {}, "best": float("inf"), "best_epoch": 0, "config": canonical_json(run_config)}
-    if resume and (checkpoint / "state.json").exists():
-        state = json.loads((checkpoint / "state.json").read_text())
-        model = load_keras_file(checkpoint / "last.keras", compile=True)  # with its optimizer state
-        head_metrics = json.loads((checkpoint / "head_metrics.json").read_text())
+    keras.utils.set_random_seed(params["seed"])
+    if state is not None:
+        model = load_keras_file(checkpoint / "last.keras", compile=True, advice=CHECKPOINT_ADVICE)  # with optimizer state
+        head_metrics = _read_head_metrics(checkpoint / "head_metrics.json")
         progress.message(f"resuming {out} after epoch {state['epoch']}")
     else:
-        base = load_backbone(weights_ref, image_size)
-        model = attach_head(base, loaded.head.model, image_size, augment)
-        head_metrics = {"validation": _evaluate(model, source, "validation", image_size, batch_size)}
-        unfreeze(base, fine_tune_at)
-        compile_for(model, n_classes, learning_rate)
-        checkpoint.mkdir(parents=True, exist_ok=True)
-        # The warm start is epoch 0: fine-tuning keeps it unless an epoch beats its validation loss.
-        state["best"] = head_metrics["validation"]["log_loss"]
-        _atomic_save_weights(model, checkpoint / "best.weights.h5")
-        _atomic_write(checkpoint / "head_metrics.json", json.dumps(head_metrics))
-    train = training_dataset(source, "train", image_size, batch_size, shuffle=True, seed=seed)
-    validation = training_dataset(source, "validation", image_size, batch_size)
-    callback = epoch_checkpoint(checkpoint, state, early_stopping, progress, source.split("train").n_examples,
-                                batch_size)
-    started = time.perf_counter()
-    if state["epoch"] < epochs and not (early_stopping and state["epoch"] - state["best_epoch"] >= early_stopping):
-        with warnings.catch_warnings():  # tf.data of unknown length: Keras warns at each epoch's end
-            warnings.filterwarnings("ignore", message=".*ran out of data.*")
-            model.fit(train, validation_data=validation, epochs=epochs, initial_epoch=state["epoch"],
-                      callbacks=[callback], shuffle=False, verbose=0)
-    train_seconds = time.perf_counter() - started
+        state = {"epoch": 0, "history": {}, "best": None, "best_epoch": 0, "config": canonical_json(run_config)}
+        model, head_metrics = _warm_start(resolved, loaded, params, checkpoint)
+        state["best"] = head_metrics["validation"]["log_loss"]  # the warm start is epoch 0: kept unless beaten
+    train_seconds = _fit(model, source, image_size, params, state, checkpoint, progress)
     if (checkpoint / "best.weights.h5").exists():
         model.load_weights(checkpoint / "best.weights.h5")
-    metrics = {split: _evaluate(model, source, split, image_size, batch_size)
+    metrics = {split: _evaluate(model, source, split, image_size, params["batch_size"])
                for split in source.splits if split != "train"}
     for split in metrics:
-        if split not in head_metrics:
-            head_metrics[split] = None
+        head_metrics.setdefault(split, None)
     seconds = state["history"].get("seconds", [])
     result = FinetuneResult(
         out, metrics, head_metrics, state["history"], float(np.mean(seconds)) if seconds else 0.0,
-        train_seconds, state["epoch"], state["best_epoch"], Path(head), params,
+        train_seconds, state["epoch"], state["best_epoch"], head, params,
     )
-    model_record = {
-        "format": MODEL_FORMAT, "format_version": 1, "class_names": source.class_names, "backbone": record,
-        "weights": weights_ref.spec, "head": str(Path(head).resolve()), "params": params,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    _atomic_write(out / "model.json", json.dumps(model_record, indent=2))
-    _atomic_write(out / "history.json", json.dumps(state["history"], indent=2))
-    _atomic_write(out / "metrics.json", json.dumps(result.to_dict(), indent=2))
-    _atomic_save_model(model, out / "model.keras")  # last: its presence marks the run finished
+    _save_model(out, model, resolved, head, params, state, result)
     shutil.rmtree(checkpoint, ignore_errors=True)
     return result
 
 
-# ---------------------------------------------------------------------------------------------
-# Prediction
+def _read_head_metrics(path: Path) -> dict:
+    try:
+        metrics = json.loads(path.read_text())
+        if isinstance(metrics, dict) and isinstance(metrics.get("validation"), dict):
+            return metrics
+    except (OSError, ValueError):
+        pass
+    raise BottlecacheError(f"{path} is damaged; {CHECKPOINT_ADVICE}.")
 
 
-@dataclass
-class Predictor:
-    """Images → class probabilities, from a fine-tuned model folder or a head folder."""
-
-    path: Path
-    kind: str  # "model" or "head"
-    class_names: list[str]
-    image_size: int
-    _predict_batch: object = field(repr=False)
-    fast_decode: bool = False  # as the cache the head was trained on was decoded
-
-    def predict(self, items, batch_size: int = 32) -> list[dict]:
-        """One dict per item (a path or a uint8 (H, W, 3) array): path, label, probability,
-        probabilities; or path and error for an image that could not be read."""
-        rows, images, slots = [], [], []
-        for item in items:
-            name = str(item) if isinstance(item, (str, os.PathLike)) else f"<array {len(rows)}>"
-            try:
-                if isinstance(item, (str, os.PathLike)):
-                    image = load_image(item, self.image_size, self.fast_decode)
-                else:
-                    image = preprocess(np.asarray(item), self.image_size)
-                images.append(np.asarray(image))
-                slots.append(len(rows))
-                rows.append({"path": name})
-            except Exception as error:
-                message = getattr(error, "message", None) or str(error)
-                rows.append({"path": name, "error": " ".join(message.split())[:200] or type(error).__name__})
-        for lo in range(0, len(images), batch_size):
-            proba = self._predict_batch(np.stack(images[lo : lo + batch_size]))
-            for slot, p in zip(slots[lo : lo + batch_size], proba):
-                best = int(np.argmax(p))
-                rows[slot].update(label=self.class_names[best], probability=float(p[best]),
-                                  probabilities={c: float(v) for c, v in zip(self.class_names, p)})
-        return rows
+def _warm_start(resolved, loaded, params: dict, checkpoint: Path):
+    """The head on the frozen base, measured, then the top of the base unfrozen and compiled."""
+    source, image_size = resolved.source, resolved.settings.image_size
+    base = load_backbone(resolved.weights, image_size)
+    model = attach_head(base, loaded.head.model, image_size, params["augment"])
+    head_metrics = {"validation": _evaluate(model, source, "validation", image_size, params["batch_size"])}
+    unfreeze(base, params["fine_tune_at"])
+    compile_for(model, len(source.class_names), params["learning_rate"])
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    atomic_save(checkpoint / "best.weights.h5", model.save_weights)
+    atomic_write_text(checkpoint / "head_metrics.json", to_json(head_metrics))
+    return model, head_metrics
 
 
-def load_model(path, weights=None) -> Predictor:
-    """A fine-tuned model folder (``model.keras``) or a head folder (``head.json``) → ``Predictor``.
-
-    A head runs on top of the frozen backbone its record names; ``weights`` overrides where that
-    backbone's weights file is found (its sha256 must match the record).
-    """
-    folder = Path(path)
-    if (folder / "model.keras").is_file() and (folder / "model.json").is_file():
-        record = json.loads((folder / "model.json").read_text())
-        model = load_keras_file(folder / "model.keras")
-        size = int(record["backbone"]["image_size"])
-        return Predictor(folder, "model", record["class_names"], size,
-                         lambda x: probabilities_from_logits(np.asarray(model(x, training=False))))
-    if (folder / "head.json").is_file():
-        loaded = load_head(folder)
-        size = int(loaded.backbone["image_size"])
-        weights_ref = resolve_weights(weights if weights is not None else loaded.record.get("weights"), size)
-        loaded.check_backbone(weights_sha256=weights_ref.sha256)
-        base = load_backbone(weights_ref, size)
-
-        def predict_batch(x):
-            return loaded.predict_proba(np.asarray(base(x, training=False)))
-
-        fast = loaded.record.get("cache", {}).get("config", {}).get("decode") == "dct-downscale"
-        return Predictor(folder, "head", loaded.class_names, size, predict_batch, fast)
-    raise BottlecacheError(
-        f"{folder} is neither a fine-tuned model folder (model.keras) nor a head folder (head.json)."
-    )
+def _fit(model, source, image_size: int, params: dict, state: dict, checkpoint: Path, progress) -> float:
+    """Train from the state's epoch on; returns the seconds it took."""
+    batch_size, early_stopping = params["batch_size"], params["early_stopping"]
+    train = training_dataset(source, "train", image_size, batch_size, shuffle=True, seed=params["seed"])
+    validation = training_dataset(source, "validation", image_size, batch_size)
+    callback = epoch_checkpoint(checkpoint, state, early_stopping, progress, source.split("train").n_examples,
+                                batch_size)
+    started = time.perf_counter()
+    stopped_early = early_stopping and state["epoch"] - state["best_epoch"] >= early_stopping
+    if state["epoch"] < params["epochs"] and not stopped_early:
+        with warnings.catch_warnings():  # tf.data of unknown length: Keras warns at each epoch's end
+            warnings.filterwarnings("ignore", message=".*ran out of data.*")
+            model.fit(train, validation_data=validation, epochs=params["epochs"], initial_epoch=state["epoch"],
+                      callbacks=[callback], shuffle=False, verbose=0)
+    return time.perf_counter() - started
 
 
-def expand_images(items) -> list[Path]:
-    """Files as given; folders → their image files, recursively, sorted."""
-    out = []
-    for item in items:
-        path = Path(item)
-        if path.is_dir():
-            out += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir())
-        else:
-            out.append(path)
-    return out
+def _save_model(out: Path, model, resolved, head: Path, params: dict, state: dict, result: FinetuneResult) -> None:
+    model_record = {
+        "format": MODEL_FORMAT, "format_version": RECORD_VERSION, "class_names": resolved.source.class_names,
+        "backbone": backbone_record(resolved.weights, resolved.settings.image_size),
+        "weights": resolved.weights.spec, "head": str(head.resolve()), "params": params,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    atomic_write_text(out / "model.json", to_json(model_record))
+    atomic_write_text(out / "history.json", to_json(state["history"]))
+    atomic_write_text(out / "metrics.json", to_json(result.to_dict()))
+    atomic_save(out / "model.keras", model.save)  # last: its presence marks the run finished

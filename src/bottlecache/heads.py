@@ -8,7 +8,6 @@ and ``metrics.json``. ``load_head`` reads it back and predicts from features.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -17,13 +16,18 @@ from pathlib import Path
 import numpy as np
 
 from ._tf import import_keras
-from .config import check_choice, check_fraction, check_positive, resolve_cache_dir
-from .errors import BottlecacheError, CacheMismatchError
+from .config import MAX_BATCH_SIZE, MAX_EPOCHS, check_choice, check_fraction, check_positive, check_seed, \
+    resolve_cache_dir
+from .errors import BottlecacheError, CacheMismatchError, reason
+from .files import write_error
+from .records import HEAD_FORMAT, RECORD_VERSION, HeadRecord, MetricsRecord, differences, read_json, to_json
 
 KINDS = ("sklearn", "keras")
 OPTIMIZERS = ("rmsprop", "adam")
-HEAD_FORMAT = "bottlecache-head"
 BACKBONE_KEYS = ("model", "alpha", "image_size", "weights_sha256", "preprocess_version")
+MAX_C = 1e12
+MAX_LEARNING_RATE = 10.0
+HEAD_ADVICE = "train the head again with `bottlecache cache train-head`"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,11 +120,42 @@ class SklearnHead:
                  C=np.array(self.C), n_classes=np.array(self.n_classes_))
 
     @classmethod
-    def load(cls, folder: Path) -> "SklearnHead":
-        with np.load(folder / "head.npz", allow_pickle=False) as arrays:
-            head = cls(C=float(arrays["C"]))
-            head.coef_, head.intercept_, head.classes_ = arrays["coef"], arrays["intercept"], arrays["classes"]
-            head.n_classes_ = int(arrays["n_classes"]) if "n_classes" in arrays.files else int(head.classes_.max()) + 1
+    def load(cls, folder: Path, record: HeadRecord | None = None) -> "SklearnHead":
+        """Load ``head.npz`` (plain arrays, no pickle) and check it against its record."""
+        path = Path(folder) / "head.npz"
+        try:
+            with np.load(path, allow_pickle=False) as arrays:
+                values = {key: arrays[key] for key in arrays.files}
+        except FileNotFoundError:
+            raise BottlecacheError(f"{path} is missing; {HEAD_ADVICE}.") from None
+        except (OSError, ValueError, EOFError, KeyError) as error:  # zero bytes, truncated zip, object arrays
+            raise BottlecacheError(f"{path} is damaged or not a head's arrays ({reason(error, 80)}); {HEAD_ADVICE}.") from None
+        missing = [key for key in ("coef", "intercept", "classes", "C") if key not in values]
+        if missing:
+            raise BottlecacheError(f"{path} has no array {', '.join(missing)}; {HEAD_ADVICE}.")
+        coef, intercept, classes = values["coef"], values["intercept"], values["classes"]
+        n_classes = int(values["n_classes"]) if "n_classes" in values else None
+        expected_k = len(record.class_names) if record else n_classes
+        problems = []
+        if coef.dtype.kind != "f" or intercept.dtype.kind != "f" or classes.dtype.kind not in "iu":
+            problems.append("arrays of the wrong type")
+        elif coef.ndim != 2 or intercept.shape != (coef.shape[0],) or classes.ndim != 1:
+            problems.append(f"coef {coef.shape} and intercept {intercept.shape} do not fit")
+        elif record and coef.shape[1] != record.feature_shape[-1]:
+            problems.append(f"coef has {coef.shape[1]} features, the record {record.feature_shape[-1]}")
+        elif len(classes) < 2 or coef.shape[0] != (1 if len(classes) == 2 else len(classes)):
+            problems.append(f"{len(classes)} classes do not fit coef {coef.shape}")
+        elif expected_k is not None and (classes.min() < 0 or classes.max() >= expected_k):
+            problems.append(f"class indices {classes.tolist()} outside the {expected_k} classes")
+        elif n_classes is not None and expected_k != n_classes:
+            problems.append(f"{n_classes} classes, the record {expected_k}")
+        elif not (np.all(np.isfinite(coef)) and np.all(np.isfinite(intercept))):
+            problems.append("weights that are not finite")
+        if problems:
+            raise BottlecacheError(f"{path} does not match its head.json: {problems[0]}; {HEAD_ADVICE}.")
+        head = cls(C=float(values["C"]))
+        head.coef_, head.intercept_, head.classes_ = coef, intercept, classes
+        head.n_classes_ = int(expected_k if expected_k is not None else classes.max() + 1)
         return head
 
 
@@ -201,20 +236,63 @@ class KerasHead:
         self.model.save(folder / "head.keras")
 
     @classmethod
-    def load(cls, folder: Path) -> "KerasHead":
-        return cls(load_keras_file(folder / "head.keras"))
+    def load(cls, folder: Path, record: HeadRecord | None = None) -> "KerasHead":
+        path = Path(folder) / "head.keras"
+        model = load_keras_file(path, advice=HEAD_ADVICE)
+        if record is not None:
+            n_outputs = 1 if len(record.class_names) == 2 else len(record.class_names)
+            check_model_shapes(model, path, (None, *record.feature_shape), n_outputs, HEAD_ADVICE)
+        return cls(model)
 
 
-def load_keras_file(path: Path, compile: bool = False):
+def check_model_shapes(model, path: Path, input_shape: tuple, n_outputs: int, advice: str) -> None:
+    """A loaded Keras model must take ``input_shape`` and give ``n_outputs`` logits, as its record says."""
+    try:
+        got_in, got_out = tuple(model.input_shape), tuple(model.output_shape)
+    except (AttributeError, ValueError, TypeError):
+        raise BottlecacheError(f"{path} is not a single-input, single-output model; {advice}.") from None
+    if got_in != tuple(input_shape) or got_out[1:] != (n_outputs,):
+        raise BottlecacheError(
+            f"{path} does not match its record: it takes {list(got_in[1:])} and gives {got_out[-1]} outputs, the record "
+            f"says {list(input_shape[1:])} and {n_outputs}; {advice}."
+        )
+
+
+def load_keras_file(path: Path, compile: bool = False, advice: str = "save it again"):
     """Load a ``.keras`` file in safe mode: a file that would run code (a Lambda layer) is refused."""
+    import zipfile
+
     keras = import_keras()
     from . import layers  # noqa: F401  (registers InferenceMode, the project's one custom layer)
 
+    path = Path(path)
+    if not path.is_file():
+        raise BottlecacheError(f"{path} is missing; {advice}.")
+    if not zipfile.is_zipfile(path):
+        raise BottlecacheError(f"{path} is damaged or not a .keras file (not a zip archive); {advice}.")
     try:
-        return keras.saving.load_model(path, safe_mode=True, compile=compile)
+        with quiet_keras():
+            return keras.saving.load_model(path, safe_mode=True, compile=compile)
     except Exception as error:
-        reason = " ".join(str(error).split())[:200]
-        raise BottlecacheError(f"{path} cannot be loaded safely ({reason}).") from None
+        text = reason(error)
+        if "safe_mode" in text or "lambda" in text.lower():
+            raise BottlecacheError(f"{path} holds code (a Lambda layer) and is refused in safe mode; {advice}.") from None
+        raise BottlecacheError(f"{path} cannot be loaded ({text}); {advice}.") from None
+
+
+def quiet_keras():
+    """Keras's own warnings and prints off, while a failure is turned into one line of ours."""
+    import contextlib
+    import io
+    import warnings
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    sink = io.StringIO()
+    stack.enter_context(contextlib.redirect_stdout(sink))
+    stack.enter_context(contextlib.redirect_stderr(sink))
+    return stack
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,13 +378,14 @@ def train_head(
     if not Cs:
         raise BottlecacheError("The 'C' option needs at least one value. Got none.")
     for value in Cs:
-        check_positive("C", value, float)
-    check_positive("epochs", epochs)
-    check_positive("batch_size", batch_size)
-    check_positive("learning_rate", learning_rate, float)
+        check_positive("C", value, float, maximum=MAX_C)
+    check_positive("epochs", epochs, maximum=MAX_EPOCHS)
+    check_positive("batch_size", batch_size, maximum=MAX_BATCH_SIZE)
+    check_positive("learning_rate", learning_rate, float, maximum=MAX_LEARNING_RATE)
     check_fraction("dropout", dropout)
+    check_seed(seed)
     if early_stopping is not None:
-        check_positive("early_stopping", early_stopping)
+        check_positive("early_stopping", early_stopping, maximum=MAX_EPOCHS)
     opened = not isinstance(cache, Cache)
     cache = open_cache(cache, cache_dir) if opened else cache
     try:
@@ -412,6 +491,8 @@ def _train_keras(cache, n_classes, train_split, has_validation, *, epochs, batch
 
 def save_head(result: HeadResult, cache, out=None, cache_dir=None) -> Path:
     """Write the head folder atomically (a temporary folder renamed into place)."""
+    import shutil
+
     if out is None:
         base = resolve_cache_dir(cache_dir) / "heads"
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -421,13 +502,11 @@ def save_head(result: HeadResult, cache, out=None, cache_dir=None) -> Path:
             n += 1
             out = base / f"{result.kind}-{cache.fingerprint[:12]}-{stamp}-{n}"
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise BottlecacheError(f"The 'out' folder {out} exists and is not empty; choose a new folder.")
+    check_new_folder(out)
     staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    staging.mkdir(parents=True, exist_ok=True)
     record = {
         "format": HEAD_FORMAT,
-        "format_version": 1,
+        "format_version": RECORD_VERSION,
         "kind": result.kind,
         "class_names": cache.class_names,
         "feature_shape": list(cache.feature_shape),
@@ -437,13 +516,27 @@ def save_head(result: HeadResult, cache, out=None, cache_dir=None) -> Path:
         "cache": {"path": str(cache.path.resolve()), "fingerprint": cache.fingerprint, "config": cache.config},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    (staging / "head.json").write_text(json.dumps(record, indent=2))
-    (staging / "metrics.json").write_text(json.dumps(result.to_dict() | {"history": result.history}, indent=2))
-    result.head.save(staging)
-    if out.exists():
-        out.rmdir()
-    os.replace(staging, out)
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+        (staging / "head.json").write_text(to_json(record))
+        (staging / "metrics.json").write_text(to_json(result.to_dict() | {"history": result.history}))
+        result.head.save(staging)
+        if out.exists():
+            out.rmdir()
+        os.replace(staging, out)
+    except OSError as error:
+        raise write_error(out, error, "nothing was saved") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def check_new_folder(out: Path) -> None:
+    """``out`` must be free: missing, or an empty folder."""
+    if out.exists() and not out.is_dir():
+        raise BottlecacheError(f"The 'out' option must be a folder; {out} is a file. Choose a new folder.")
+    if out.is_dir() and any(out.iterdir()):
+        raise BottlecacheError(f"The 'out' folder {out} exists and is not empty; choose a new folder.")
 
 
 @dataclass
@@ -474,42 +567,53 @@ class LoadedHead:
 
     def check_backbone(self, **actual) -> None:
         """Raise if this head was trained on another model / image size / weights than ``actual``."""
-        differ = [
-            f"{key}: head has {self.backbone.get(key)!r}, got {value!r}"
-            for key, value in actual.items()
-            if key in self.backbone and value is not None and self.backbone.get(key) != value
-        ]
+        differ = differences(self.backbone, {k: v for k, v in actual.items() if k in self.backbone}, "head")
         if differ:
-            raise CacheMismatchError(f"The head {self.path} was trained for another backbone: " + "; ".join(differ) + ".")
+            raise CacheMismatchError(f"The head {self.path} was trained for another backbone: {differ}.")
 
     def check_cache(self, cache) -> None:
         self.check_backbone(**{key: cache.config.get(key) for key in BACKBONE_KEYS})
 
 
-def load_head(path) -> LoadedHead:
-    """Load a head folder written by ``train_head`` (no pickle; Keras in safe mode)."""
-    folder = Path(path)
-    record_path = folder / "head.json"
-    if not record_path.is_file():
+def read_head_record(folder: Path) -> HeadRecord:
+    folder = Path(folder)
+    if not folder.is_dir():
+        what = "is a file" if folder.exists() else "does not exist"
+        raise BottlecacheError(f"The head folder {folder} {what}; pass a folder from `cache train-head`.")
+    if not (folder / "head.json").exists():
         raise BottlecacheError(f"{folder} is not a head folder (no head.json); pass a folder from `cache train-head`.")
-    try:
-        record = json.loads(record_path.read_text())
-    except ValueError:
-        raise BottlecacheError(f"{record_path} is not valid JSON.") from None
-    if record.get("format") != HEAD_FORMAT or record.get("kind") not in KINDS:
-        raise BottlecacheError(f"{folder} is not a bottlecache head folder.")
-    head = SklearnHead.load(folder) if record["kind"] == "sklearn" else KerasHead.load(folder)
-    return LoadedHead(folder, record, head)
+    return read_json(folder / "head.json", HeadRecord, HEAD_ADVICE, fmt=HEAD_FORMAT, version=RECORD_VERSION)
+
+
+def load_head(path) -> LoadedHead:
+    """Load a head folder written by ``train_head`` (no pickle; Keras in safe mode), checking its
+    record and that the model file matches it."""
+    folder = Path(path)
+    record = read_head_record(folder)
+    head = (SklearnHead if record.kind == "sklearn" else KerasHead).load(folder, record)
+    return LoadedHead(folder, record.model_dump(mode="json"), head)
 
 
 def list_heads(cache_dir=None) -> list[tuple[Path, dict]]:
-    """Saved heads under ``<cache dir>/heads`` with their metrics, newest first."""
+    """Saved heads under ``<cache dir>/heads`` with their metrics, newest first. A head whose
+    record or metrics cannot be read is listed with ``{"error": reason}``."""
     folder = resolve_cache_dir(cache_dir) / "heads"
-    out = []
-    for head_dir in sorted(folder.glob("*/head.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+    if not folder.is_dir():
+        return []
+
+    def mtime(path: Path) -> float:
         try:
-            metrics = json.loads((head_dir.parent / "metrics.json").read_text())
-        except (OSError, ValueError):
-            metrics = {}
-        out.append((head_dir.parent, metrics))
+            return path.stat().st_mtime
+        except OSError:
+            return float("-inf")
+
+    out = []
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    for head_dir in sorted(entries, key=mtime, reverse=True):
+        try:
+            read_head_record(head_dir)
+            metrics = read_json(head_dir / "metrics.json", MetricsRecord, HEAD_ADVICE).model_dump(mode="json")
+        except BottlecacheError as error:
+            metrics = {"error": str(error)}
+        out.append((head_dir, metrics))
     return out

@@ -32,8 +32,9 @@ import h5py
 import numpy as np
 
 from .config import bottleneck_shape, resolve_cache_dir
-from .errors import BottlecacheError, CacheMismatchError
+from .errors import BottlecacheError, CacheMismatchError, reason
 from .fingerprint import FORMAT_NAME, FORMAT_VERSION, canonical_json, fingerprint
+from .records import CacheAttrs, differences, python_value, validate
 
 FEATURE_CHUNK_ROWS = 32
 POOLED_CHUNK_ROWS = 32  # = FEATURE_CHUNK_ROWS: a commit writes each chunk once (1024 rows of float32 made every commit recompress 5 MB)
@@ -46,6 +47,12 @@ PARTIAL_SUFFIX = ".partial"
 # Room for the chunks a commit touches (a features chunk is 2 MB of float16 at 160 px).
 WRITE_CHUNK_CACHE = 32 << 20
 _STR = h5py.string_dtype("utf-8")
+
+
+# What to do with a file under a cache's final name that cannot be used: rebuilding needs the name free.
+DAMAGED_ADVICE = ("delete or move the file, then run `bottlecache cache build` with the same options "
+                  "to build it again")
+SPLIT_DATASETS = ("features", "pooled", "labels", "keys", "skipped")
 
 
 def cache_file_name(dataset: str, model: str, image_size: int, fp: str) -> str:
@@ -61,34 +68,53 @@ def cache_file_name(dataset: str, model: str, image_size: int, fp: str) -> str:
 def build_lock(final_path: Path, *, wait: bool = True, on_wait=None):
     """An exclusive lock per cache: never two writers. The OS releases it if the process dies.
 
-    The lock file holds the writer's pid, written right after the lock is taken and cleared before
-    it is let go. A process that finds the lock held may look a moment before the pid is there
-    (or see the pid of a writer that was killed): it looks again for up to a second for a live pid
-    before saying "another process".
+    The lock file holds the writer's pid, written right after the lock is taken. The holder
+    deletes the file before letting go, so no lock file outlives a build (a failed one included);
+    a process that took the lock on a file that was deleted meanwhile opens the path again.
+    A process that finds the lock held may look a moment before the pid is there (or see the pid
+    of a writer that was killed): it looks again for up to a second for a live pid before saying
+    "another process".
     """
     lock_path = final_path.with_name("." + final_path.name + ".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _lock_holder(fd)
+                if not wait:
+                    raise BottlecacheError(
+                        f"Another build of this cache is running (pid {holder}); wait for it or run again later."
+                    ) from None
+                if on_wait:
+                    on_wait(holder)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if not _same_file(fd, lock_path):  # the holder deleted it as we waited: lock the path anew
+                os.close(fd)
+                continue
+        except BaseException:
+            os.close(fd)
+            raise
+        break
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _lock_holder(fd)
-            if not wait:
-                raise BottlecacheError(
-                    f"Another build of this cache is running (pid {holder}); wait for it or run again later."
-                ) from None
-            if on_wait:
-                on_wait(holder)
-            fcntl.flock(fd, fcntl.LOCK_EX)
         os.pwrite(fd, f"{os.getpid():>12}".encode(), 0)  # one fixed-width write: never read half-done
-        try:
-            yield
-        finally:
-            os.ftruncate(fd, 0)  # a free lock names nobody
-            fcntl.flock(fd, fcntl.LOCK_UN)
+        yield
     finally:
+        with contextlib.suppress(FileNotFoundError):
+            lock_path.unlink()  # while still holding it: a waiter then sees another inode and retries
+        fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
 def _lock_holder(fd: int, patience: float = 1.0) -> str:
@@ -326,41 +352,53 @@ class Cache:
             raise BottlecacheError(f"No cache file at {self.path}.")
         try:
             self.file = h5py.File(self.path, "r")
-        except OSError:
-            raise BottlecacheError(f"{self.path} is not a readable HDF5 file (truncated or not a cache).") from None
-        attrs = self.file.attrs
-        if attrs.get("format") != FORMAT_NAME:
-            self.file.close()
-            raise BottlecacheError(f"{self.path} is an HDF5 file but not a bottlecache cache.")
-        if int(attrs.get("format_version", -1)) != FORMAT_VERSION:
-            self.file.close()
+        except OSError as error:
             raise BottlecacheError(
-                f"{self.path} has cache format version {attrs.get('format_version')}; this bottlecache reads "
-                f"version {FORMAT_VERSION}. Rebuild it with `bottlecache cache build`."
-            )
-        if not attrs.get("complete", False):
-            self.file.close()
-            raise BottlecacheError(f"{self.path} is marked incomplete; rebuild it with `bottlecache cache build`.")
-        try:
-            self.fingerprint: str = attrs["fingerprint"]
-            self.config: dict = json.loads(attrs["config"])
-            self.class_names: list[str] = list(self.config["class_names"])
-            self.splits: list[str] = json.loads(attrs["splits"])
-            self.build_info: dict = json.loads(attrs.get("build", "{}"))
-            self.created: str = str(attrs.get("created", ""))
-            self.versions: dict = json.loads(attrs.get("versions", "{}"))
-            tampered = fingerprint(self.config) != self.fingerprint
-        except (KeyError, TypeError, ValueError) as error:
-            self.file.close()
-            raise BottlecacheError(
-                f"{self.path} has damaged metadata ({error!r}); rebuild it with `bottlecache cache build`."
+                f"{self.path} is not a readable HDF5 file ({reason(error, 80)}); {DAMAGED_ADVICE}"
             ) from None
-        if tampered:
+        try:
+            self._load_record()
+        except BaseException:
             self.file.close()
+            raise
+
+    def _load_record(self) -> None:
+        attrs = {key: python_value(self.file.attrs[key]) for key in self.file.attrs}
+        where = str(self.path)
+        if attrs.get("format") != FORMAT_NAME:
+            raise BottlecacheError(f"{where} is an HDF5 file but not a bottlecache cache; {DAMAGED_ADVICE}")
+        record = validate(attrs, CacheAttrs, where, DAMAGED_ADVICE, fmt=FORMAT_NAME, version=FORMAT_VERSION)
+        if not record.complete:
+            raise BottlecacheError(f"{where} is marked incomplete; {DAMAGED_ADVICE}")
+        self.record = record
+        self.fingerprint: str = record.fingerprint
+        self.config: dict = json.loads(attrs["config"])
+        self.class_names: list[str] = list(record.class_names)
+        self.splits: list[str] = list(record.splits)
+        self.build_info: dict = dict(record.build)
+        self.created: str = record.created
+        self.versions: dict = dict(record.versions)
+        if fingerprint(self.config) != self.fingerprint:
             raise BottlecacheError(
-                f"{self.path}: the stored config does not match the stored fingerprint (modified after the build?); "
-                "rebuild it with `bottlecache cache build`."
+                f"{where}: the stored config does not match the stored fingerprint (modified after the build?); "
+                f"{DAMAGED_ADVICE}"
             )
+        expected = bottleneck_shape(self.image_size)
+        for split in self.splits:
+            group = self.file.get(split)
+            if not isinstance(group, h5py.Group):
+                raise BottlecacheError(f"{where}: split {split!r} is named in the metadata but missing; {DAMAGED_ADVICE}")
+            missing = [k for k in SPLIT_DATASETS if not isinstance(group.get(k), h5py.Dataset)]
+            if missing:
+                raise BottlecacheError(f"{where}: split {split!r} has no {', '.join(missing)}; {DAMAGED_ADVICE}")
+            n = group["labels"].shape[0] if group["labels"].ndim == 1 else -1
+            shapes = {"features": (n, *expected), "pooled": (n, expected[-1]), "keys": (n,)}
+            wrong = [f"{k} {group[k].shape}" for k, shape in shapes.items() if group[k].shape != shape]
+            if n < 0 or wrong or group["skipped"].ndim != 2:
+                raise BottlecacheError(
+                    f"{where}: split {split!r} has arrays of the wrong shape ({', '.join(wrong) or 'labels'}; "
+                    f"expected {n} rows of {expected}); {DAMAGED_ADVICE}"
+                )
 
     def __enter__(self):
         return self
@@ -398,13 +436,20 @@ class Cache:
         return self._read(split, "pooled", rows)
 
     def labels(self, split: str) -> np.ndarray:
-        return self._read(split, "labels", None)
+        """The split's labels, checked to lie in ``[0, number of classes)``."""
+        labels = self._read(split, "labels", None)
+        if labels.dtype.kind not in "iu" or (len(labels) and (labels.min() < 0 or labels.max() >= len(self.class_names))):
+            raise BottlecacheError(
+                f"{self.path}: split {split!r} has labels outside 0-{len(self.class_names) - 1} (its "
+                f"{len(self.class_names)} classes); {DAMAGED_ADVICE}"
+            )
+        return labels
 
     def keys(self, split: str) -> list[str]:
-        return [k.decode("utf-8") for k in self._group(split)["keys"][:]]
+        return [_text(k) for k in self._read(split, "keys", None)]
 
     def skipped(self, split: str) -> list[tuple[str, str]]:
-        return [(k.decode("utf-8"), r.decode("utf-8")) for k, r in self._group(split)["skipped"][:]]
+        return [(_text(k), _text(r)) for k, r in self._read(split, "skipped", None)]
 
     def _read(self, split: str, name: str, rows):
         dataset = self._group(split)[name]
@@ -412,8 +457,8 @@ class Cache:
             return dataset[rows if rows is not None else slice(None)]
         except OSError as error:
             raise BottlecacheError(
-                f"{self.path.name}: split {split!r} {name} failed to read ({_first_line(error)}); "
-                f"run `bottlecache cache verify {self.path}` and rebuild the cache."
+                f"{self.path.name}: split {split!r} {name} failed to read ({reason(error, 120)}); "
+                f"run `bottlecache cache verify {self.path}`, then {DAMAGED_ADVICE}"
             ) from None
 
     def nbytes(self, split: str) -> int:
@@ -452,25 +497,34 @@ class Cache:
 
         Example: ``cache.check(image_size=160, model="mobilenet_v2", weights_sha256=...)``.
         """
-        differ = [
-            f"{key}: cache has {self.config.get(key)!r}, expected {value!r}"
-            for key, value in expected.items()
-            if value is not None and self.config.get(key) != value
-        ]
+        differ = differences(self.config, expected, "cache")
         if differ:
-            raise CacheMismatchError(f"{self.path.name} does not match: " + "; ".join(differ) + ".")
+            raise CacheMismatchError(f"{self.path.name} does not match: {differ}.")
 
 
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+def _text(value) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 def list_caches(cache_dir=None) -> list[Path]:
-    """Finished cache files in the cache dir, newest first."""
+    """Cache files (``*.h5``) in the cache dir, newest first; a dangling link is listed too (last),
+    so that the listing can say what is wrong with it."""
     folder = resolve_cache_dir(cache_dir)
     if not folder.is_dir():
         return []
-    return sorted(folder.glob("*.h5"), key=lambda p: p.stat().st_mtime, reverse=True)
+    try:
+        paths = list(folder.glob("*.h5"))
+        os.listdir(folder)  # glob hides a folder that cannot be read
+    except OSError as error:
+        raise BottlecacheError(f"The cache folder {folder} cannot be read ({reason(error)}).") from None
+
+    def mtime(path: Path) -> float:
+        try:
+            return path.stat().st_mtime
+        except OSError:
+            return float("-inf")
+
+    return sorted(paths, key=mtime, reverse=True)
 
 
 def find_cache(spec=None, cache_dir=None) -> Path:
@@ -479,7 +533,7 @@ def find_cache(spec=None, cache_dir=None) -> Path:
         if not Path(spec).exists():
             raise BottlecacheError(f"No cache file at {spec}.")
         return Path(spec)
-    caches = list_caches(cache_dir)
+    caches = [p for p in list_caches(cache_dir) if p.is_file()]
     if spec is None:
         if not caches:
             raise BottlecacheError(
@@ -564,7 +618,7 @@ def verify_cache(path) -> VerifyReport:
                     except OSError as error:
                         report.problems.append(
                             f"split {split!r}: {name} rows {lo}-{min(lo + step, dataset.shape[0]) - 1} "
-                            f"fail to read ({_first_line(error)})"
+                            f"fail to read ({reason(error, 120)})"
                         )
                         continue
                     if name == "labels" and (block.min(initial=0) < 0 or block.max(initial=0) >= n_classes):

@@ -1,18 +1,36 @@
 """``bottlecache``: the command line. Commands are thin: parse, call the library, render."""
 
+import os
+from typing import Annotated
+
 import typer
 
+from ._common import App
 from .cache import app as cache_app
 from .finetune import app as finetune_app
 from .predict import predict
 
-app = typer.Typer(
+app = App(
     name="bottlecache",
     help="Bottleneck-feature caching for transfer learning: run the frozen MobileNetV2 once, train heads in seconds.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def root(
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show TensorFlow's own start-up and log lines, and the traceback of an unexpected error.")] = False,
+):
+    """Bottleneck-feature caching for transfer learning: run the frozen MobileNetV2 once, train heads in seconds."""
+    from .._tf import set_verbose
+
+    if verbose:
+        os.environ["BOTTLECACHE_VERBOSE"] = "1"
+    set_verbose(verbose)
+
+
 app.add_typer(cache_app, name="cache")
 app.add_typer(finetune_app, name="finetune")
 app.command("predict")(predict)

@@ -4,44 +4,90 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..errors import BottlecacheError
+from ..errors import BottlecacheError, reason
+
+try:  # typer >= 0.20 carries its own copy of click
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exceptions
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+INTERRUPTED = "interrupted; nothing was written"
 
 
 def fail(message: str, code: int = 2):
-    err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    """One line on stderr, ``error: <message>``, and exit ``code``."""
+    err.print(f"[bold red]error:[/] {escape(' '.join(message.split()))}", markup=True, highlight=False)
     raise typer.Exit(code=code)
 
 
-def one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text or type(error).__name__
+def verbose() -> bool:
+    return os.environ.get("BOTTLECACHE_VERBOSE", "") not in ("", "0")
 
 
-def handle_errors(command):
-    """User-facing failures end as one line on stderr and a non-zero exit, never a traceback."""
+def handle_errors(command=None, *, interrupted: str = INTERRUPTED):
+    """User-facing failures end as one line on stderr and a non-zero exit, never a traceback.
+
+    ``interrupted`` is what Ctrl-C leaves behind for this command (what is kept, how to go on).
+    An error nobody foresaw is a bug: one line that says so (``--verbose`` shows the traceback).
+    """
+    if command is None:
+        return functools.partial(handle_errors, interrupted=interrupted)
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
+        except (typer.Exit, click_exceptions.ClickException):
+            raise
         except BottlecacheError as error:
-            fail(one_line(error).replace("[", r"\["), 2)
+            fail(str(error), 2)
         except KeyboardInterrupt:
-            fail("interrupted; what was written is kept; run the same command again to resume", 130)
+            fail(interrupted, 130)
         except OSError as error:
-            fail(one_line(error).replace("[", r"\["), 1)
+            where = f"{error.filename}: " if error.filename else ""
+            fail(f"{where}{reason(error)}", 1)
+        except Exception as error:  # noqa: BLE001 - the last line of defence against a traceback
+            if verbose():
+                raise
+            fail(f"unexpected {type(error).__name__}: {reason(error)} (a bug in bottlecache; run with --verbose "
+                 "for the traceback and report it)", 1)
 
     return wrapper
+
+
+class App(typer.Typer):
+    """The root app: a usage error (a value typer cannot parse, an unknown option) is one line too."""
+
+    def __call__(self, *args, **kwargs):
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().__call__(*args, **kwargs)
+        except click_exceptions.NoArgsIsHelpError as error:
+            error.show()
+            sys.exit(2)
+        except click_exceptions.UsageError as error:
+            hint = f" (see `{error.ctx.command_path} --help`)" if error.ctx is not None else ""
+            err.print(f"[bold red]error:[/] {escape(' '.join(error.format_message().split()))}{escape(hint)}",
+                      markup=True, highlight=False)
+            sys.exit(2)
+        except click_exceptions.ClickException as error:
+            err.print(f"[bold red]error:[/] {escape(' '.join(error.format_message().split()))}", markup=True)
+            sys.exit(error.exit_code)
+        except (typer.Abort, KeyboardInterrupt, EOFError):
+            err.print("[bold red]error:[/] interrupted", markup=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 def print_json(value) -> None:

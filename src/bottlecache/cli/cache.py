@@ -8,6 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..config import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE
+from ..errors import BottlecacheError, reason
+from ..store import DAMAGED_ADVICE
 from ._common import (
     CacheDirOpt, DataOpt, ImageSizeOpt, JsonOpt, RichProgress, SplitOpt, TfdsDirOpt, WeightsOpt,
     err, fail, handle_errors, human_bytes, out, print_json, table,
@@ -17,19 +20,20 @@ app = typer.Typer(help="Build, inspect and verify bottleneck-feature caches; tra
 
 
 @app.command("build")
-@handle_errors
+@handle_errors(interrupted="interrupted; every finished batch is kept in the partial file; run the same command "
+                           "again to resume")
 def build(
-    data: DataOpt = "cats_vs_dogs",
+    data: DataOpt = DEFAULT_DATA,
     split: SplitOpt = None,
-    image_size: ImageSizeOpt = 160,
+    image_size: ImageSizeOpt = DEFAULT_IMAGE_SIZE,
     weights: WeightsOpt = None,
     cache_dir: CacheDirOpt = None,
-    dtype: Annotated[str, typer.Option(help="Storage type of the features: float16 or float32.")] = "float16",
+    dtype: Annotated[str, typer.Option(help="Storage type of the features: float16 or float32.")] = DEFAULT_DTYPE,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass (default: the engine's best).")] = None,
-    engine: Annotated[str, typer.Option(help="auto (fastest that passes the check against Keras), keras or litert.")] = "auto",
+    engine: Annotated[str, typer.Option(help="auto (fastest that passes the check against Keras), keras or litert.")] = DEFAULT_ENGINE,
     tfds_data_dir: TfdsDirOpt = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="If the same cache is being built, wait for it.")] = True,
-    fast_decode: Annotated[bool, typer.Option("--fast-decode", help="Decode large JPEGs at 1/2-1/8 scale in the DCT domain (see README).")] = False,
+    fast_decode: Annotated[bool, typer.Option("--fast-decode", help="Decode large JPEGs at 1/2-1/8 scale in the DCT domain (see docs/engines.md).")] = False,
     as_json: JsonOpt = False,
 ):
     """Run the frozen MobileNetV2 once over each split and store the features in an HDF5 cache."""
@@ -54,14 +58,14 @@ def build(
     engine_text = f", engine {report.engine}" if report.engine else ""
     out.print(f"fingerprint {report.fingerprint[:12]}, {human_bytes(report.file_size)}{engine_text}, {n_skipped} skipped")
     for s in report.splits:
-        for key, reason in s.skipped[:20]:
-            err.print(f"  skipped {s.name}/{key}: {reason}", markup=False)
+        for key, why in s.skipped[:20]:
+            err.print(f"  skipped {s.name}/{key}: {why}", markup=False)
 
 
 @app.command("ls")
-@handle_errors
+@handle_errors(interrupted="interrupted")
 def ls(cache_dir: CacheDirOpt = None, as_json: JsonOpt = False):
-    """List the caches in the cache folder, newest first."""
+    """List the caches in the cache folder, newest first (a damaged one as a row with its reason)."""
     from ..store import Cache, list_caches
 
     rows, records = [], []
@@ -70,15 +74,15 @@ def ls(cache_dir: CacheDirOpt = None, as_json: JsonOpt = False):
             with Cache(path) as cache:
                 counts = {s: cache.n_examples(s) for s in cache.splits}
                 record = {
-                    "path": str(path), "fingerprint": cache.fingerprint, "data": cache.config["data"]["name"],
+                    "path": str(path), "fingerprint": cache.fingerprint, "data": cache.config["data"].get("name", "?"),
                     "image_size": cache.image_size, "dtype": cache.config["dtype"], "splits": counts,
                     "size": path.stat().st_size, "created": cache.created,
                 }
-        except Exception as error:  # one bad file must not hide the others
-            record = {"path": str(path), "error": str(error)}
+        except (BottlecacheError, OSError) as error:  # one bad file must not hide the others
+            record = {"path": str(path), "error": reason(error, 300)}
         records.append(record)
         if "error" in record:
-            rows.append([path.name, "?", "", "", "", record["error"][:60]])
+            rows.append([path.name, "?", "", "", "", record["error"]])
         else:
             splits = ", ".join(f"{s} {n}" for s, n in record["splits"].items())
             rows.append([path.name, record["data"], splits, human_bytes(record["size"]), record["created"], ""])
@@ -91,7 +95,7 @@ def ls(cache_dir: CacheDirOpt = None, as_json: JsonOpt = False):
 
 
 @app.command("info")
-@handle_errors
+@handle_errors(interrupted="interrupted")
 def info(cache: Annotated[str, typer.Argument(help="Cache file or fingerprint prefix.")], cache_dir: CacheDirOpt = None, as_json: JsonOpt = False):
     """Show a cache's configuration and per-split counts."""
     from ..store import open_cache
@@ -112,7 +116,7 @@ def info(cache: Annotated[str, typer.Argument(help="Cache file or fingerprint pr
 
 
 @app.command("verify")
-@handle_errors
+@handle_errors(interrupted="interrupted; nothing was changed")
 def verify(cache: Annotated[str, typer.Argument(help="Cache file or fingerprint prefix.")], cache_dir: CacheDirOpt = None, as_json: JsonOpt = False):
     """Read every chunk and check checksums, shapes, counts and the fingerprint; exit 1 on any fault."""
     from ..store import find_cache, verify_cache
@@ -127,8 +131,11 @@ def verify(cache: Annotated[str, typer.Argument(help="Cache file or fingerprint 
     if not report.ok:
         if not as_json:
             for problem in report.problems:
-                err.print(f"fault: {problem}", markup=False)
-        fail(f"{report.path}: {len(report.problems)} fault(s); rebuild the cache with `bottlecache cache build`", 1)
+                out.print(f"fault: {problem}", markup=False)
+        first = report.problems[0]
+        first = first if first.startswith(str(report.path)) else f"{report.path}: {first}"
+        more = f" (and {len(report.problems) - 1} more fault(s))" if len(report.problems) > 1 else ""
+        fail(first + more if DAMAGED_ADVICE in first else f"{first}{more}; {DAMAGED_ADVICE}", 1)
 
 
 def render_metrics(title: str, result: dict) -> None:
@@ -146,7 +153,7 @@ def render_metrics(title: str, result: dict) -> None:
 
 
 @app.command("train-head")
-@handle_errors
+@handle_errors(interrupted="interrupted; no head was saved")
 def train_head_command(
     cache: Annotated[Optional[str], typer.Argument(help="Cache file or fingerprint prefix (default: the newest cache).")] = None,
     kind: Annotated[str, typer.Option(help="sklearn (logistic regression on pooled features) or keras (the tutorial's head).")] = "sklearn",
@@ -186,14 +193,18 @@ def train_head_command(
 
 
 @app.command("heads")
-@handle_errors
+@handle_errors(interrupted="interrupted")
 def heads(cache_dir: CacheDirOpt = None, as_json: JsonOpt = False):
-    """List the trained heads in the cache folder with their validation accuracy."""
+    """List the trained heads in the cache folder with their validation accuracy (a damaged one as a
+    row with its reason)."""
     from ..heads import list_heads
 
     records = []
     for folder, metrics in list_heads(cache_dir):
-        validation = metrics.get("metrics", {}).get("validation", {})
+        if "error" in metrics:
+            records.append({"path": str(folder), "error": metrics["error"]})
+            continue
+        validation = metrics.get("metrics", {}).get("validation") or {}
         records.append({"path": str(folder), "kind": metrics.get("kind"), "train_seconds": metrics.get("train_seconds"),
                         "validation_accuracy": validation.get("accuracy"), "validation_log_loss": validation.get("log_loss")})
     if as_json:
@@ -201,9 +212,9 @@ def heads(cache_dir: CacheDirOpt = None, as_json: JsonOpt = False):
     elif not records:
         out.print("no heads")
     else:
-        rows = [[r["path"], r["kind"], _fmt(r["validation_accuracy"]), _fmt(r["validation_log_loss"]), _fmt(r["train_seconds"], 2)]
-                for r in records]
-        out.print(table("heads", ["folder", "kind", "val accuracy", "val log loss", "train s"], rows))
+        rows = [[r["path"], r.get("kind", "?"), _fmt(r.get("validation_accuracy")), _fmt(r.get("validation_log_loss")),
+                 _fmt(r.get("train_seconds"), 2), r.get("error", "")] for r in records]
+        out.print(table("heads", ["folder", "kind", "val accuracy", "val log loss", "train s", "note"], rows))
 
 
 def _fmt(value, digits: int = 4) -> str:

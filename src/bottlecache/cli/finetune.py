@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..config import DEFAULT_DATA, DEFAULT_IMAGE_SIZE
+from ..finetune import DEFAULT_FINE_TUNE_AT
 from ._common import (
     CacheDirOpt, DataOpt, ImageSizeOpt, JsonOpt, RichProgress, SplitOpt, TfdsDirOpt, WeightsOpt,
     handle_errors, out, print_json,
@@ -17,17 +19,17 @@ app = typer.Typer(help="Fine-tune the top of MobileNetV2 end to end, warm-starte
 
 
 @app.command("run")
-@handle_errors
+@handle_errors(interrupted="interrupted; finished epochs are kept; run the same command with --resume to continue")
 def run(
-    data: DataOpt = "cats_vs_dogs",
+    data: DataOpt = DEFAULT_DATA,
     split: SplitOpt = None,
-    image_size: ImageSizeOpt = 160,
+    image_size: ImageSizeOpt = DEFAULT_IMAGE_SIZE,
     weights: WeightsOpt = None,
     cache_dir: CacheDirOpt = None,
     tfds_data_dir: TfdsDirOpt = None,
     head: Annotated[Optional[Path], typer.Option(help="Keras head folder from `cache train-head --kind keras` (default: cache and train one first).")] = None,
     head_epochs: Annotated[int, typer.Option(help="Epochs of the head trained first when --head is not given.")] = 10,
-    fine_tune_at: Annotated[int, typer.Option(help="Layers of the base before this index stay frozen.")] = 100,
+    fine_tune_at: Annotated[int, typer.Option(help="Layers of the base before this index stay frozen.")] = DEFAULT_FINE_TUNE_AT,
     epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 10,
     learning_rate: Annotated[float, typer.Option(help="RMSprop learning rate (the tutorial's: 10x below the head's).")] = 1e-5,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,

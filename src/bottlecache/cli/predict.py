@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from ._common import JsonOpt, WeightsOpt, handle_errors, out, print_json, table
+from ._common import JsonOpt, WeightsOpt, fail, handle_errors, out, print_json, table
 
 
-@handle_errors
+@handle_errors(interrupted="interrupted; nothing was written")
 def predict(
     model: Annotated[Path, typer.Argument(help="A fine-tuned model folder or a head folder.")],
     images: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")],
@@ -18,20 +18,29 @@ def predict(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     as_json: JsonOpt = False,
 ):
-    """Predict the class of each image; unreadable images get a row that says so."""
-    from ..config import check_positive
-    from ..finetune import expand_images, load_model
+    """Predict the class of each image; an unreadable image gets a row that says why.
 
-    check_positive("batch_size", batch_size)
-    paths = expand_images(images)
+    Exit code 0 when every image was predicted, 1 when some could not be read, 2 when none could.
+    """
+    from ..config import MAX_BATCH_SIZE, check_positive
+    from ..predict import expand_images, load_model
+
+    check_positive("batch_size", batch_size, maximum=MAX_BATCH_SIZE)
     predictor = load_model(model, weights=weights)
+    paths = expand_images(images)
     rows = predictor.predict(paths, batch_size=batch_size)
     if as_json:
         print_json(rows)
-        return
-    out.print(table(
-        f"{predictor.kind} {model}",
-        ["image", "class", "probability"],
-        [[r["path"], r.get("label", "-"), f"{r['probability']:.4f}" if "probability" in r else f"error: {r['error']}"]
-         for r in rows],
-    ))
+    else:
+        out.print(table(
+            f"{predictor.kind} {model}",
+            ["image", "class", "probability"],
+            [[r["path"], r.get("label", "-"), f"{r['probability']:.4f}" if "probability" in r else f"error: {r['error']}"]
+             for r in rows],
+        ))
+    failed = [r for r in rows if "error" in r]
+    if failed and len(failed) == len(rows):
+        fail(f"none of the {len(rows)} image(s) could be read (first: {failed[0]['path']}: {failed[0]['error']})", 2)
+    if failed:
+        fail(f"{len(failed)} of {len(rows)} image(s) could not be read (first: {failed[0]['path']}: "
+             f"{failed[0]['error']}); the others were predicted", 1)
