@@ -214,7 +214,7 @@ class Source:
             split=split.spec.tfds_spec,
             shuffle_files=False,
             decoders={"image": tfds.decode.SkipDecoding()},
-            read_config=tfds.ReadConfig(add_tfrecord_id=True, interleave_cycle_length=1),
+            read_config=tfds.ReadConfig(add_tfds_id=True, interleave_cycle_length=1),
         )
         ds = ds.skip(start).enumerate(start)
         return ds.map(lambda i, ex: (i, ex["tfds_id"], tf.cast(ex["label"], tf.int64), ex["image"]))
