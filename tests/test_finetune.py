@@ -155,7 +155,7 @@ def test_predict_on_model_and_head_folders(finetuned, keras_head, cats_dogs, wei
         (["finetune", "run", "--epochs", "0"], "epochs"),
         (["finetune", "run", "--head", "/nonexistent/head"], "head"),
         (["finetune", "run", "--image-size", "150"], "image_size"),
-        (["predict", "/nonexistent/model", "x.jpg"], "neither"),
+        (["predict", "/nonexistent/model", "x.jpg"], "does not exist"),
     ],
 )
 def test_bad_finetune_and_predict_input_is_one_line(args, needle, cats_dogs, weights_path, keras_head, tmp_path):

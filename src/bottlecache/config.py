@@ -23,6 +23,7 @@ DEFAULT_IMAGE_SIZE = 160
 DEFAULT_DTYPE = "float16"
 DEFAULT_ENGINE = "auto"
 DEFAULT_CACHE_DIR = "cache"
+DEFAULT_FINE_TUNE_AT = 100  # the tutorial's: MobileNetV2's layers from index 100 on are trained
 SEED_LIMIT = 2**32  # numpy's and Keras's seeds lie in [0, 2**32)
 N_CHANNELS = 1280
 

@@ -38,7 +38,7 @@ def preprocess(image, image_size: int):
     Used by every path: cache build, the end-to-end baselines, fine-tuning and prediction.
     Resizing before scaling gives the values of scaling first (bilinear weights sum to one; the
     two differ by float32 rounding, under 1e-6) and does the scaling on ``image_size`` pixels
-    instead of the whole photo: 28% less work per 500x375 JPEG (README, "Preprocessing").
+    instead of the whole photo: 28% less work per 500x375 JPEG (docs/data.md, "Preprocessing").
 
     Parameters
     ----------

@@ -21,11 +21,11 @@ import numpy as np
 
 from ._tf import import_keras, import_tf
 from .backbone import backbone_record, load_backbone
-from .config import DEFAULT_DATA, DEFAULT_IMAGE_SIZE, MAX_BATCH_SIZE, MAX_EPOCHS, CacheSettings, check_positive, \
+from .config import DEFAULT_DATA, DEFAULT_FINE_TUNE_AT, DEFAULT_IMAGE_SIZE, MAX_BATCH_SIZE, MAX_EPOCHS, CacheSettings, check_positive, \
     check_seed
 from .data import image_dataset, training_dataset
 from .errors import BottlecacheError
-from .files import atomic_save, atomic_write_text, write_error
+from .files import atomic_save, atomic_write_text, ensure_cache_dir, write_error
 from .fingerprint import canonical_json, fingerprint
 from .heads import MAX_LEARNING_RATE, compile_for, compute_metrics, load_head, load_keras_file, \
     probabilities_from_logits
@@ -33,7 +33,6 @@ from .progress import NullProgress
 from .records import MODEL_FORMAT, RECORD_VERSION, CheckpointState, read_json, to_json
 
 CHECKPOINT_DIR = ".checkpoint"
-DEFAULT_FINE_TUNE_AT = 100  # the tutorial's: MobileNetV2's layers from index 100 on train
 # Options that only say when to stop: a resumed run honours new values. Every other option must match.
 RESUMABLE_PARAMS = ("epochs", "early_stopping")
 CHECKPOINT_ADVICE = "delete the folder's .checkpoint to start over, or pass another --out"
@@ -216,7 +215,9 @@ def finetune(
                   "backbone": record, "params": params,
                   "head": {"path": str(head.resolve()),
                            "cache_fingerprint": loaded.record.get("cache", {}).get("fingerprint", "")}}
-    out = Path(out) if out else settings.cache_dir / "models" / f"finetune-{fingerprint(_fixed(run_config))[:12]}"
+    if out is None:
+        out = ensure_cache_dir(settings.cache_dir) / "models" / f"finetune-{fingerprint(_fixed(run_config))[:12]}"
+    out = Path(out)
     _check_out(out, resume)
     state = _resume_state(out, run_config) if resume and (out / CHECKPOINT_DIR / "state.json").exists() else None
     try:

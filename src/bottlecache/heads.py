@@ -19,7 +19,7 @@ from ._tf import import_keras
 from .config import MAX_BATCH_SIZE, MAX_EPOCHS, check_choice, check_fraction, check_positive, check_seed, \
     resolve_cache_dir
 from .errors import BottlecacheError, CacheMismatchError, reason
-from .files import write_error
+from .files import ensure_cache_dir, write_error
 from .records import HEAD_FORMAT, RECORD_VERSION, HeadRecord, MetricsRecord, differences, read_json, to_json
 
 KINDS = ("sklearn", "keras")
@@ -494,7 +494,7 @@ def save_head(result: HeadResult, cache, out=None, cache_dir=None) -> Path:
     import shutil
 
     if out is None:
-        base = resolve_cache_dir(cache_dir) / "heads"
+        base = ensure_cache_dir(resolve_cache_dir(cache_dir)) / "heads"
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = base / f"{result.kind}-{cache.fingerprint[:12]}-{stamp}"
         n = 1

@@ -39,7 +39,7 @@ from .records import CacheAttrs, differences, python_value, validate
 FEATURE_CHUNK_ROWS = 32
 POOLED_CHUNK_ROWS = 32  # = FEATURE_CHUNK_ROWS: a commit writes each chunk once (1024 rows of float32 made every commit recompress 5 MB)
 # Measured on the 2,000 train features of cats_and_dogs_filtered (float16, 78.5% zeros, 128 MB
-# raw; README, "Storage"): gzip level 1 stores 41.7 MB and reads back as fast as lzf's 54.9 MB
+# raw; docs/cache-format.md, "Storage"): gzip level 1 stores 41.7 MB and reads back as fast as lzf's 54.9 MB
 # (0.72-0.86 s against 0.81-0.83 s); gzip 4 saves 9% more but reads 40% slower; byte shuffle
 # made both larger.
 COMPRESSION, COMPRESSION_LEVEL = "gzip", 1

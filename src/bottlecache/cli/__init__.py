@@ -1,6 +1,8 @@
 """``bottlecache``: the command line. Commands are thin: parse, call the library, render."""
 
+import logging
 import os
+import warnings
 from typing import Annotated
 
 import typer
@@ -28,6 +30,10 @@ def root(
 
     if verbose:
         os.environ["BOTTLECACHE_VERBOSE"] = "1"
+    else:  # library warnings would come before (or instead of) our one line
+        warnings.simplefilter("ignore")
+        for name in ("tensorflow", "absl", "keras", "h5py"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     set_verbose(verbose)
 
 

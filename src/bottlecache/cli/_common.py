@@ -112,6 +112,20 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+def render_metrics(title: str, result: dict) -> None:
+    """The metrics table shared by heads and fine-tuning (one row per evaluated split)."""
+    rows = []
+    for split, m in result["metrics"].items():
+        per_class = "; ".join(
+            f"{name} {v['precision']:.3f}/{v['recall']:.3f}/{v['f1']:.3f}" for name, v in m["per_class"].items()
+        )
+        auc = f"{m['roc_auc']:.4f}" if "roc_auc" in m else "-"
+        rows.append([split, m["n"], f"{m['accuracy']:.4f}", f"{m['log_loss']:.4f}", auc, per_class])
+    out.print(table(title, ["split", "n", "accuracy", "log loss", "ROC AUC", "per class precision/recall/F1"], rows))
+    for split, m in result["metrics"].items():
+        out.print(f"{split} confusion matrix (rows: true, columns: predicted): {m['confusion_matrix']}")
+
+
 class RichProgress:
     """A progress bar per split (images/s) on stderr, for ``build_cache`` and training loops."""
 

@@ -10,10 +10,9 @@ import typer
 
 from ..config import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE
 from ..errors import BottlecacheError, reason
-from ..store import DAMAGED_ADVICE
 from ._common import (
     CacheDirOpt, DataOpt, ImageSizeOpt, JsonOpt, RichProgress, SplitOpt, TfdsDirOpt, WeightsOpt,
-    err, fail, handle_errors, human_bytes, out, print_json, table,
+    err, fail, handle_errors, human_bytes, out, print_json, render_metrics, table,
 )
 
 app = typer.Typer(help="Build, inspect and verify bottleneck-feature caches; train heads on them.", no_args_is_help=True)
@@ -119,7 +118,7 @@ def info(cache: Annotated[str, typer.Argument(help="Cache file or fingerprint pr
 @handle_errors(interrupted="interrupted; nothing was changed")
 def verify(cache: Annotated[str, typer.Argument(help="Cache file or fingerprint prefix.")], cache_dir: CacheDirOpt = None, as_json: JsonOpt = False):
     """Read every chunk and check checksums, shapes, counts and the fingerprint; exit 1 on any fault."""
-    from ..store import find_cache, verify_cache
+    from ..store import DAMAGED_ADVICE, find_cache, verify_cache
 
     report = verify_cache(find_cache(cache, cache_dir))
     if as_json:
@@ -136,20 +135,6 @@ def verify(cache: Annotated[str, typer.Argument(help="Cache file or fingerprint 
         first = first if first.startswith(str(report.path)) else f"{report.path}: {first}"
         more = f" (and {len(report.problems) - 1} more fault(s))" if len(report.problems) > 1 else ""
         fail(first + more if DAMAGED_ADVICE in first else f"{first}{more}; {DAMAGED_ADVICE}", 1)
-
-
-def render_metrics(title: str, result: dict) -> None:
-    """The metrics table shared by heads and fine-tuning (one row per evaluated split)."""
-    rows = []
-    for split, m in result["metrics"].items():
-        per_class = "; ".join(
-            f"{name} {v['precision']:.3f}/{v['recall']:.3f}/{v['f1']:.3f}" for name, v in m["per_class"].items()
-        )
-        auc = f"{m['roc_auc']:.4f}" if "roc_auc" in m else "-"
-        rows.append([split, m["n"], f"{m['accuracy']:.4f}", f"{m['log_loss']:.4f}", auc, per_class])
-    out.print(table(title, ["split", "n", "accuracy", "log loss", "ROC AUC", "per class precision/recall/F1"], rows))
-    for split, m in result["metrics"].items():
-        out.print(f"{split} confusion matrix (rows: true, columns: predicted): {m['confusion_matrix']}")
 
 
 @app.command("train-head")

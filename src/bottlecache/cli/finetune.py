@@ -7,13 +7,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..config import DEFAULT_DATA, DEFAULT_IMAGE_SIZE
-from ..finetune import DEFAULT_FINE_TUNE_AT
+from ..config import DEFAULT_DATA, DEFAULT_FINE_TUNE_AT, DEFAULT_IMAGE_SIZE
 from ._common import (
     CacheDirOpt, DataOpt, ImageSizeOpt, JsonOpt, RichProgress, SplitOpt, TfdsDirOpt, WeightsOpt,
-    handle_errors, out, print_json,
+    handle_errors, out, print_json, render_metrics,
 )
-from .cache import render_metrics
 
 app = typer.Typer(help="Fine-tune the top of MobileNetV2 end to end, warm-started from a cached head.", no_args_is_help=True)
 
