@@ -584,8 +584,9 @@ def _verify_cli(path):
     result = invoke(["cache", "verify", path])
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output
-    faults = [line for line in result.stderr.splitlines() if line.startswith("fault: ")]
-    assert faults and [line for line in result.stderr.splitlines() if line.startswith("error: ")], result.stderr
+    faults = [line for line in result.stdout.splitlines() if line.startswith("fault: ")]  # every fault listed
+    line = error_line(result)  # and one line on stderr: the first fault and what to do
+    assert faults and faults[0][len("fault: "):].split(" (")[0] in line, (faults, line)
     return faults
 
 
@@ -674,6 +675,11 @@ def test_tampered_caches_are_detected(reference, tmp_path):
 
     with h5py.File(forged, "r+") as f:
         f.attrs["fingerprint"] = fingerprint(json.loads(f.attrs["config"]))
+    faults = _verify_cli(forged)  # the root class_names no longer agree with the config's
+    assert len(faults) == 1 and "'class_names' differs from config.class_names" in faults[0]
+    figures["config and fingerprint rewritten, class names not"] = {"verify": faults[0]}
+    with h5py.File(forged, "r+") as f:
+        f.attrs["class_names"] = json.dumps(json.loads(f.attrs["config"])["class_names"])
     faults = _verify_cli(forged)
     assert faults == ["fault: the file name does not carry the cache's fingerprint"]
     figures["config and fingerprint rewritten together"] = {"verify": faults[0],
@@ -767,8 +773,11 @@ def lambda_head(reference, tmp_path_factory):
     evil_model.mkdir()
     shutil.copy(evil_head / "head.keras", evil_model / "model.keras")
     record_json = json.loads((head / "head.json").read_text())
-    (evil_model / "model.json").write_text(json.dumps({"class_names": record_json["class_names"],
-                                                       "backbone": record_json["backbone"]}))
+    (evil_model / "model.json").write_text(json.dumps({  # a valid record: the .keras file is what is refused
+        "format": "bottlecache-model", "format_version": 1, "class_names": record_json["class_names"],
+        "backbone": record_json["backbone"], "weights": "imagenet", "head": str(head),
+        "params": {"fine_tune_at": 100, "epochs": 1, "learning_rate": 1e-5, "batch_size": 32, "seed": 0,
+                   "augment": False, "early_stopping": None}}))
     assert not marker.exists()
     return evil_head, evil_model, marker
 
@@ -779,16 +788,16 @@ def test_keras_files_with_code_are_refused(lambda_head, weights_path, cats_dogs)
     from bottlecache.heads import load_head
 
     evil_head, evil_model, marker = lambda_head
-    with pytest.raises(BottlecacheError, match="cannot be loaded safely") as caught:
+    with pytest.raises(BottlecacheError, match="refused in safe mode") as caught:
         load_head(evil_head)
     assert "\n" not in str(caught.value) and not marker.exists()
     image = next((cats_dogs / "validation" / "cats").glob("*.jpg"))
     lines = {}
-    for folder in (evil_head, evil_model):
-        result = invoke(["predict", folder, image, "--weights", weights_path])
+    for folder, weights in ((evil_head, ["--weights", weights_path]), (evil_model, [])):
+        result = invoke(["predict", folder, image, *weights])
         assert result.exit_code == 2, result.output
         lines[folder.name] = error_line(result)
-        assert "cannot be loaded safely" in lines[folder.name] and "Lambda" in lines[folder.name]
+        assert "refused in safe mode" in lines[folder.name] and "Lambda" in lines[folder.name]
         assert not marker.exists()
     # the control: outside safe mode the same file does run its code
     keras.saving.load_model(evil_head / "head.keras", safe_mode=False)
