@@ -194,7 +194,7 @@ def report(o: Outcome, problems: list[str], tag: str = "CONTRACT") -> str:
         text += "\n  " + "\n  ".join(o.shorten(c) for c in o.changed[:12])
     if o.result is not None:
         text += "\n--- stderr ---\n" + o.shorten(o.result.stderr[-1500:])
-        if o.result.exc_info and not isinstance(o.result.exception, SystemExit):
+        if o.result.exception is not None and not isinstance(o.result.exception, SystemExit):
             import traceback
 
             text += "\n--- exception ---\n" + "".join(traceback.format_exception(*o.result.exc_info)[-6:])
