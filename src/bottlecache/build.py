@@ -138,13 +138,15 @@ def build_resolved(resolved: ResolvedCache, *, batch_size: int | None = None, en
     final_path = resolved.path
     if final_path.exists():
         return hit_report(resolved, final_path)
+    # The weights load before anything is written: a file that does not load leaves nothing behind.
+    base = load_backbone(resolved.weights, resolved.settings.image_size)
     ensure_cache_dir(final_path.parent)
     with build_lock(final_path, wait=wait, on_wait=lambda pid: progress.message(
         f"another build of this cache is running (pid {pid}); waiting for it to finish"
     )):
         if final_path.exists():  # the other build finished it while we waited
             return hit_report(resolved, final_path)
-        return _build_locked(resolved, batch_size, engine, progress)
+        return _build_locked(resolved, base, batch_size, engine, progress)
 
 
 def split_reports(file, processed: dict[str, tuple[int, float]] | None = None) -> list[SplitReport]:
@@ -170,15 +172,15 @@ def hit_report(resolved: ResolvedCache, path: Path) -> BuildReport:
                        resolved.config)
 
 
-def _build_locked(resolved: ResolvedCache, batch_size, engine_name, progress):
+def _build_locked(resolved: ResolvedCache, base, batch_size, engine_name, progress):
     from .engines import make_engine
 
     source, weights_ref, config, fp = resolved.source, resolved.weights, resolved.config, resolved.fingerprint
     final_path, dtype, image_size = resolved.path, resolved.settings.dtype, resolved.settings.image_size
     versions = library_versions()
-    # Load the weights and check the engine before anything is written: a weights file that does
-    # not load must not leave a .partial behind (the next run would "resume" it).
-    engine = make_engine(engine_name, load_backbone(weights_ref, image_size), weights_ref, image_size,
+    # Check the engine before the partial file is written: an engine that fails must not leave a
+    # .partial behind (the next run would "resume" it).
+    engine = make_engine(engine_name, base, weights_ref, image_size,
                          cache_dir=final_path.parent, probe=(source, next(iter(source.splits))))
     partial = PartialCache(final_path, fp)
     split_attrs = {

@@ -24,6 +24,7 @@ DEFAULT_DTYPE = "float16"
 DEFAULT_ENGINE = "auto"
 DEFAULT_CACHE_DIR = "cache"
 DEFAULT_FINE_TUNE_AT = 100  # the tutorial's: MobileNetV2's layers from index 100 on are trained
+N_BASE_LAYERS = 154  # MobileNetV2's layers without its top (tests/test_finetune.py checks it)
 SEED_LIMIT = 2**32  # numpy's and Keras's seeds lie in [0, 2**32)
 N_CHANNELS = 1280
 
@@ -93,13 +94,28 @@ def check_fraction(name: str, value, *, inclusive_one: bool = False) -> float:
     return float(check_range(name, value, 0, 1, float, high_open=not inclusive_one))
 
 
+def check_folder_option(name: str, folder) -> Path:
+    """A folder option: an existing folder, or a path where one can be made (not a file, not below a
+    file, not a dangling link)."""
+    path = Path(folder).expanduser()
+    if path.is_symlink() and not path.exists():
+        raise BottlecacheError(f"The '{name}' option must be a folder. Got {str(path)!r}, a link to nothing.")
+    if path.exists() and not path.is_dir():
+        raise BottlecacheError(f"The '{name}' option must be a folder. Got the file {str(path)!r} instead.")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise BottlecacheError(
+                    f"The '{name}' option must be a folder. Got {str(path)!r}, below the file {str(parent)!r}."
+                )
+            break
+    return path
+
+
 def resolve_cache_dir(cache_dir=None) -> Path:
     """``cache_dir``, else ``$BOTTLECACHE_CACHE_DIR``, else ``./cache``."""
     chosen = cache_dir or os.environ.get("BOTTLECACHE_CACHE_DIR") or DEFAULT_CACHE_DIR
-    path = Path(chosen).expanduser()
-    if path.exists() and not path.is_dir():
-        raise BottlecacheError(f"The 'cache_dir' option must be a folder. Got the file {str(path)!r} instead.")
-    return path
+    return check_folder_option("cache_dir", chosen)
 
 
 MAX_BATCH_SIZE = 65536
@@ -145,7 +161,7 @@ class CacheSettings:
         if self.weights is not None:
             set_(self, "weights", str(self.weights))
         if self.tfds_data_dir is not None:
-            set_(self, "tfds_data_dir", str(self.tfds_data_dir))
+            set_(self, "tfds_data_dir", str(check_folder_option("tfds_data_dir", self.tfds_data_dir)))
         set_(self, "fast_decode", bool(self.fast_decode))
         set_(self, "cache_dir", resolve_cache_dir(self.cache_dir))
 

@@ -21,8 +21,8 @@ import numpy as np
 
 from ._tf import import_keras, import_tf
 from .backbone import backbone_record, load_backbone
-from .config import DEFAULT_DATA, DEFAULT_FINE_TUNE_AT, DEFAULT_IMAGE_SIZE, MAX_BATCH_SIZE, MAX_EPOCHS, CacheSettings, check_positive, \
-    check_seed
+from .config import DEFAULT_DATA, DEFAULT_FINE_TUNE_AT, DEFAULT_IMAGE_SIZE, MAX_BATCH_SIZE, MAX_EPOCHS, \
+    N_BASE_LAYERS, CacheSettings, check_folder_option, check_positive, check_range, check_seed
 from .data import image_dataset, training_dataset
 from .errors import BottlecacheError
 from .files import atomic_save, atomic_write_text, ensure_cache_dir, write_error
@@ -208,6 +208,8 @@ def finetune(
         )
     if out is not None:
         _check_out(Path(out), resume)
+        if resume:
+            _read_state(Path(out))  # a damaged checkpoint is refused before anything is loaded
     head = Path(head) if head is not None else _train_warm_start_head(resolved, head_epochs, batch_size, seed, progress)
     loaded = _load_warm_start_head(head, resolved)
     record = backbone_record(resolved.weights, image_size)
@@ -232,11 +234,7 @@ def check_params(**params) -> dict:
     check_positive("learning_rate", params["learning_rate"], float, maximum=MAX_LEARNING_RATE)
     check_positive("batch_size", params["batch_size"], maximum=MAX_BATCH_SIZE)
     check_seed(params["seed"])
-    if isinstance(params["fine_tune_at"], bool) or not isinstance(params["fine_tune_at"], int) \
-            or params["fine_tune_at"] < 0:
-        raise BottlecacheError(
-            f"The 'fine_tune_at' option must be a non-negative integer. Got {params['fine_tune_at']!r} instead."
-        )
+    check_range("fine_tune_at", params["fine_tune_at"], 0, N_BASE_LAYERS, high_open=False)
     if params["early_stopping"] is not None:
         check_positive("early_stopping", params["early_stopping"], maximum=MAX_EPOCHS)
     params["augment"] = bool(params["augment"])
@@ -250,8 +248,7 @@ def _fixed(run_config: dict) -> dict:
 
 
 def _check_out(out: Path, resume: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise BottlecacheError(f"The 'out' option must be a folder; {out} is a file. Pass another --out.")
+    check_folder_option("out", out)
     if (out / "model.keras").exists() or (out / "model.json").exists():
         raise BottlecacheError(f"{out} already holds a finished model; pass another --out.")
     if (out / CHECKPOINT_DIR / "state.json").exists() and not resume:
@@ -294,7 +291,7 @@ def _option(key: str) -> str:
 def _resume_state(out: Path, run_config: dict) -> dict:
     """The interrupted run's state, if it was started with the same settings (else one line naming each)."""
     checkpoint = out / CHECKPOINT_DIR
-    state = read_json(checkpoint / "state.json", CheckpointState, CHECKPOINT_ADVICE).model_dump(mode="json")
+    state = _read_state(out)
     stored = json.loads(state["config"])
     if not isinstance(stored, dict):
         raise BottlecacheError(f"{checkpoint / 'state.json'}: field 'config' is not an object; {CHECKPOINT_ADVICE}.")
@@ -317,6 +314,10 @@ def _resume_state(out: Path, run_config: dict) -> dict:
         if not (checkpoint / name).is_file():
             raise BottlecacheError(f"{checkpoint / name} is missing; {CHECKPOINT_ADVICE}.")
     return state
+
+
+def _read_state(out: Path) -> dict:
+    return read_json(out / CHECKPOINT_DIR / "state.json", CheckpointState, CHECKPOINT_ADVICE).model_dump(mode="json")
 
 
 def _run(out: Path, resolved, loaded, head: Path, run_config: dict, state: dict | None, progress) -> FinetuneResult:

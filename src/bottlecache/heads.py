@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from ._tf import import_keras
-from .config import MAX_BATCH_SIZE, MAX_EPOCHS, check_choice, check_fraction, check_positive, check_seed, \
-    resolve_cache_dir
+from .config import MAX_BATCH_SIZE, MAX_EPOCHS, check_choice, check_folder_option, check_fraction, check_positive, \
+    check_seed, resolve_cache_dir
 from .errors import BottlecacheError, CacheMismatchError, reason
 from .files import ensure_cache_dir, write_error
 from .records import HEAD_FORMAT, RECORD_VERSION, HeadRecord, MetricsRecord, differences, read_json, to_json
@@ -386,6 +386,10 @@ def train_head(
     check_seed(seed)
     if early_stopping is not None:
         check_positive("early_stopping", early_stopping, maximum=MAX_EPOCHS)
+    resolve_cache_dir(cache_dir)  # a bad --cache-dir is refused even where a cache path makes it unused
+    if out is not None:
+        out = check_folder_option("out", out)
+        check_new_folder(out)
     opened = not isinstance(cache, Cache)
     cache = open_cache(cache, cache_dir) if opened else cache
     try:
@@ -519,7 +523,8 @@ def save_head(result: HeadResult, cache, out=None, cache_dir=None) -> Path:
     try:
         staging.mkdir(parents=True, exist_ok=True)
         (staging / "head.json").write_text(to_json(record))
-        (staging / "metrics.json").write_text(to_json(result.to_dict() | {"history": result.history}))
+        metrics = result.to_dict() | {"path": str(out), "history": result.history}
+        (staging / "metrics.json").write_text(to_json(metrics))
         result.head.save(staging)
         if out.exists():
             out.rmdir()
@@ -611,8 +616,14 @@ def list_heads(cache_dir=None) -> list[tuple[Path, dict]]:
     entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
     for head_dir in sorted(entries, key=mtime, reverse=True):
         try:
-            read_head_record(head_dir)
+            record = read_head_record(head_dir)
             metrics = read_json(head_dir / "metrics.json", MetricsRecord, HEAD_ADVICE).model_dump(mode="json")
+            expected = sorted(set(record.cache.config.splits) - {"train"})
+            if sorted(metrics["metrics"]) != expected or metrics["kind"] != record.kind:
+                raise BottlecacheError(
+                    f"{head_dir / 'metrics.json'} does not match head.json (kind {metrics['kind']!r}, splits "
+                    f"{sorted(metrics['metrics'])}; expected {record.kind!r}, {expected}); {HEAD_ADVICE}"
+                )
         except BottlecacheError as error:
             metrics = {"error": str(error)}
         out.append((head_dir, metrics))

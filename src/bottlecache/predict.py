@@ -132,7 +132,7 @@ def expand_images(items) -> list[Path]:
     Raises
     ------
     BottlecacheError
-        A path does not exist, or nothing at all was found to predict.
+        A folder holds no images, or nothing at all was given.
     """
     out = []
     for item in items:
@@ -145,9 +145,7 @@ def expand_images(items) -> list[Path]:
                     "folder of them."
                 )
             out += found
-        elif not path.exists() and not path.is_symlink():
-            raise BottlecacheError(f"The image {path} does not exist.")
-        else:
+        else:  # a file, or a path that is not there: its row will say so
             out.append(path)
     if not out:
         raise BottlecacheError("No images given; pass image files or folders.")

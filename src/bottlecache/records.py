@@ -117,9 +117,9 @@ class HeadRecord(Record):
     feature_shape: Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=3, max_length=3)]
     params: dict[str, Any]
     backbone: BackboneRecord
-    weights: str | None = None
+    weights: str | None
     cache: CacheRef
-    created: str = ""
+    created: str
 
     @model_validator(mode="after")
     def _rules(self):
@@ -156,7 +156,7 @@ class ModelRecord(Record):
     weights: str
     head: str
     params: FinetuneParams
-    created: str = ""
+    created: str
 
     @model_validator(mode="after")
     def _rules(self):
@@ -173,11 +173,15 @@ class SplitMetrics(Record):
 
 
 class MetricsRecord(Record):
-    """``metrics.json`` of a head or a fine-tuned model (what ``cache heads`` lists)."""
+    """A head's ``metrics.json`` (what ``cache heads`` lists)."""
 
-    kind: Literal["sklearn", "keras", "finetune"]
+    kind: Literal["sklearn", "keras"]
+    path: str
     train_seconds: float = Field(ge=0)
+    params: dict[str, Any]
+    selection: list[dict[str, Any]]
     metrics: dict[str, SplitMetrics]
+    history: dict[str, list[float | None]]
 
 
 class CheckpointState(Record):
@@ -185,7 +189,7 @@ class CheckpointState(Record):
 
     epoch: Count
     best_epoch: Count
-    best: float | None  # validation loss of the best epoch (null: none yet)
+    best: FiniteFloat  # validation loss of the best epoch so far (epoch 0: the warm start's)
     history: dict[str, list[float | None]]
     config: str  # the run's canonical configuration, compared on resume
 

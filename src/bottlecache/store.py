@@ -395,6 +395,20 @@ class Cache:
                     f"{where}: split {split!r} has arrays of the wrong shape ({', '.join(wrong) or 'labels'}; "
                     f"expected {n} rows of {expected}); {DAMAGED_ADVICE}"
                 )
+            self._check_commit_record(split, group, n)
+
+    def _check_commit_record(self, split: str, group, n_rows: int) -> None:
+        """The split's commit record must agree with its arrays: ``n_rows`` rows, ``n_skipped``
+        skipped, together the split's ``n_examples``."""
+        counts = {key: python_value(group.attrs.get(key)) for key in ("n_rows", "n_skipped", "n_examples")}
+        bad = [key for key, value in counts.items() if isinstance(value, bool) or not isinstance(value, int)]
+        n_skipped = group["skipped"].shape[0]
+        if bad or counts["n_rows"] != n_rows or counts["n_skipped"] != n_skipped \
+                or counts["n_examples"] != n_rows + n_skipped:
+            detail = (f"attribute {bad[0]} is {counts[bad[0]]!r}, not a count" if bad else
+                      f"its record says {counts['n_rows']} rows + {counts['n_skipped']} skipped of "
+                      f"{counts['n_examples']}, its arrays hold {n_rows} + {n_skipped}")
+            raise BottlecacheError(f"{self.path}: split {split!r}: {detail}; {DAMAGED_ADVICE}")
 
     def __enter__(self):
         return self

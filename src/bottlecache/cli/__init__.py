@@ -7,12 +7,13 @@ from typing import Annotated
 
 import typer
 
-from ._common import App
+from ._common import OneLineGroup
 from .cache import app as cache_app
 from .finetune import app as finetune_app
 from .predict import predict
 
-app = App(
+app = typer.Typer(
+    cls=OneLineGroup,
     name="bottlecache",
     help="Bottleneck-feature caching for transfer learning: run the frozen MobileNetV2 once, train heads in seconds.",
     no_args_is_help=True,

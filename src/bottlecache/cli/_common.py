@@ -10,8 +10,16 @@ import sys
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+from typer.core import TyperGroup
 
 from ..errors import BottlecacheError, reason
 
@@ -66,13 +74,15 @@ def handle_errors(command=None, *, interrupted: str = INTERRUPTED):
     return wrapper
 
 
-class App(typer.Typer):
-    """The root app: a usage error (a value typer cannot parse, an unknown option) is one line too."""
+class OneLineGroup(TyperGroup):
+    """The root command: a usage error (a value typer cannot parse, an unknown option, a flag given
+    a value) ends as one line too, as every other failure does."""
 
-    def __call__(self, *args, **kwargs):
-        kwargs["standalone_mode"] = False
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
         try:
-            code = super().__call__(*args, **kwargs)
+            code = super().main(*args, standalone_mode=False, **kwargs)
         except click_exceptions.NoArgsIsHelpError as error:
             error.show()
             sys.exit(2)

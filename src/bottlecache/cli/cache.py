@@ -11,8 +11,22 @@ import typer
 from ..config import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE
 from ..errors import BottlecacheError, reason
 from ._common import (
-    CacheDirOpt, DataOpt, ImageSizeOpt, JsonOpt, RichProgress, SplitOpt, TfdsDirOpt, WeightsOpt,
-    err, fail, handle_errors, human_bytes, out, print_json, render_metrics, table,
+    CacheDirOpt,
+    DataOpt,
+    ImageSizeOpt,
+    JsonOpt,
+    RichProgress,
+    SplitOpt,
+    TfdsDirOpt,
+    WeightsOpt,
+    err,
+    fail,
+    handle_errors,
+    human_bytes,
+    out,
+    print_json,
+    render_metrics,
+    table,
 )
 
 app = typer.Typer(help="Build, inspect and verify bottleneck-feature caches; train heads on them.", no_args_is_help=True)

@@ -9,8 +9,18 @@ import typer
 
 from ..config import DEFAULT_DATA, DEFAULT_FINE_TUNE_AT, DEFAULT_IMAGE_SIZE
 from ._common import (
-    CacheDirOpt, DataOpt, ImageSizeOpt, JsonOpt, RichProgress, SplitOpt, TfdsDirOpt, WeightsOpt,
-    handle_errors, out, print_json, render_metrics,
+    CacheDirOpt,
+    DataOpt,
+    ImageSizeOpt,
+    JsonOpt,
+    RichProgress,
+    SplitOpt,
+    TfdsDirOpt,
+    WeightsOpt,
+    handle_errors,
+    out,
+    print_json,
+    render_metrics,
 )
 
 app = typer.Typer(help="Fine-tune the top of MobileNetV2 end to end, warm-started from a cached head.", no_args_is_help=True)
