@@ -777,7 +777,7 @@ def lambda_head(reference, tmp_path_factory):
         "format": "bottlecache-model", "format_version": 1, "class_names": record_json["class_names"],
         "backbone": record_json["backbone"], "weights": "imagenet", "head": str(head),
         "params": {"fine_tune_at": 100, "epochs": 1, "learning_rate": 1e-5, "batch_size": 32, "seed": 0,
-                   "augment": False, "early_stopping": None}}))
+                   "augment": False, "early_stopping": None}, "created": "2026-11-28T00:00:00Z"}))
     assert not marker.exists()
     return evil_head, evil_model, marker
 
