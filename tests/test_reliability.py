@@ -492,24 +492,32 @@ def test_two_builds_of_the_same_cache_one_writes(reference, weights_path, cats_d
         with open(logs[-1], "wb") as err, open(tmp_path / f"build{i}.json", "wb") as out:
             processes.append(subprocess.Popen(command, stdout=out, stderr=err))
     pids = {p.pid for p in processes}
-    deadline = time.monotonic() + 180
-    holder = None
-    while time.monotonic() < deadline and all(p.poll() is None for p in processes):
-        text = lock.read_text().strip() if lock.exists() else ""
-        if text.isdigit() and int(text) in pids and (final.with_name(final.name + ".partial")).exists():
-            holder = int(text)
-            break
-        time.sleep(0.02)
-    assert holder is not None, [log.read_text()[-2000:] for log in logs]
 
-    # a third build that may not wait stops at once, naming the writer
-    result = invoke(["cache", "build", "--data", cats_dogs, "--weights", weights_path, "--cache-dir", cache_dir,
-                     "--image-size", IMAGE_SIZE, "--engine", "keras", *sum((["--split", s] for s in SPLITS), []),
-                     "--no-wait"])
-    assert result.exit_code == 2
-    no_wait = error_line(result)
-    assert f"Another build of this cache is running (pid {holder})" in no_wait
-    assert all(p.poll() is None for p in processes), "the --no-wait build disturbed the others"
+    def lock_holder():
+        text = lock.read_text().strip() if lock.exists() else ""
+        return int(text) if text.isdigit() and int(text) in pids else None
+
+    # The writer is stopped (SIGSTOP) as soon as a look sees it holding the lock, and continued
+    # after the checks: they never race its work, however fast it is.
+    holder = wait_until(lock_holder, what="one of the two builds taking the lock", processes=processes,
+                        timeout=180)
+    os.kill(holder, signal.SIGSTOP)
+    try:
+        (waiter,) = pids - {holder}
+        waiter_log = logs[[p.pid for p in processes].index(waiter)]
+        wait_until(lambda: "waiting for it to finish" in waiter_log.read_text(errors="replace"),
+                   what="the other build waiting on the lock", processes=processes, timeout=180)
+
+        # a third build that may not wait stops at once, naming the writer
+        result = invoke(["cache", "build", "--data", cats_dogs, "--weights", weights_path, "--cache-dir", cache_dir,
+                         "--image-size", IMAGE_SIZE, "--engine", "keras", *sum((["--split", s] for s in SPLITS), []),
+                         "--no-wait"])
+        assert result.exit_code == 2
+        no_wait = error_line(result)
+        assert f"Another build of this cache is running (pid {holder})" in no_wait
+        assert all(p.poll() is None for p in processes), "the --no-wait build disturbed the others"
+    finally:
+        os.kill(holder, signal.SIGCONT)
 
     for p in processes:
         p.wait(timeout=300)
@@ -517,10 +525,8 @@ def test_two_builds_of_the_same_cache_one_writes(reference, weights_path, cats_d
     reports = {p.pid: json.loads((tmp_path / f"build{i}.json").read_text()) for i, p in enumerate(processes)}
     writers = [pid for pid, r in reports.items() if not r["hit"]]
     assert writers == [holder]  # exactly one wrote
-    (waiter,) = pids - {holder}
     assert reports[waiter]["hit"] and all(s["n_processed"] == 0 for s in reports[waiter]["splits"])
-    waiter_log = logs[[p.pid for p in processes].index(waiter)].read_text()
-    assert f"another build of this cache is running (pid {holder}); waiting for it to finish" in waiter_log
+    assert f"another build of this cache is running (pid {holder}); waiting for it to finish" in waiter_log.read_text()
     assert sorted(p.name for p in cache_dir.iterdir() if not p.name.startswith(".")) == [final.name]
     assert_same_arrays(final, reference.path)
     record("two builds at once", writers=1, waiter="waited, then reported a cache hit", no_wait=no_wait)
