@@ -201,7 +201,7 @@ class KillPlan:
             pytest.fail(f"not enough photos for {N_KILLS} kills: {plan.figures()}; all {sum(available.values())} "
                         f"photos make only {sum(room.values())} commits, and {least} are needed")
         need = min(need, sum(room.values()))
-        validation = min(room["validation"], max(1, need // 5))  # the photos' 2:1, a little more train
+        validation = min(room["validation"], max(1, need // 5))  # train 4 : validation 1, as before (640 + 160)
         train = min(room["train"], need - validation)
         plan.commits = {"train": train, "validation": need - train}
         return plan
