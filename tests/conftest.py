@@ -133,7 +133,7 @@ def wait_until(condition, *, what: str, processes=(), timeout: float = 240.0, lo
     """Look every ``POLL_SECONDS`` until ``condition()`` returns something true, and return it.
 
     ``look`` (optional) runs at every look first. Fails naming ``what`` if one of ``processes``
-    ends first (None where that is allowed) or after ``timeout`` seconds: an upper bound that only
+    (those that must still run) ends first, or after ``timeout`` seconds: an upper bound that only
     stops a hung test, never a point where something is done to a process.
     """
     deadline = time.monotonic() + timeout
@@ -183,6 +183,3 @@ class CommitClock:
         intervals = self.intervals()
         assert intervals, "too few commits to measure a rate"
         return 1.0 / max(float(np.quantile(intervals, 0.25)), 1e-6)
-
-    def median_commits_per_second(self) -> float:
-        return 1.0 / max(float(np.median(self.intervals())), 1e-6)
