@@ -157,9 +157,10 @@ class CommitClock:
 
     def __init__(self):
         self.times: dict[str, list[float]] = {}
+        self.starts: dict[str, float] = {}
 
     def start_split(self, split: str, total: int, done: int) -> None:
-        self.times[split] = []
+        self.times[split], self.starts[split] = [], time.monotonic()
 
     def advance(self, split: str, n: int) -> None:
         self.times[split].append(time.monotonic())
@@ -176,6 +177,11 @@ class CommitClock:
     @property
     def commits(self) -> int:
         return sum(len(times) for times in self.times.values())
+
+    def first_commit_seconds(self) -> float:
+        """From the first split's start to its first commit: a new process's model's first call."""
+        split = next(iter(self.times))
+        return self.times[split][0] - self.starts[split]
 
     def commits_per_second(self) -> float:
         """The fast end of the measured rate (the quarter of intervals that were shortest): kill

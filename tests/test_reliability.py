@@ -183,20 +183,25 @@ class KillPlan:
     """How much work a build gets so that ``N_KILLS`` kills land mid-build, from measured figures."""
 
     commits_per_second: float  # measured: the fast end of a clean build's commit rate
+    first_commit_seconds: float  # measured: from a split's start to its first commit (the model's first call)
     look_seconds: float  # measured: one look at the build (watcher, log and commit record), plus POLL_SECONDS
     overshoot: float  # expected commits that land between the look that decides a kill and the kill
+    on_resume: float  # the same for a kill right after a run says it resumed
     least: int  # commits needed if every kill came right after a resume
     commits: dict  # {split: commits} planned
     available: dict  # {split: examples} in the photos
 
     @classmethod
-    def measure(cls, rate: float, look: float, available: dict) -> KillPlan:
+    def measure(cls, clocks: list[CommitClock], look: float, available: dict) -> KillPlan:
+        rate = max(clock.commits_per_second() for clock in clocks)  # the fastest measured
+        first = min(clock.first_commit_seconds() for clock in clocks)
         overshoot = rate * look / 2 + 0.5  # the commit that decides lands anywhere in a look's gap; one in flight
+        on_resume = rate * max(0.0, look - first) / 2 + 0.5  # a run's first commit waits for its model's first call
         extra = (1 - ON_RESUME) * (1 + MAX_EXTRA_COMMITS) / 2  # mean commits a kill waits for
-        need = math.ceil(N_KILLS * (extra + overshoot) * MARGIN) + RESERVE
-        least = math.ceil(N_KILLS * overshoot * MARGIN) + RESERVE
+        need = math.ceil(N_KILLS * (ON_RESUME * on_resume + (1 - ON_RESUME) * overshoot + extra) * MARGIN) + RESERVE
+        least = math.ceil(N_KILLS * on_resume * MARGIN) + RESERVE
         room = {name: -(-n // COMMIT) for name, n in available.items()}
-        plan = cls(rate, look, overshoot, least, {}, available)
+        plan = cls(rate, first, look, overshoot, on_resume, least, {}, available)
         if least > sum(room.values()):
             pytest.fail(f"not enough photos for {N_KILLS} kills: {plan.figures()}; all {sum(available.values())} "
                         f"photos make only {sum(room.values())} commits, and {least} are needed")
@@ -214,8 +219,11 @@ class KillPlan:
         return [f"{name}={name}[:{min(self.available[name], n * COMMIT)}]" for name, n in self.commits.items()]
 
     def figures(self) -> dict:
-        return {"commits_per_second": round(self.commits_per_second, 2), "look_seconds": round(self.look_seconds, 4),
-                "overshoot_commits_per_kill": round(self.overshoot, 2), "poll_seconds": POLL_SECONDS}
+        return {"commits_per_second": round(self.commits_per_second, 2),
+                "first_commit_seconds": round(self.first_commit_seconds, 2), "look_seconds": round(self.look_seconds, 4),
+                "overshoot_commits_per_kill": round(self.overshoot, 2),
+                "overshoot_commits_per_kill_on_resume": round(self.on_resume, 2), "least_commits": self.least,
+                "poll_seconds": POLL_SECONDS}
 
 
 def test_build_killed_at_random_points_resumes_to_the_clean_build(reference_build, weights_path, cats_dogs,
@@ -237,23 +245,22 @@ def test_build_killed_at_random_points_resumes_to_the_clean_build(reference_buil
     rng = np.random.default_rng(SEED)
     available = {name: split.n_examples
                  for name, split in open_source(cats_dogs, ["train=train", "validation=validation"]).splits.items()}
-    calibration, clock = reference_build
+    calibration, clock = reference_build  # the module's clean build of SPLITS, timed
     look = POLL_SECONDS + look_seconds(calibration.path)
-    rate = clock.commits_per_second()
-    rates = {"reference": round(rate, 2)}
-    plan = KillPlan.measure(rate, look, available)
-    reference, clock = clean_build(tmp_path / "clean0", weights_path, cats_dogs, plan.splits(), timed=True)
-    rates["clean build 0"] = round(clock.commits_per_second(), 2)
-    for attempt in (1, 2):  # measured a faster machine than planned for: a larger clean build
-        rate = max(rate, clock.commits_per_second())
-        again = KillPlan.measure(rate, look, available)
-        if plan.total >= again.least:
-            break
-        plan = again
+    clocks = [clock]
+    plan = KillPlan.measure(clocks, look, available)
+    for attempt in range(3):  # a clean build of the planned size; larger if it measured a faster machine
         reference, clock = clean_build(tmp_path / f"clean{attempt}", weights_path, cats_dogs, plan.splits(),
                                        timed=True)
-        rates[f"clean build {attempt}"] = round(clock.commits_per_second(), 2)
-    planned = {**KillPlan.measure(rate, look, available).figures(), "least_commits": again.least}
+        clocks.append(clock)
+        again = KillPlan.measure(clocks, look, available)
+        if plan.total >= again.least or attempt == 2:
+            break
+        plan = again
+    rates = {name: {"commits_per_second": round(c.commits_per_second(), 2),
+                    "first_commit_seconds": round(c.first_commit_seconds(), 2)}
+             for name, c in zip(["reference", *(f"clean build {i}" for i in range(3))], clocks)}
+    planned = {**again.figures(), "commits": plan.total}
     splits = [f"{s.name}={s.name}[:{s.n_images}]" for s in reference.splits]
     counts = [s.n_images for s in reference.splits]
     calibrated = time.monotonic()
@@ -304,7 +311,7 @@ def test_build_killed_at_random_points_resumes_to_the_clean_build(reference_buil
 
     def too_short(done: int) -> str:
         overshoots = [k["overshoot"] for k in kills]
-        return (f"the build finished after {done} of {N_KILLS} kills: {plan.total} commits planned from "
+        return (f"the build finished after {done} of {N_KILLS} kills: {plan.total} commits from "
                 f"{planned}; the kills overshot by {np.mean(overshoots) if overshoots else 0:.2f} commits on "
                 f"average (at most {max(overshoots, default=0)}), the looks came every "
                 f"{np.median(np.diff(looks)) if len(looks) > 1 else 0:.4f} s")
@@ -327,10 +334,10 @@ def test_build_killed_at_random_points_resumes_to_the_clean_build(reference_buil
             at_start = 0 if run == 0 or "starting over" in text else resumed_at
             # how many commits this run makes before its kill: none (killed right after it said it
             # resumed) or a seeded 1..MAX_EXTRA_COMMITS, fewer if the kills so far overshot
-            kills_left = N_KILLS - run
-            overshoot = max(plan.overshoot, np.mean([k["overshoot"] for k in kills]) if kills else 0.0)
-            room = plan.total - at_start - RESERVE - kills_left * overshoot * 1.2
-            cap = min(MAX_EXTRA_COMMITS, int(room // kills_left))
+            # (the overshoot of such a kill: planned, then the mean of the planned and the measured)
+            overshoot = np.mean([again.overshoot, *(k["overshoot"] for k in kills if k["kind"] == "after a commit")])
+            per_kill = (plan.total - at_start - RESERVE) / (N_KILLS - run)
+            cap = min(MAX_EXTRA_COMMITS, math.floor(per_kill / 1.2 - overshoot))
             on_resume, drawn = rng.random() < ON_RESUME, int(rng.integers(1, MAX_EXTRA_COMMITS + 1))
             extra = 0 if on_resume or cap < 1 else min(drawn, cap)
             target = at_start + extra
