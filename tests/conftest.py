@@ -2,11 +2,20 @@
 
 Where ../shared is missing, tests that need it fail in CI (CI=true) and are skipped elsewhere,
 with the reason said.
+
+Tests that interrupt a running process never race it against a time constant: they look at its
+observed progress (committed rows, a finished epoch, a line in its log) every ``POLL_SECONDS`` and
+act on what they saw, and they size the work from what they measured on this machine. A timeout
+only stops a hung test. ``BOTTLECACHE_TEST_POLL_SECONDS`` (default 0.01) sets how often they look:
+a larger value lets more work happen between two looks, as on a machine that many times faster
+(tests/test_reliability.py, module docstring).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +29,9 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 # Small slices of the real data keep the suite within CI's budget on 2 CPU cores.
 SMALL_SPLITS = ["train=train[:96]", "validation=validation[:48]"]
+
+# How often a test looks at a process it is about to interrupt (see the module docstring).
+POLL_SECONDS = float(os.environ.get("BOTTLECACHE_TEST_POLL_SECONDS", "0.01"))
 
 
 def _need(path: Path) -> Path:
@@ -115,3 +127,65 @@ def flip_byte_in_chunk(path: Path, split: str, chunk: int, dataset: str = "featu
         handle.seek(-1, os.SEEK_CUR)
         handle.write(bytes([value ^ 0xFF]))
     return first, last
+
+
+def wait_until(condition, *, what: str, processes=(), timeout: float = 240.0, look=None):
+    """Look every ``POLL_SECONDS`` until ``condition()`` returns something true, and return it.
+
+    ``look`` (optional) runs at every look first. Fails naming ``what`` if one of ``processes``
+    (those that must still run) ends first, or after ``timeout`` seconds: an upper bound that only
+    stops a hung test, never a point where something is done to a process.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if look is not None:
+            look()
+        value = condition()
+        if value:
+            return value
+        ended = [p for p in processes if p.poll() is not None]
+        if ended:
+            pytest.fail(f"{what}: process {ended[0].pid} ended first (exit {ended[0].returncode})")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: still waiting after {timeout:.0f} s (a hung process?)")
+        time.sleep(POLL_SECONDS)
+
+
+class CommitClock:
+    """A ``build_cache`` progress that notes when each commit (a window of rows) is handed over,
+    to measure how fast this machine commits right now."""
+
+    def __init__(self):
+        self.times: dict[str, list[float]] = {}
+        self.starts: dict[str, float] = {}
+
+    def start_split(self, split: str, total: int, done: int) -> None:
+        self.times[split], self.starts[split] = [], time.monotonic()
+
+    def advance(self, split: str, n: int) -> None:
+        self.times[split].append(time.monotonic())
+
+    def end_split(self, split: str) -> None: ...
+
+    def message(self, text: str) -> None: ...
+
+    def intervals(self) -> list[float]:
+        """Seconds between consecutive commits of a split (the first of each split, which waits on
+        the input pipeline and the model's first call, starts no interval)."""
+        return [b - a for times in self.times.values() for a, b in itertools.pairwise(times)]
+
+    @property
+    def commits(self) -> int:
+        return sum(len(times) for times in self.times.values())
+
+    def first_commit_seconds(self) -> float:
+        """From the first split's start to its first commit: a new process's model's first call."""
+        split = next(iter(self.times))
+        return self.times[split][0] - self.starts[split]
+
+    def commits_per_second(self) -> float:
+        """The fast end of the measured rate (the quarter of intervals that were shortest): kill
+        points and work sizes planned on it err on the side of a faster machine."""
+        intervals = self.intervals()
+        assert intervals, "too few commits to measure a rate"
+        return 1.0 / max(float(np.quantile(intervals, 0.25)), 1e-6)

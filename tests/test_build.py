@@ -4,6 +4,7 @@ kill, corrupt files, reading, checking and verifying a cache."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -20,7 +21,8 @@ from bottlecache.data import load_image, open_source
 from bottlecache.errors import BottlecacheError, CacheMismatchError
 from bottlecache.store import Cache
 
-from conftest import SMALL_SPLITS, error_line, flip_byte_in_chunk, invoke, write_images
+from conftest import (POLL_SECONDS, SMALL_SPLITS, CommitClock, error_line, flip_byte_in_chunk, invoke, wait_until,
+                      write_images)
 
 ARRAYS = ("features", "pooled", "labels", "keys", "skipped")
 
@@ -106,19 +108,44 @@ def test_cache_identity_changes_with_the_content(small_cache, weights_path, cats
 # Resume after a kill
 
 
-def _partial_n_done(path: Path, split: str, errors: list):
-    """``(n_done, complete)`` of a split in a partial file being written by another process."""
+def _partial_rows(path: Path, errors: list):
+    """``{split: (n_done, complete)}`` of a partial file being written by another process (None
+    while unreadable)."""
     try:
         with h5py.File(path, "r", locking=False) as f:
-            return int(f[split].attrs["n_done"]), bool(f[split].attrs["complete"])
+            return {name: (int(f[name].attrs["n_done"]), bool(f[name].attrs["complete"]))
+                    for name in json.loads(f.attrs["splits"])}
     except Exception as error:  # caught between two writes: try again
         errors.append(f"{type(error).__name__}: {error}")
         return None
 
 
 def test_resume_after_kill_equals_clean_build(tmp_path, weights_path, cats_dogs):
-    splits = ["train=train[:64]", "validation=validation[:24]"]
-    killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
+    """A build killed as soon as a look sees its first commit resumes from what it committed and
+    equals the clean build.
+
+    The kill point is observed progress, never a time. The build gets enough commits after its
+    first that the kill lands before its last one: as many as can land between two looks at the
+    commit rate the clean build measured, plus one in flight and one to spare (a larger build on a
+    machine fast enough to need it)."""
+    train, errors = 96, []
+    for attempt in range(3):
+        splits = [f"train=train[:{train}]", "validation=validation[:24]"]
+        clean_dir, clock = tmp_path / f"clean{attempt}", CommitClock()
+        clean = build_cache(cats_dogs, splits, weights=weights_path, cache_dir=clean_dir, batch_size=8,
+                            engine="keras", progress=clock)
+        begun = time.monotonic()
+        _partial_rows(clean.path, errors)
+        look = POLL_SECONDS + time.monotonic() - begun
+        rate = clock.commits_per_second()
+        need = 3 + math.ceil(rate * look)  # the first commit, those a look can miss, one in flight, one left
+        if clock.commits >= need:
+            break
+        train = min(open_source(cats_dogs, ["train=train"]).split("train").n_examples, 32 * need)
+    figures = f"{clock.commits} commits ({splits}) at {rate:.1f} commits/s, a look every {look:.3f} s"
+    assert clock.commits >= need, f"not enough photos: {figures}; {need} commits needed"
+
+    killed_dir = tmp_path / "killed"
     command = [
         sys.executable, "-m", "bottlecache", "cache", "build", "--data", cats_dogs, "--weights", weights_path,
         "--cache-dir", killed_dir, "--batch-size", "8", "--engine", "keras",
@@ -128,41 +155,37 @@ def test_resume_after_kill_equals_clean_build(tmp_path, weights_path, cats_dogs)
     log = tmp_path / "build.log"
     with open(log, "wb") as out:
         process = subprocess.Popen([str(c) for c in command], stdout=out, stderr=subprocess.STDOUT)
-    seen, errors = None, []
+
+    def no_final_name():  # the final name never exists while the partial is incomplete
+        assert not list(killed_dir.glob("*.h5")), "a final cache file exists beside an incomplete partial"
+
+    def first_commit():
+        partials = list(killed_dir.glob("*.h5.partial"))
+        state = _partial_rows(partials[0], errors) if partials else None
+        return state is not None and sum(n for n, _ in state.values()) > 0
+
     try:
-        deadline = time.monotonic() + 240
-        while seen is None and time.monotonic() < deadline and process.poll() is None:
-            partials = list(killed_dir.glob("*.h5.partial"))
-            state = _partial_n_done(partials[0], "train", errors) if partials else None
-            if state and not state[1]:
-                # the final name never exists while the partial is incomplete
-                assert not list(killed_dir.glob("*.h5")), "a final cache file exists beside an incomplete partial"
-                if state[0] > 0:
-                    process.send_signal(signal.SIGKILL)
-                    seen = state[0]
-            time.sleep(0.02)
+        wait_until(first_commit, what=f"a commit of the build before it ended ({figures}); last read error: "
+                   f"{errors[-1] if errors else None}", processes=[process], look=no_final_name)
+        process.send_signal(signal.SIGKILL)
     finally:
-        if process.poll() is None and seen is None:
+        if process.poll() is None:
             process.kill()
         process.wait()
-    assert seen is not None, (
-        f"never saw committed rows in the partial file before the build ended; last read error: "
-        f"{errors[-1] if errors else None}\n{log.read_text()[-2000:]}"
-    )
-    assert process.returncode == -signal.SIGKILL
+    assert process.returncode == -signal.SIGKILL, log.read_text()[-2000:]
     assert not list(killed_dir.glob("*.h5"))
     (partial,) = killed_dir.glob("*.h5.partial")
-    state = _partial_n_done(partial, "train", errors)  # the writer is dead: this must read
-    assert state is not None and 0 < state[0] < 64 and not state[1]
+    state = _partial_rows(partial, errors)  # the writer is dead: this must read
+    n_images = {s.name: s.n_images for s in clean.splits}
+    assert state is not None and 0 < sum(n for n, _ in state.values()) < sum(n_images.values()), (state, figures)
+    assert not all(complete for _, complete in state.values())
 
     resumed = build_cache(cats_dogs, splits, weights=weights_path, cache_dir=killed_dir, batch_size=8, engine="keras")
     assert resumed.resumed and not resumed.hit
     assert not partial.exists() and resumed.path.name == partial.name[: -len(".partial")]
-    n_train = resumed.splits[0]
-    assert n_train.n_images == 64 and n_train.n_processed == 64 - state[0]  # committed rows were kept
-    assert resumed.splits[1].n_processed == 24
+    for split in resumed.splits:  # committed rows were kept
+        assert split.n_images == n_images[split.name] and split.n_processed == split.n_images - state[split.name][0]
 
-    clean = build_cache(cats_dogs, splits, weights=weights_path, cache_dir=clean_dir, batch_size=8, engine="keras")
     assert not clean.resumed and clean.fingerprint == resumed.fingerprint
     a, b = _read_all(resumed.path), _read_all(clean.path)
     assert set(a) == set(b) == {"train", "validation"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import SMALL_SPLITS
+from conftest import POLL_SECONDS, SMALL_SPLITS, wait_until
 
 FT_SPLITS = ["train=train[:32]", "validation=validation[:16]"]
 
@@ -189,23 +190,43 @@ def test_head_with_other_weights_or_kind_is_refused(small_cache, keras_head, cat
                  out=tmp_path / "c")
 
 
-def test_finetune_killed_mid_run_resumes_from_last_finished_epoch(keras_head, cats_dogs, weights_path, tmp_path):
+def test_finetune_killed_mid_run_resumes_from_last_finished_epoch(finetuned, keras_head, cats_dogs, weights_path,
+                                                                    tmp_path):
+    """Killed as soon as a look sees its first finished epoch, a run resumes from its last finished
+    epoch. The kill point is observed progress, never a time; the run gets enough epochs after the
+    first that the kill lands before the last, at the epoch time the ``finetuned`` run measured
+    (which includes the first epoch's one-off tracing, so later epochs are shorter: hence 20
+    looks' worth of epochs, not one)."""
+    begun = time.monotonic()
+    json.loads((finetuned.path / "history.json").read_text())
+    look = POLL_SECONDS + time.monotonic() - begun  # a look reads a small JSON file
+    epochs = 1 + max(1, math.ceil(20 * look / finetuned.seconds_per_epoch))
+    figures = f"{epochs} epochs of {finetuned.seconds_per_epoch:.2f} s measured, a look every {look:.3f} s"
     out = tmp_path / "run"
     command = [sys.executable, "-m", "bottlecache", "finetune", "run", "--data", str(cats_dogs),
-               "--weights", str(weights_path), "--head", str(keras_head), "--epochs", "2", "--out", str(out),
+               "--weights", str(weights_path), "--head", str(keras_head), "--epochs", str(epochs), "--out", str(out),
                "--cache-dir", str(tmp_path / "c"), "--json"]
     command += [a for s in FT_SPLITS for a in ("--split", s)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state_path = out / ".checkpoint" / "state.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if state_path.exists() and json.loads(state_path.read_text())["epoch"] >= 1:
-            break
-        time.sleep(0.2)
-    assert process.poll() is None, "the run ended before it could be killed"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    first_epoch = json.loads(state_path.read_text())["history"]
+
+    def an_epoch_finished():
+        try:
+            return json.loads(state_path.read_text())["epoch"] >= 1
+        except (FileNotFoundError, ValueError):  # not written yet (it is replaced atomically)
+            return False
+
+    try:
+        wait_until(an_epoch_finished, what=f"the run finishing an epoch before it ended ({figures})",
+                   processes=[process], timeout=300)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    first = json.loads(state_path.read_text())["history"]
+    assert 1 <= len(first["loss"]) < epochs, f"the kill landed after the last epoch ({figures})"
     assert not (out / "model.keras").exists()
 
     again = subprocess.run(command, capture_output=True, text=True)
@@ -213,8 +234,8 @@ def test_finetune_killed_mid_run_resumes_from_last_finished_epoch(keras_head, ca
     resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     history = json.loads((out / "history.json").read_text())
-    assert len(history["loss"]) == 2
-    assert history["loss"][0] == first_epoch["loss"][0]  # epoch 1 was kept, not rerun
+    assert len(history["loss"]) == epochs
+    assert history["loss"][: len(first["loss"])] == first["loss"]  # finished epochs were kept, not rerun
     assert (out / "model.keras").exists()
 
 

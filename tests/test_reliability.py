@@ -6,6 +6,21 @@ no mocks. The figures each test measures (kills injected and survived, how each 
 handled, which tampering was detected) are appended as JSON lines to the file named by
 ``$BOTTLECACHE_RELIABILITY_REPORT`` when it is set (README, "Reliability").
 
+No test here races a process against a time constant. Faults are injected at observed progress:
+a build is killed when a look at its partial file sees the commit count it was given (or right
+after its log says it resumed), and the amount of work is sized from the commit rate measured on
+this machine, so that the same test holds on a machine 10x faster or 3x slower. Timeouts are
+generous upper bounds that only stop a hung test.
+
+``BOTTLECACHE_TEST_POLL_SECONDS`` (default 0.01) sets how long a test sleeps between two looks at a
+process. Raising it emulates a machine that many times faster relative to the observer: with 0.2,
+a build committing 32 rows every 0.2 s lands about one commit between two looks, as a build ten
+times faster would against the default. The kill test then plans more work (and fails, naming the
+measured figures, only if all 3,000 photos cannot supply it). To check both ends:
+
+    taskset -c 0 python -m pytest tests/test_reliability.py              # one core: slower
+    BOTTLECACHE_TEST_POLL_SECONDS=0.2 python -m pytest tests/test_reliability.py   # "10x faster"
+
 Covered elsewhere, not repeated here: fine-tuning killed mid-epoch resumes from its last finished
 epoch (tests/test_finetune.py::test_finetune_killed_mid_run_resumes_from_last_finished_epoch).
 """
@@ -14,6 +29,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import os
 import resource
 import shutil
@@ -23,6 +39,7 @@ import subprocess
 import sys
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -30,10 +47,12 @@ import numpy as np
 import pytest
 
 from bottlecache import build_cache, open_cache, verify_cache
+from bottlecache.data import open_source
 from bottlecache.errors import BottlecacheError
 from bottlecache.store import FEATURE_CHUNK_ROWS, Cache
 
-from conftest import REPO, error_line, flip_byte_in_chunk, invoke, write_images
+from conftest import (POLL_SECONDS, REPO, CommitClock, error_line, flip_byte_in_chunk, invoke, wait_until,
+                      write_images)
 
 SEED = 20240607
 IMAGE_SIZE = 96  # the smallest input: the faults do not depend on it, and every forward pass is cheaper
@@ -41,8 +60,14 @@ BATCH = 32
 COMMIT = FEATURE_CHUNK_ROWS  # a build commits whole chunks: 32 examples at a time
 SPLITS = ["train=train[:192]", "validation=validation[:64]"]  # 6 + 2 commits
 N_EXAMPLES = {"train": 192, "validation": 64}
-KILL_SPLITS = ["train=train[:640]", "validation=validation[:160]"]  # 20 + 5 commits, for 20 kills
 N_KILLS = 20
+# Where the kills land, in commits of the run being killed: right after it says it resumed (a
+# share ON_RESUME of the kills), else after a seeded 1..MAX_EXTRA_COMMITS of its commits. The
+# build gets MARGIN times the commits that needs at the measured rate, and RESERVE more.
+ON_RESUME = 0.25
+MAX_EXTRA_COMMITS = 2
+MARGIN = 1.5
+RESERVE = 2
 ARRAYS = ("features", "pooled", "labels", "keys", "skipped")
 
 
@@ -116,126 +141,264 @@ def one_error_line(stderr: str) -> str:
     return errors[0]
 
 
-def clean_build(cache_dir, weights_path, cats_dogs, splits):
-    """The clean, uninterrupted build every faulty build must equal, array for array."""
+def clean_build(cache_dir, weights_path, cats_dogs, splits, timed=False):
+    """The clean, uninterrupted build every faulty build must equal, array for array; with
+    ``timed``, ``(report, CommitClock)``: when each of its commits was made."""
+    clock = CommitClock()
     report = build_cache(cats_dogs, splits, image_size=IMAGE_SIZE, weights=weights_path, cache_dir=cache_dir,
-                         batch_size=BATCH, engine="keras")
+                         batch_size=BATCH, engine="keras", progress=clock)
     assert not report.hit and not report.resumed and not any(s.n_skipped for s in report.splits)
-    return report
+    return (report, clock) if timed else report
+
+
+def look_seconds(path: Path, n: int = 5) -> float:
+    """What one look at a build costs here: reading a cache's commit record (median of ``n``)."""
+    times = []
+    for _ in range(n):
+        begun = time.monotonic()
+        committed(path)
+        times.append(time.monotonic() - begun)
+    return float(np.median(times))
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, weights_path, cats_dogs):
-    report = clean_build(tmp_path_factory.mktemp("reference"), weights_path, cats_dogs, SPLITS)
+def reference_build(tmp_path_factory, weights_path, cats_dogs):
+    """``(report, CommitClock)``: the clean build of SPLITS, and when it committed."""
+    report, clock = clean_build(tmp_path_factory.mktemp("reference"), weights_path, cats_dogs, SPLITS, timed=True)
     assert [s.n_images for s in report.splits] == list(N_EXAMPLES.values())
-    return report
+    return report, clock
+
+
+@pytest.fixture(scope="module")
+def reference(reference_build):
+    return reference_build[0]
 
 
 # ---------------------------------------------------------------------------------------------
 # Faults: kill -9 at random points
 
 
-def test_build_killed_at_random_points_resumes_to_the_clean_build(weights_path, cats_dogs, tmp_path):
-    """SIGKILL the build at 20 seeded random points (each resume is killed again), then let it
-    finish: the result equals the clean build array for array, and no file under the final name
-    is ever incomplete.
+@dataclass
+class KillPlan:
+    """How much work a build gets so that ``N_KILLS`` kills land mid-build, from measured figures."""
+
+    commits_per_second: float  # measured: the fast end of a clean build's commit rate
+    first_commit_seconds: float  # measured: from a split's start to its first commit (the model's first call)
+    look_seconds: float  # measured: one look at the build (watcher, log and commit record), plus POLL_SECONDS
+    overshoot: float  # expected commits that land between the look that decides a kill and the kill
+    on_resume: float  # the same for a kill right after a run says it resumed
+    least: int  # commits needed if every kill came right after a resume
+    commits: dict  # {split: commits} planned
+    available: dict  # {split: examples} in the photos
+
+    @classmethod
+    def measure(cls, clocks: list[CommitClock], look: float, available: dict) -> KillPlan:
+        rate = max(clock.commits_per_second() for clock in clocks)  # the fastest measured
+        first = min(clock.first_commit_seconds() for clock in clocks)
+        overshoot = rate * look / 2 + 0.5  # the commit that decides lands anywhere in a look's gap; one in flight
+        on_resume = rate * max(0.0, look - first) / 2 + 0.5  # a run's first commit waits for its model's first call
+        extra = (1 - ON_RESUME) * (1 + MAX_EXTRA_COMMITS) / 2  # mean commits a kill waits for
+        need = math.ceil(N_KILLS * (ON_RESUME * on_resume + (1 - ON_RESUME) * overshoot + extra) * MARGIN) + RESERVE
+        least = math.ceil(N_KILLS * on_resume * MARGIN) + RESERVE
+        room = {name: -(-n // COMMIT) for name, n in available.items()}
+        plan = cls(rate, first, look, overshoot, on_resume, least, {}, available)
+        if least > sum(room.values()):
+            pytest.fail(f"not enough photos for {N_KILLS} kills: {plan.figures()}; all {sum(available.values())} "
+                        f"photos make only {sum(room.values())} commits, and {least} are needed")
+        need = min(need, sum(room.values()))
+        validation = min(room["validation"], max(1, need // 5))  # train 4 : validation 1, as before (640 + 160)
+        train = min(room["train"], need - validation)
+        plan.commits = {"train": train, "validation": need - train}
+        return plan
+
+    @property
+    def total(self) -> int:
+        return sum(self.commits.values())
+
+    def splits(self) -> list[str]:
+        return [f"{name}={name}[:{min(self.available[name], n * COMMIT)}]" for name, n in self.commits.items()]
+
+    def figures(self) -> dict:
+        return {"commits_per_second": round(self.commits_per_second, 2),
+                "first_commit_seconds": round(self.first_commit_seconds, 2), "look_seconds": round(self.look_seconds, 4),
+                "overshoot_commits_per_kill": round(self.overshoot, 2),
+                "overshoot_commits_per_kill_on_resume": round(self.on_resume, 2), "least_commits": self.least,
+                "poll_seconds": POLL_SECONDS}
+
+
+def test_build_killed_at_random_points_resumes_to_the_clean_build(reference_build, weights_path, cats_dogs,
+                                                                   tmp_path):
+    """SIGKILL the build at 20 seeded random points of its observed progress (each resume is
+    killed again), then let it finish: the result equals the clean build array for array, and no
+    file under the final name is ever incomplete.
+
+    A kill lands right after a run reports that it resumed (before its first commit), or as soon
+    as a look sees that run's seeded number of commits: never at a time. The work is sized from
+    the commit rate measured on this machine (the module's reference build, then this test's own
+    clean build) and the time one look takes; as the kills go, each next one waits for fewer
+    commits if the kills so far overshot more than planned.
 
     To keep this within CI's budget, each next run is started while the current one works: it
-    imports TensorFlow first (the slow part of a start), then waits on the build lock, which the
-    OS releases when the current run is killed."""
-    reference = clean_build(tmp_path / "clean", weights_path, cats_dogs, KILL_SPLITS)
-    counts = [s.n_images for s in reference.splits]
+    imports TensorFlow (the slow part of a start) and waits on its stdin, which is closed when the
+    current run has been killed."""
+    started = time.monotonic()
     rng = np.random.default_rng(SEED)
+    available = {name: split.n_examples
+                 for name, split in open_source(cats_dogs, ["train=train", "validation=validation"]).splits.items()}
+    calibration, clock = reference_build  # the module's clean build of SPLITS, timed
+    look = POLL_SECONDS + look_seconds(calibration.path)
+    clocks = [clock]
+    plan = KillPlan.measure(clocks, look, available)
+    for attempt in range(3):  # a clean build of the planned size; larger if it measured a faster machine
+        reference, clock = clean_build(tmp_path / f"clean{attempt}", weights_path, cats_dogs, plan.splits(),
+                                       timed=True)
+        clocks.append(clock)
+        again = KillPlan.measure(clocks, look, available)
+        if plan.total >= again.least or attempt == 2:
+            break
+        plan = again
+    rates = {name: {"commits_per_second": round(c.commits_per_second(), 2),
+                    "first_commit_seconds": round(c.first_commit_seconds(), 2)}
+             for name, c in zip(["reference", *(f"clean build {i}" for i in range(3))], clocks)}
+    planned = {**again.figures(), "commits": plan.total}
+    splits = [f"{s.name}={s.name}[:{s.n_images}]" for s in reference.splits]
+    counts = [s.n_images for s in reference.splits]
+    calibrated = time.monotonic()
+
     cache_dir = tmp_path / "killed"
     final = cache_dir / reference.path.name
     partial = final.with_name(final.name + ".partial")
     watcher = FinalWatcher(final, counts)
-    preload = "import sys, tensorflow; from bottlecache.cli import main; sys.argv[0] = 'bottlecache'; main()"
+    preload = ("import sys, tensorflow, keras, h5py, bottlecache.build, bottlecache.engines; "
+               "from bottlecache.cli import main; sys.stdin.read(); sys.argv[0] = 'bottlecache'; main()")
     command = [sys.executable, "-c", preload,
-               *build_command(cats_dogs, weights_path, cache_dir, "--json", splits=KILL_SPLITS)[3:]]
+               *build_command(cats_dogs, weights_path, cache_dir, "--json", splits=splits)[3:]]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    total = sum(counts)
-    kills, logs = [], []
-    started = time.monotonic()
+    kills, logs, runs, looks = [], [], [], []
 
-    def start(run):
+    def start(run):  # imports, then waits for its stdin to close
         logs.append(tmp_path / f"run{run}.log")
         with open(logs[-1], "wb") as err, open(tmp_path / f"run{run}.json", "wb") as out:
-            return subprocess.Popen(command, stdout=out, stderr=err, env=env)
+            runs.append(subprocess.Popen(command, stdin=subprocess.PIPE, stdout=out, stderr=err, env=env))
 
-    def poll_until(process, condition, timeout=240.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            watcher.check()
-            if condition() or process.poll() is not None:
-                return
-            time.sleep(0.01)
-        process.kill()
-        pytest.fail(f"timed out waiting on the build (run {len(kills)})")
+    def go(run):
+        runs[run].stdin.close()
+        if run + 1 <= N_KILLS:
+            start(run + 1)
 
-    def progress() -> int:
+    last = {"key": None, "commits": None, "reused": 0}
+
+    def progress() -> int | None:
+        """Commits of the partial file, as a look sees them (None while unreadable). Opening the
+        file costs the observer milliseconds of CPU the build could use: a look whose stat finds
+        the file as the last read left it reuses that read (at most 10 looks in a row)."""
+        try:
+            stat = partial.stat()
+        except FileNotFoundError:
+            return None
+        key = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if key == last["key"] and last["commits"] is not None and last["reused"] < 10:
+            last["reused"] += 1
+            return last["commits"]
         state = committed(partial)
-        return sum(state.values()) if state else 0
+        commits = None if state is None else sum(-(-n // COMMIT) for n in state.values())
+        last.update(key=key, commits=commits, reused=0)
+        return commits
 
-    process = start(0)
-    for run in range(N_KILLS):
-        log = logs[run]
-
-        def ready():  # this run holds the lock and has opened (resumed or re-created) the partial file
-            text = log.read_text(errors="replace")
-            return ("resuming the partial build" in text or "starting over" in text
-                    or (run == 0 and partial.exists()))
-
-        poll_until(process, ready)
-        assert process.poll() is None, f"run {run} ended before it was killed:\n{log.read_text()[-3000:]}"
-        waiting = start(run + 1)
-        at_start = progress()
-        left = -(-(total - at_start) // COMMIT)
-        # 0 or 1 more commit, then a random moment within the next one (a commit of 32 examples
-        # takes about 0.3 s here, its writes included). Once the commits left get scarce, a kill
-        # within 0.1 s of the start, before the first commit (it traces the model, which takes
-        # seconds), so that 20 kills fit in one build.
-        if left > (N_KILLS - run) + 3:
-            extra, jitter = int(rng.choice([0, 1], p=[0.3, 0.7])), float(rng.uniform(0.0, 0.35))
-        else:
-            extra, jitter = 0, float(rng.uniform(0.0, 0.1))
-        poll_until(process, lambda: progress() >= at_start + extra * COMMIT)
-        deadline = time.monotonic() + jitter
-        while time.monotonic() < deadline and process.poll() is None:
-            watcher.check()
-            time.sleep(0.005)
-        alive = process.poll() is None
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+    def note():  # at every look
+        looks.append(time.monotonic())
         watcher.check()
-        assert not watcher.seen, "the build finished before all kills were injected; make it longer"
-        after = committed(partial)
-        kills.append({
-            "run": run, "alive": alive, "mid_build": alive and partial.exists() and not final.exists(),
-            "committed_before": at_start, "committed_after": sum(after.values()) if after else None,
-            "extra_commits": extra, "jitter_s": round(jitter, 3),
-            "uncommitted_rows_on_disk": uncommitted_rows_on_disk(partial),
-        })
-        process = waiting
-    poll_until(process, lambda: False, timeout=300)  # the last run finishes
+
+    def too_short(done: int) -> str:
+        overshoots = [k["overshoot"] for k in kills]
+        return (f"the build finished after {done} of {N_KILLS} kills: {plan.total} commits from "
+                f"{planned}; the kills overshot by {np.mean(overshoots) if overshoots else 0:.2f} commits on "
+                f"average (at most {max(overshoots, default=0)}), the looks came every "
+                f"{np.median(np.diff(looks)) if len(looks) > 1 else 0:.4f} s")
+
+    try:
+        start(0)
+        go(0)
+        resumed_at = 0
+        for run in range(N_KILLS):
+            process, log = runs[run], logs[run]
+
+            def ready():  # this run holds the lock and has opened (resumed or re-created) the partial file
+                text = log.read_text(errors="replace")
+                if "resuming the partial build" in text or "starting over" in text:
+                    return text
+                return run == 0 and partial.exists() and "created"
+
+            text = wait_until(ready, what=f"run {run} starting", processes=[process], look=note)
+            t_ready = time.monotonic() - calibrated
+            at_start = 0 if run == 0 or "starting over" in text else resumed_at
+            # how many commits this run makes before its kill: none (killed right after it said it
+            # resumed) or a seeded 1..MAX_EXTRA_COMMITS, fewer if the kills so far overshot
+            # (the overshoot of such a kill: planned, then the mean of the planned and the measured)
+            overshoot = np.mean([again.overshoot, *(k["overshoot"] for k in kills if k["kind"] == "after a commit")])
+            per_kill = (plan.total - at_start - RESERVE) / (N_KILLS - run)
+            cap = min(MAX_EXTRA_COMMITS, math.floor(per_kill / 1.2 - overshoot))
+            on_resume, drawn = rng.random() < ON_RESUME, int(rng.integers(1, MAX_EXTRA_COMMITS + 1))
+            extra = 0 if on_resume or cap < 1 else min(drawn, cap)
+            target = at_start + extra
+
+            def reached():  # a one-tuple, true even at 0 commits
+                commits = progress()
+                return (commits,) if commits is not None and commits >= target else None
+
+            (seen,) = wait_until(reached, what=f"run {run} reaching {target} commits", processes=[process], look=note)
+            alive = process.poll() is None
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            t_kill = time.monotonic() - calibrated
+            watcher.check()
+            assert not watcher.seen, too_short(run)
+            last["key"] = None  # the writer is dead: read what it left
+            after = progress()
+            rows_after = committed(partial)
+            resumed_at = after or 0
+            kills.append({
+                "run": run, "kind": "after a commit" if extra else "right after starting", "alive": alive,
+                "mid_build": alive and partial.exists() and not final.exists(), "committed_at_start": at_start,
+                "target": target, "seen": seen, "committed_after": after, "overshoot": (after or seen) - target,
+                "rows_after": sum(rows_after.values()) if rows_after else None,
+                "uncommitted_rows_on_disk": uncommitted_rows_on_disk(partial),
+                "ready_s": round(t_ready, 2), "killed_s": round(t_kill, 2),
+            })
+            go(run + 1)
+        process = runs[N_KILLS]
+        wait_until(lambda: process.poll() is not None, what="the last run finishing", timeout=600, look=note)
+    finally:
+        for p in runs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     texts = [log.read_text(errors="replace") for log in logs]
     assert process.returncode == 0, texts[-1][-3000:]
     report = json.loads((tmp_path / f"run{N_KILLS}.json").read_text())
 
     resumed = sum("resuming the partial build" in text for text in texts[1:])
     started_over = sum("starting over" in text for text in texts[1:])
-    lost = [k["committed_after"] for k, text in zip(kills, texts[1:]) if "starting over" in text]
+    lost = [k["rows_after"] for k, text in zip(kills, texts[1:]) if "starting over" in text]
+    committing = [(k["committed_after"] or 0) - k["committed_at_start"] for k in kills]
+    gaps = np.diff(looks)
     figures = {
         "kills": len(kills), "mid_build": sum(k["mid_build"] for k in kills),
-        "kills_after_a_commit_of_that_run": sum((k["committed_after"] or 0) > k["committed_before"] for k in kills),
+        "kills_right_after_starting": sum(k["kind"] == "right after starting" for k in kills),
+        "kills_after_a_commit_of_that_run": sum(n > 0 for n in committing),
         "kills_leaving_uncommitted_rows": sum(bool(k["uncommitted_rows_on_disk"]) for k in kills),
         "partial_unreadable_after_kill": sum(k["committed_after"] is None for k in kills),
+        "overshoot_commits": {"mean": round(float(np.mean([k["overshoot"] for k in kills])), 2),
+                              "max": max(k["overshoot"] for k in kills)},
         "runs": len(texts), "resumed": resumed, "started_over": started_over,
         "runs_that_waited_on_the_lock": sum("waiting for it to finish" in text for text in texts),
         "examples_lost_to_restarts": sum(x or 0 for x in lost),
+        "commits": plan.total, "splits": splits, "plan": planned, "commits_per_second_measured": rates,
+        "look_gap_seconds": {"median": round(float(np.median(gaps)), 4), "p90": round(float(np.quantile(gaps, 0.9)), 4)},
         "final_run_processed": {s["name"]: s["n_processed"] for s in report["splits"]},
         "final_bytes": final.stat().st_size, "clean_build_bytes": reference.path.stat().st_size,
-        "final_checks": watcher.checks, "seconds": round(time.monotonic() - started, 1), "detail": kills,
+        "final_checks": watcher.checks, "seconds_measuring": round(calibrated - started, 1),
+        "seconds": round(time.monotonic() - started, 1), "detail": kills,
     }
     record("kill -9 at random points", **figures)
     print(json.dumps({k: v for k, v in figures.items() if k != "detail"}))
@@ -336,24 +499,32 @@ def test_two_builds_of_the_same_cache_one_writes(reference, weights_path, cats_d
         with open(logs[-1], "wb") as err, open(tmp_path / f"build{i}.json", "wb") as out:
             processes.append(subprocess.Popen(command, stdout=out, stderr=err))
     pids = {p.pid for p in processes}
-    deadline = time.monotonic() + 180
-    holder = None
-    while time.monotonic() < deadline and all(p.poll() is None for p in processes):
-        text = lock.read_text().strip() if lock.exists() else ""
-        if text.isdigit() and int(text) in pids and (final.with_name(final.name + ".partial")).exists():
-            holder = int(text)
-            break
-        time.sleep(0.02)
-    assert holder is not None, [log.read_text()[-2000:] for log in logs]
 
-    # a third build that may not wait stops at once, naming the writer
-    result = invoke(["cache", "build", "--data", cats_dogs, "--weights", weights_path, "--cache-dir", cache_dir,
-                     "--image-size", IMAGE_SIZE, "--engine", "keras", *sum((["--split", s] for s in SPLITS), []),
-                     "--no-wait"])
-    assert result.exit_code == 2
-    no_wait = error_line(result)
-    assert f"Another build of this cache is running (pid {holder})" in no_wait
-    assert all(p.poll() is None for p in processes), "the --no-wait build disturbed the others"
+    def lock_holder():
+        text = lock.read_text().strip() if lock.exists() else ""
+        return int(text) if text.isdigit() and int(text) in pids else None
+
+    # The writer is stopped (SIGSTOP) as soon as a look sees it holding the lock, and continued
+    # after the checks: they never race its work, however fast it is.
+    holder = wait_until(lock_holder, what="one of the two builds taking the lock", processes=processes,
+                        timeout=180)
+    os.kill(holder, signal.SIGSTOP)
+    try:
+        (waiter,) = pids - {holder}
+        waiter_log = logs[[p.pid for p in processes].index(waiter)]
+        wait_until(lambda: "waiting for it to finish" in waiter_log.read_text(errors="replace"),
+                   what="the other build waiting on the lock", processes=processes, timeout=180)
+
+        # a third build that may not wait stops at once, naming the writer
+        result = invoke(["cache", "build", "--data", cats_dogs, "--weights", weights_path, "--cache-dir", cache_dir,
+                         "--image-size", IMAGE_SIZE, "--engine", "keras", *sum((["--split", s] for s in SPLITS), []),
+                         "--no-wait"])
+        assert result.exit_code == 2
+        no_wait = error_line(result)
+        assert f"Another build of this cache is running (pid {holder})" in no_wait
+        assert all(p.poll() is None for p in processes), "the --no-wait build disturbed the others"
+    finally:
+        os.kill(holder, signal.SIGCONT)
 
     for p in processes:
         p.wait(timeout=300)
@@ -361,10 +532,8 @@ def test_two_builds_of_the_same_cache_one_writes(reference, weights_path, cats_d
     reports = {p.pid: json.loads((tmp_path / f"build{i}.json").read_text()) for i, p in enumerate(processes)}
     writers = [pid for pid, r in reports.items() if not r["hit"]]
     assert writers == [holder]  # exactly one wrote
-    (waiter,) = pids - {holder}
     assert reports[waiter]["hit"] and all(s["n_processed"] == 0 for s in reports[waiter]["splits"])
-    waiter_log = logs[[p.pid for p in processes].index(waiter)].read_text()
-    assert f"another build of this cache is running (pid {holder}); waiting for it to finish" in waiter_log
+    assert f"another build of this cache is running (pid {holder}); waiting for it to finish" in waiter_log.read_text()
     assert sorted(p.name for p in cache_dir.iterdir() if not p.name.startswith(".")) == [final.name]
     assert_same_arrays(final, reference.path)
     record("two builds at once", writers=1, waiter="waited, then reported a cache hit", no_wait=no_wait)
