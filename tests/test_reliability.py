@@ -309,11 +309,11 @@ def test_build_killed_at_random_points_resumes_to_the_clean_build(reference_buil
         looks.append(time.monotonic())
         watcher.check()
 
-    def too_short(done: int) -> str:
+    def measured() -> str:  # for a failure: the figures the work was sized from, and those since
         overshoots = [k["overshoot"] for k in kills]
-        return (f"the build finished after {done} of {N_KILLS} kills: {plan.total} commits from "
-                f"{planned}; the kills overshot by {np.mean(overshoots) if overshoots else 0:.2f} commits on "
-                f"average (at most {max(overshoots, default=0)}), the looks came every "
+        return (f"{len(kills)} of {N_KILLS} kills done; {plan.total} commits planned from {planned}; the kills "
+                f"overshot by {np.mean(overshoots) if overshoots else 0:.2f} commits on average (at most "
+                f"{max(overshoots, default=0)}); the looks came every "
                 f"{np.median(np.diff(looks)) if len(looks) > 1 else 0:.4f} s")
 
     try:
@@ -329,7 +329,7 @@ def test_build_killed_at_random_points_resumes_to_the_clean_build(reference_buil
                     return text
                 return run == 0 and partial.exists() and "created"
 
-            text = wait_until(ready, what=f"run {run} starting", processes=[process], look=note)
+            text = wait_until(ready, what=f"run {run} starting ({measured()})", processes=[process], look=note)
             t_ready = time.monotonic() - calibrated
             at_start = 0 if run == 0 or "starting over" in text else resumed_at
             # how many commits this run makes before its kill: none (killed right after it said it
@@ -346,13 +346,14 @@ def test_build_killed_at_random_points_resumes_to_the_clean_build(reference_buil
                 commits = progress()
                 return (commits,) if commits is not None and commits >= target else None
 
-            (seen,) = wait_until(reached, what=f"run {run} reaching {target} commits", processes=[process], look=note)
+            (seen,) = wait_until(reached, what=f"run {run} reaching {target} commits ({measured()})",
+                                 processes=[process], look=note)
             alive = process.poll() is None
             process.send_signal(signal.SIGKILL)
             process.wait()
             t_kill = time.monotonic() - calibrated
             watcher.check()
-            assert not watcher.seen, too_short(run)
+            assert not watcher.seen, f"the build finished before all kills were injected: {measured()}"
             last["key"] = None  # the writer is dead: read what it left
             after = progress()
             rows_after = committed(partial)
