@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, Json, ValidationError, model_validator
 
-from .config import DTYPES, IMAGE_SIZES, bottleneck_shape
+from .config import DTYPES, IMAGE_SIZES, SEED_LIMIT, bottleneck_shape
 from .errors import BottlecacheError, reason
 
 HEAD_FORMAT = "bottlecache-head"
@@ -26,7 +26,6 @@ CACHE_FORMAT = "bottlecache"
 RECORD_VERSION = 1  # head.json, model.json
 CACHE_FORMAT_VERSION = 1
 DECODE_FULL, DECODE_FAST = "full", "dct-downscale"  # the cache config's "decode": how JPEGs were decoded
-SEED_LIMIT = 2**32  # numpy's and Keras's seeds: [0, 2**32)
 
 T = TypeVar("T", bound=BaseModel)
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
