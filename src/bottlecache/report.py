@@ -85,11 +85,12 @@ def write_report(model, split: str | None = None, out=None, *, data=None, top: i
     check_positive("top", top, maximum=MAX_TOP)
     check_range("bins", bins, 2, 100, high_open=False)
     _require_matplotlib()
+    if out is not None:
+        _check_out(Path(out))
     started = time.perf_counter()
     evaluation = evaluate(model, split, data=data, weights=weights, tfds_data_dir=tfds_data_dir, progress=progress)
     out = Path(out) if out is not None else Path(f"report-{Path(model).name}-{evaluation.split}.html")
-    if out.is_dir():
-        raise BottlecacheError(f"The 'out' option must be a file; {out} is a folder. Pass a file name ending in .html.")
+    _check_out(out)
     page, summary = render(evaluation, top, bins)
     try:
         atomic_write_text(out, page)
@@ -97,6 +98,13 @@ def write_report(model, split: str | None = None, out=None, *, data=None, top: i
         raise write_error(out, error, "nothing was written") from None
     return ReportResult(out, evaluation.split, summary["metrics"], summary["ece"], summary["n_wrong"],
                         summary["n_thumbnails"], time.perf_counter() - started)
+
+
+def _check_out(out: Path) -> None:
+    if out.is_dir():
+        raise BottlecacheError(f"The 'out' option must be a file; {out} is a folder. Pass a file name ending in .html.")
+    if not out.parent.is_dir():
+        raise BottlecacheError(f"The 'out' option names a file in a folder that does not exist: {out.parent}.")
 
 
 def _require_matplotlib() -> None:
