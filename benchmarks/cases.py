@@ -226,6 +226,25 @@ def cache_read(run: Run) -> dict:
     }
 
 
+def duplicates(run: Run) -> dict:
+    """``cache duplicates`` at its default threshold over every split of the built cache."""
+    from bottlecache.embeddings import DEFAULT_THRESHOLD
+    from bottlecache.embeddings import duplicates as find_duplicates
+
+    build = run.build(run.engine)
+    result = find_duplicates(build.report.path, DEFAULT_THRESHOLD)  # seconds: the search, not the read
+    return {
+        "seconds": result.seconds,
+        "images_per_second": result.n_images / result.seconds,
+        "n_images": result.n_images,
+        "n_pairs": len(result.pairs),
+        "n_leakage": len(result.leakage),
+        "counts": result.counts,
+        "note": f"{len(result.pairs)} pair(s) at cosine >= {DEFAULT_THRESHOLD:g} among {result.n_images} images, "
+                f"{len(result.leakage)} across splits (leakage); scikit-learn brute force, cosine",
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # 4-6. Training a head: the tutorial's way, and on the cache
 
@@ -358,6 +377,7 @@ CASES = {
     "cache-build-litert": cache_build_litert,
     "fast-decode": fast_decode,
     "cache-read": cache_read,
+    "duplicates": duplicates,
     "cached-sklearn": cached_sklearn,
     "cached-keras": cached_keras,
     "tutorial-frozen": tutorial_frozen,
