@@ -279,8 +279,8 @@ def _png(plt, figure) -> str:
 
 def confusion_png(matrix: list[list[int]], class_names: list[str]) -> str:
     k = len(class_names)
-    size = min(12.0, 3.0 + 0.5 * k)
-    plt, figure, axes = _figure(size + 1, size)
+    size = min(12.0, 2.4 + 0.5 * k)
+    plt, figure, axes = _figure(size + 0.9, size)
     cm = np.asarray(matrix)
     image = axes.imshow(cm, cmap="Blues")
     figure.colorbar(image, ax=axes, fraction=0.046)
@@ -298,7 +298,7 @@ def confusion_png(matrix: list[list[int]], class_names: list[str]) -> str:
 
 
 def reliability_png(cal: dict) -> str:
-    plt, figure, axes = _figure(5, 4.2)
+    plt, figure, axes = _figure(4, 3.6)
     bins = cal["bins"]
     centers = [(b["low"] + b["high"]) / 2 for b in bins]
     width = bins[0]["high"] - bins[0]["low"]
@@ -318,9 +318,9 @@ def reliability_png(cal: dict) -> str:
 
 
 def threshold_png(curve: dict, positive: str) -> str:
-    plt, figure, axes = _figure(5, 4.2)
-    axes.plot(curve["thresholds"], curve["accuracy"], label="accuracy")
-    axes.plot(curve["thresholds"], curve["balanced_accuracy"], label="balanced accuracy")
+    plt, figure, axes = _figure(4, 3.6)
+    axes.plot(curve["thresholds"], curve["accuracy"], linewidth=3, alpha=0.6, label="accuracy")
+    axes.plot(curve["thresholds"], curve["balanced_accuracy"], linewidth=1.2, label="balanced accuracy")
     axes.axvline(0.5, color="gray", linestyle="--", label="0.5 (argmax)")
     axes.axvline(curve["best_threshold"], color="#e45756", linestyle=":", label=f"best {curve['best_threshold']:.2f}")
     axes.set_xlabel(f"threshold on p({positive})")
@@ -385,7 +385,7 @@ def _image_bytes(source, split: str, wanted: set[str]):
 
 
 CSS = """
-body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 2rem auto; max-width: 1100px;
+body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 2rem auto; max-width: 1320px;
        color: #222; padding: 0 1rem; }
 h1 { font-size: 1.5rem; } h2 { font-size: 1.2rem; margin-top: 2rem; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; margin: 0.5rem 0; } th, td { padding: 0.25rem 0.7rem; text-align: right; }
@@ -394,7 +394,7 @@ th:first-child, td:first-child { text-align: left; } tr:nth-child(even) { backgr
 .mistakes { display: grid; grid-template-columns: repeat(auto-fill, minmax(180px, 1fr)); gap: 0.8rem; }
 figure { margin: 0; padding: 0.4rem; border: 1px solid #ddd; border-radius: 4px; background: #fff; }
 figure img { display: block; max-width: 100%; margin: 0 auto; }
-figcaption { font-size: 0.8rem; word-break: break-all; } .wrong { color: #b00020; font-weight: 600; }
+figcaption { font-size: 0.8rem; overflow-wrap: anywhere; } .wrong { color: #b00020; font-weight: 600; }
 .note { color: #555; font-style: italic; }
 """
 
