@@ -662,6 +662,17 @@ BAD_VALUES: dict[str, list[Bad]] = {
     "fine_tune_at": below(0) + [const("100000"), const(str(2**64), id="2**64")],
     "model": MODEL_ARG_BAD,
     "images": IMAGES_BAD,
+    "class_weight": [const("auto"), const("")],
+    "report split": [const("test", id="no such split"), const(""), const("train=train[:8]", id="a split spec")],
+    "report out_file": paths("folder", "under a file") + [Bad("in a missing folder", lambda c: [c.missing("gone") / "r.html"])],
+    "top": below(1) + [const("1001")],
+    "bins": [const("1"), const("0"), const("101")],
+    "query": paths("missing", "folder", "empty file", suffix=".jpg") + [
+        const("no/such/key.jpg", id="unknown key"),
+        Bad("text named .jpg", lambda c: [c.file("text.jpg", b"not an image at all")]),
+    ],
+    "k": below(1) + [const("10001")],
+    "threshold": [const("-0.1"), const("1.5")],
 }
 
 
@@ -776,6 +787,13 @@ def base_values(command: tuple, param: str, c: Ctx) -> dict[str, list]:
                 "out_dir": [c.tmp / "ft-out"]}
     if name == "predict":
         return {"model": [w.sk_head], "images": [w.images[0]]}
+    if name == "report":  # the --bins cases (refused up front) run on the fine-tuned model: its control too
+        model = w.model if param == "bins" else w.sk_head
+        return {"model": [model], "data": [w.data], "out_file": [c.tmp / "report.html"]}
+    if name == "cache neighbors":
+        return {"cache": [w.cache], "query": [w.images[0]], "cache_dir": [c.folder("cache-dir")]}
+    if name == "cache duplicates":
+        return {"cache": [w.cache], "cache_dir": [c.folder("cache-dir")]}
     raise AssertionError(f"no good values (BASE) for the command {name!r}: add them to base_values")
 
 
@@ -806,10 +824,14 @@ def build_argv(case: OptionCase, c: Ctx) -> list:
 BASE_CONTROLS = [OptionCase(command, param, None, None) for command, param in [
     (("cache", "build"), ""), (("cache", "ls"), ""), (("cache", "info"), ""), (("cache", "verify"), ""),
     (("cache", "train-head"), ""), (("cache", "train-head"), "dropout"), (("cache", "heads"), ""),
-    (("finetune", "run"), ""), (("predict",), "")]]
+    (("finetune", "run"), ""), (("predict",), ""), (("report",), ""), (("report",), "bins"), (("cache", "neighbors"), ""),
+    (("cache", "duplicates"), "")]]
 
 
-@pytest.mark.parametrize("case", BASE_CONTROLS, ids=[" ".join(c.command) + (" (keras)" if c.param else "")
+CONTROL_VARIANTS = {"dropout": " (keras)", "bins": " (fine-tuned model)"}
+
+
+@pytest.mark.parametrize("case", BASE_CONTROLS, ids=[" ".join(c.command) + CONTROL_VARIANTS.get(c.param, "")
                                                      for c in BASE_CONTROLS])
 def test_control_base_command_lines(case: OptionCase, ctx: Ctx, monkeypatch):
     """The good command lines every bad value is put into work: else every case could pass by them."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import check_positive, check_range
+from .config import check_positive, check_range, resolve_cache_dir
 from .errors import BottlecacheError
 
 DEFAULT_K = 5
@@ -88,6 +88,7 @@ def neighbors(cache, query, k: int = DEFAULT_K, *, weights=None, cache_dir=None)
     from .store import Cache, open_cache
 
     check_positive("k", k, maximum=MAX_K)
+    resolve_cache_dir(cache_dir)  # a bad --cache-dir is refused even where a cache path makes it unused
     opened = not isinstance(cache, Cache)
     cache = open_cache(cache, cache_dir) if opened else cache
     try:
@@ -188,6 +189,7 @@ def duplicates(cache, threshold: float = DEFAULT_THRESHOLD, *, cache_dir=None, p
     from .store import Cache, open_cache
 
     check_range("threshold", threshold, 0.0, 1.0, float, high_open=False)
+    resolve_cache_dir(cache_dir)
     opened = not isinstance(cache, Cache)
     cache = open_cache(cache, cache_dir) if opened else cache
     try:

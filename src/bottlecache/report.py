@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import check_positive, check_range
+from .config import check_folder_option, check_positive, check_range
 from .errors import BottlecacheError
 from .files import atomic_write_text, write_error
 
@@ -65,7 +65,7 @@ class ReportResult:
 
 
 def write_report(model, split: str | None = None, out=None, *, data=None, top: int = DEFAULT_TOP,
-                 bins: int = DEFAULT_BINS, weights=None, tfds_data_dir=None, progress=None) -> ReportResult:
+                 bins: int = DEFAULT_BINS, tfds_data_dir=None, progress=None) -> ReportResult:
     """Evaluate ``model`` (a head folder or a fine-tuned model folder) on ``split`` and write the page.
 
     Parameters
@@ -84,11 +84,13 @@ def write_report(model, split: str | None = None, out=None, *, data=None, top: i
     """
     check_positive("top", top, maximum=MAX_TOP)
     check_range("bins", bins, 2, 100, high_open=False)
+    if tfds_data_dir is not None:
+        tfds_data_dir = str(check_folder_option("tfds_data_dir", tfds_data_dir))
     _require_matplotlib()
     if out is not None:
         _check_out(Path(out))
     started = time.perf_counter()
-    evaluation = evaluate(model, split, data=data, weights=weights, tfds_data_dir=tfds_data_dir, progress=progress)
+    evaluation = evaluate(model, split, data=data, tfds_data_dir=tfds_data_dir, progress=progress)
     out = Path(out) if out is not None else Path(f"report-{Path(model).name}-{evaluation.split}.html")
     _check_out(out)
     page, summary = render(evaluation, top, bins)
@@ -119,14 +121,14 @@ def _require_matplotlib() -> None:
 # Evaluating
 
 
-def evaluate(model, split=None, *, data=None, weights=None, tfds_data_dir=None, progress=None) -> Evaluation:
+def evaluate(model, split=None, *, data=None, tfds_data_dir=None, progress=None) -> Evaluation:
     """A head folder → its cache's features; a fine-tuned model folder → the images of ``data``."""
     folder = Path(model)
     if folder.is_dir() and (folder / "head.json").exists() and not (folder / "model.json").exists():
         return _evaluate_head(folder, split, data, tfds_data_dir)
     from .predict import load_model
 
-    predictor = load_model(folder, weights)  # refuses what is neither, with one line
+    predictor = load_model(folder)  # refuses what is neither, with one line
     return _evaluate_model(predictor, split, data, tfds_data_dir, progress)
 
 

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..report import DEFAULT_BINS, DEFAULT_TOP
-from ._common import JsonOpt, RichProgress, TfdsDirOpt, WeightsOpt, handle_errors, out, print_json
+from ._common import JsonOpt, RichProgress, TfdsDirOpt, handle_errors, out, print_json
 
 
 @handle_errors(interrupted="interrupted; nothing was written")
@@ -19,7 +19,6 @@ def report(
     data: Annotated[Optional[str], typer.Option("--data", help="The image folder or tfds name the cache was built from: thumbnails of the mistakes (needed for a fine-tuned model).")] = None,
     top: Annotated[int, typer.Option(help="How many of the most confidently wrong images to show.")] = DEFAULT_TOP,
     bins: Annotated[int, typer.Option(help="Confidence bins of the reliability diagram (2-100).")] = DEFAULT_BINS,
-    weights: WeightsOpt = None,
     tfds_data_dir: TfdsDirOpt = None,
     as_json: JsonOpt = False,
 ):
@@ -28,7 +27,7 @@ def report(
     from ..report import write_report
 
     with RichProgress(quiet=as_json) as progress:
-        result = write_report(model, split, out_file, data=data, top=top, bins=bins, weights=weights,
+        result = write_report(model, split, out_file, data=data, top=top, bins=bins,
                               tfds_data_dir=tfds_data_dir, progress=progress)
     if as_json:
         print_json(result.to_dict())
