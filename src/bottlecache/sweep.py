@@ -64,7 +64,7 @@ class Configuration:
 
     @property
     def label(self) -> str:
-        parts = [f"{self.model or MODEL_NAME} {self.image_size} px"]
+        parts = [f"{self.model} {self.image_size} px" if self.model else f"{self.image_size} px"]
         if self.views:
             parts.append(f"{self.views} views")
         return ", ".join(parts)
@@ -99,7 +99,7 @@ class HeadSetting:
 
     @property
     def label(self) -> str:
-        return f"sklearn C={self.C:g}" if self.kind == "sklearn" else f"keras {self.epochs} epochs"
+        return f"sklearn C={self.C:g}" if self.kind == "sklearn" else f"keras {self.epochs} ep"
 
     def train_options(self) -> dict:
         if self.kind == "sklearn":
