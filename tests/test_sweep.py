@@ -207,8 +207,9 @@ def test_cli_json_and_table(first, photos, weights_path):
 
 
 def test_cli_nothing_finished_exits_1(photos, tmp_path):
+    """Weights given per model (MODEL=PATH) are that model's configurations' own: missing, they fail in their rows."""
     result = invoke(["sweep", "--data", photos, "--image-size", "96", "--kind", "sklearn", "--json",
-                     "--weights", tmp_path / "missing.weights.h5", "--cache-dir", tmp_path / "cache"])
+                     "--weights", f"mobilenet_v2={tmp_path / 'missing.weights.h5'}", "--cache-dir", tmp_path / "cache"])
     assert result.exit_code == 1
     lines = [line for line in result.stderr.splitlines() if line.strip()]  # progress lines, then one error line
     assert [line for line in lines if line.startswith("error:")] == [lines[-1]] and "Traceback" not in result.output

@@ -398,8 +398,10 @@ def sweep(
     check_build_options(engine, batch_size)
     cache_dir = resolve_cache_dir(cache_dir)
     out = check_folder_option("out", out) if out is not None else None
-    # Every configuration's settings are made (and so checked) before any work starts.
+    # Every configuration's settings are made (and so checked) before any work starts, and what they
+    # all share (the data, one weights file) is opened once: a bad value of it is one error, not a row each.
     settings = {p: _settings(p, data, splits, weights, dtype, fast_decode, tfds_data_dir, cache_dir) for p in points}
+    check_shared(settings, weights)
     if out is None:
         out = ensure_cache_dir(cache_dir) / SWEEP_FOLDER
     progress = progress or NullProgress()
@@ -426,6 +428,22 @@ def _settings(point: Configuration, data, splits, weights, dtype, fast_decode, t
                          **point.settings_fields())
 
 
+def check_shared(settings: dict, weights) -> None:
+    """Open the data (with its splits) and, unless ``weights`` differ per model, the weights at each size.
+    What differs between configurations (a model's own weights file) fails in that configuration's row."""
+    from .backbone import resolve_weights
+    from .data import open_source
+
+    first = next(iter(settings.values()))
+    source = open_source(first.data, first.splits, tfds_data_dir=first.tfds_data_dir)
+    if "validation" not in source.splits:
+        raise BottlecacheError(f"The sweep ranks on a 'validation' split, and the data has none (it has "
+                               f"{', '.join(source.splits)}); pass --split validation=...")
+    if not isinstance(weights, dict):
+        for size in sorted({s.image_size for s in settings.values()}):
+            resolve_weights(first.weights, size)
+
+
 def _run_configuration(point, settings, heads_to_train, clock, board, cache_dir, build_options, progress) -> list[Row]:
     """The rows of one configuration: its cache found or built, then each head found or trained.
     A failure is this configuration's row (its reason said); the sweep goes on."""
@@ -434,9 +452,6 @@ def _run_configuration(point, settings, heads_to_train, clock, board, cache_dir,
     try:
         resolved = settings.resolve()
         n_images = sum(s.n_examples for s in resolved.source.splits.values())
-        if "validation" not in resolved.source.splits:
-            raise BottlecacheError(f"The data has no 'validation' split to rank on (it has "
-                                   f"{', '.join(resolved.source.splits)}); pass --split validation=...")
         cache_state = "hit"
         if not resolved.path.exists():
             refusal = clock.refusal(point, n_images)
