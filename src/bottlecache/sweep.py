@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import DEFAULT_DTYPE, DEFAULT_ENGINE, MODEL_NAME, CacheSettings, check_choice, check_folder_option, \
+from .config import DEFAULT_DTYPE, DEFAULT_ENGINE, CacheSettings, check_choice, check_folder_option, \
     check_image_size, check_positive, check_seed, resolve_cache_dir
 from .errors import BottlecacheError, reason
 
@@ -50,6 +50,16 @@ def cache_settings_fields() -> set[str]:
     return {f.name for f in dataclasses.fields(CacheSettings)}
 
 
+def default_model() -> str:
+    """``CacheSettings.model``'s default where the cache has a model setting, else the one backbone."""
+    for f in dataclasses.fields(CacheSettings):
+        if f.name == "model":
+            return f.default
+    from . import config
+
+    return config.MODEL_NAME
+
+
 # ---------------------------------------------------------------------------------------------
 # The grid
 
@@ -72,7 +82,7 @@ class Configuration:
     @property
     def relative_cost(self) -> float:
         """Forward cost per image relative to MobileNetV2 at 160 px (one view)."""
-        model_cost = MODEL_COST.get(self.model or MODEL_NAME, 1.0)
+        model_cost = MODEL_COST.get(self.model or default_model(), 1.0)
         return (self.image_size / REFERENCE_SIZE) ** 2 * model_cost * (1 + (self.views or 0))
 
     def settings_fields(self) -> dict:
@@ -85,7 +95,7 @@ class Configuration:
         return out
 
     def to_dict(self) -> dict:
-        return {"image_size": self.image_size, "model": self.model or MODEL_NAME, "views": self.views or 0}
+        return {"image_size": self.image_size, "model": self.model or default_model(), "views": self.views or 0}
 
 
 @dataclass(frozen=True)
@@ -177,8 +187,9 @@ def _list_option(name: str, values, check) -> list:
 def _check_model(model) -> str:
     if not isinstance(model, str) or not model.strip():
         raise BottlecacheError(f"The 'model' option must be a model name. Got {model!r} instead.")
-    if "model" not in cache_settings_fields() and model != MODEL_NAME:
-        raise BottlecacheError(f"The 'model' option supports only {MODEL_NAME} in this version. Got {model!r} instead.")
+    if "model" not in cache_settings_fields() and model != default_model():
+        raise BottlecacheError(f"The 'model' option supports only {default_model()} in this version. "
+                               f"Got {model!r} instead.")
     return model
 
 
@@ -422,7 +433,7 @@ def sweep(
 
 def _settings(point: Configuration, data, splits, weights, dtype, fast_decode, tfds_data_dir, cache_dir):
     if isinstance(weights, dict):
-        weights = weights.get(point.model or MODEL_NAME)
+        weights = weights.get(point.model or default_model())
     return CacheSettings(data=data, splits=None if splits is None else tuple(splits), weights=weights, dtype=dtype,
                          fast_decode=fast_decode, tfds_data_dir=tfds_data_dir, cache_dir=cache_dir,
                          **point.settings_fields())
@@ -440,8 +451,8 @@ def check_shared(settings: dict, weights) -> None:
         raise BottlecacheError(f"The sweep ranks on a 'validation' split, and the data has none (it has "
                                f"{', '.join(source.splits)}); pass --split validation=...")
     if not isinstance(weights, dict):
-        for size in sorted({s.image_size for s in settings.values()}):
-            resolve_weights(first.weights, size)
+        for model, size in sorted({(getattr(s, "model", None), s.image_size) for s in settings.values()}, key=str):
+            resolve_weights(first.weights, size, **({} if model is None else {"model": model}))
 
 
 def _run_configuration(point, settings, heads_to_train, clock, board, cache_dir, build_options, progress) -> list[Row]:
@@ -633,6 +644,7 @@ def plot_leaderboard(board: Leaderboard, path: Path) -> None:
     axes.set_ylabel("validation accuracy (%)")
     axes.set_title("bottlecache sweep: best head per configuration")
     axes.grid(True, alpha=0.3)
+    axes.margins(x=0.35, y=0.15)  # room for the labels right of the points
     if not best:
         axes.text(0.5, 0.5, "no configuration finished", ha="center", va="center", transform=axes.transAxes)
     figure.tight_layout()
