@@ -473,7 +473,7 @@ def _run_configuration(point, settings, heads_to_train, clock, board, cache_dir,
             started = time.perf_counter()
             report = build_resolved(resolved, **build_options)
             if not report.hit:  # another process may have finished it meanwhile
-                clock.observe(point, n_images, time.perf_counter() - started)
+                clock.observe(point, sum(s.n_processed for s in report.splits), time.perf_counter() - started)
                 board.n_built += 1
                 cache_state = "resumed" if report.resumed else "built"
         cost = cache_costs(resolved.path)
