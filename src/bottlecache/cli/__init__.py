@@ -13,6 +13,7 @@ from .embeddings import duplicates, neighbors
 from .finetune import app as finetune_app
 from .predict import predict
 from .report import report
+from .sweep import sweep
 
 app = typer.Typer(
     cls=OneLineGroup,
@@ -46,6 +47,7 @@ app.add_typer(cache_app, name="cache")
 app.add_typer(finetune_app, name="finetune")
 app.command("predict")(predict)
 app.command("report")(report)
+app.command("sweep")(sweep)
 
 
 def main() -> None:
