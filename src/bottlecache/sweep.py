@@ -118,7 +118,7 @@ class HeadSetting:
 
     def matches(self, kind: str, params: dict) -> bool:
         """Whether a saved head's kind and parameters are this setting's (other parameters at their defaults)."""
-        if kind != self.kind:
+        if kind != self.kind or params.get("class_weight", "none") != "none":  # a weighted head is another head
             return False
         if self.kind == "sklearn":
             return params.get("Cs") == [self.C]
