@@ -233,7 +233,7 @@ def cache_update(run: Run) -> dict:
     copy = work / "elsewhere" / "photos"
     for f in held_back:
         shutil.copy2(f, photos / f.relative_to(source.root))
-    shutil.copytree(photos, copy)  # cp -r: new place, new mtimes
+    shutil.copytree(photos, copy, copy_function=shutil.copy)  # cp -r: new place, new mtimes (not cp -p)
     copied, copy_seconds = build(copy, "updates")
     results = {
         "added": (added, add_seconds, full.path), "removed": (removed, remove_seconds, before.path),
