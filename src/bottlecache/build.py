@@ -23,7 +23,7 @@ from .data import describe_failure, image_dataset
 from .files import ensure_cache_dir, write_error
 from .progress import NullProgress
 from .records import DECODE_FAST
-from .reuse import ReuseReport, plan_reuse
+from .reuse import ReuseReport, engine_from_source, expected_engine, plan_reuse
 from .store import FEATURE_CHUNK_ROWS, Cache, PartialCache, build_lock, root_attrs
 
 
@@ -146,15 +146,21 @@ def build_resolved(resolved: ResolvedCache, *, batch_size: int | None = None, en
     final_path = resolved.path
     if final_path.exists():
         return hit_report(resolved, final_path)
-    # The weights load before anything is written: a file that does not load leaves nothing behind.
-    base = load_backbone(resolved.weights, resolved.settings.image_size)
-    ensure_cache_dir(final_path.parent)
-    with build_lock(final_path, wait=wait, on_wait=lambda pid: progress.message(
-        f"another build of this cache is running (pid {pid}); waiting for it to finish"
-    )):
-        if final_path.exists():  # the other build finished it while we waited
-            return hit_report(resolved, final_path)
-        return _build_locked(resolved, base, batch_size, engine, progress, reuse)
+    plan = plan_reuse(resolved, expected_engine(engine), reuse=reuse, progress=progress)  # reads, writes nothing
+    try:
+        # An incremental build may need no Keras model (reuse.engine_from_source). Otherwise the
+        # weights load before anything is written: a file that does not load leaves nothing behind.
+        reused_engine = engine_from_source(plan, resolved)
+        base = None if reused_engine else load_backbone(resolved.weights, resolved.settings.image_size)
+        ensure_cache_dir(final_path.parent)
+        with build_lock(final_path, wait=wait, on_wait=lambda pid: progress.message(
+            f"another build of this cache is running (pid {pid}); waiting for it to finish"
+        )):
+            if final_path.exists():  # the other build finished it while we waited
+                return hit_report(resolved, final_path)
+            return _build_locked(resolved, base, batch_size, engine, progress, plan, reused_engine)
+    finally:
+        plan.close()
 
 
 def split_reports(file, processed: dict[str, tuple[int, float]] | None = None) -> list[SplitReport]:
@@ -180,7 +186,7 @@ def hit_report(resolved: ResolvedCache, path: Path) -> BuildReport:
                        resolved.config)
 
 
-def _build_locked(resolved: ResolvedCache, base, batch_size, engine_name, progress, reuse=True):
+def _build_locked(resolved: ResolvedCache, base, batch_size, engine_name, progress, plan, engine=None):
     from .engines import make_engine
 
     source, weights_ref, config, fp = resolved.source, resolved.weights, resolved.config, resolved.fingerprint
@@ -188,9 +194,12 @@ def _build_locked(resolved: ResolvedCache, base, batch_size, engine_name, progre
     versions = library_versions()
     # Check the engine before the partial file is written: an engine that fails must not leave a
     # .partial behind (the next run would "resume" it).
-    engine = make_engine(engine_name, base, weights_ref, image_size,
-                         cache_dir=final_path.parent, probe=(source, next(iter(source.splits))))
-    plan = plan_reuse(resolved, engine.name, reuse=reuse, progress=progress)
+    if engine is None:
+        engine = make_engine(engine_name, base, weights_ref, image_size,
+                             cache_dir=final_path.parent, probe=(source, next(iter(source.splits))))
+    if engine.name != plan.engine:  # auto chose Keras after all: rows of a LiteRT cache are not its rows
+        plan.close()
+        plan = plan_reuse(resolved, engine.name, reuse=plan.reuse, progress=progress)
     partial = PartialCache(final_path, fp)
     split_attrs = {
         name: {"spec": str(split.spec), "n_examples": split.n_examples} for name, split in source.splits.items()
@@ -257,7 +266,7 @@ def _build_locked(resolved: ResolvedCache, base, batch_size, engine_name, progre
     finally:
         committer.close()  # a commit under way finishes before the file is closed
         partial.close()
-        plan.close()
+        plan.close()  # (a plan made again above; build_resolved closes its own)
     return BuildReport(path, fp, False, partial.resumed, reports, build_info["engine"], path.stat().st_size, config,
                        plan.report)
 

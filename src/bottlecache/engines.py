@@ -52,6 +52,17 @@ def flatbuffer_path(cache_dir: Path, weights_sha256: str, image_size: int) -> Pa
     return Path(cache_dir) / "engines" / f"mobilenet_v2-{image_size}-{weights_sha256[:12]}-tf{tf.__version__}.tflite"
 
 
+def flatbuffer_intact(path: Path) -> bool:
+    """A converted flatbuffer is there and matches the sha256 recorded beside it."""
+    record = Path(path).with_suffix(".json")
+    if not (Path(path).is_file() and record.is_file()):
+        return False
+    try:
+        return json.loads(record.read_text())["sha256"] == sha256_file(path)
+    except (ValueError, KeyError, OSError):
+        return False
+
+
 def convert_to_flatbuffer(model, path: Path) -> Path:
     """Convert the Keras base (weights included) once; reuse it while its checksum holds.
 
@@ -59,13 +70,8 @@ def convert_to_flatbuffer(model, path: Path) -> Path:
     truncated) is converted again.
     """
     path = Path(path)
-    record = path.with_suffix(".json")
-    if path.is_file() and record.is_file():
-        try:
-            if json.loads(record.read_text())["sha256"] == sha256_file(path):
-                return path
-        except (ValueError, KeyError, OSError):
-            pass
+    if flatbuffer_intact(path):
+        return path
     tf = import_tf()
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
@@ -76,7 +82,8 @@ def convert_to_flatbuffer(model, path: Path) -> Path:
         os.replace(staged, path)
     import hashlib
 
-    record.write_text(json.dumps({"sha256": hashlib.sha256(flatbuffer).hexdigest(), "tensorflow": tf.__version__}))
+    record = {"sha256": hashlib.sha256(flatbuffer).hexdigest(), "tensorflow": tf.__version__}
+    path.with_suffix(".json").write_text(json.dumps(record))
     return path
 
 

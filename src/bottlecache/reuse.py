@@ -45,6 +45,49 @@ class ReuseReport:
     check_seconds: float = 0.0  # finding the source and reading its chunks once before copying
 
 
+def expected_engine(requested: str) -> str:
+    """The engine a build will run: ``auto`` is LiteRT where it is installed (it falls back to Keras
+    only if LiteRT fails its check, and then the build plans again)."""
+    from .engines import litert_available
+
+    return ("litert" if litert_available() else "keras") if requested == "auto" else requested
+
+
+class CopyOnlyEngine:
+    """The engine of a build that copies every row: named after the source's, never called."""
+
+    def __init__(self, build: dict):
+        self.name = build.get("engine", "")
+        self.batch_size = int(build.get("batch_size") or 32)
+        self.max_abs_diff = float(build.get("engine_max_abs_diff") or 0.0)
+
+    def __call__(self, images):
+        raise RuntimeError("an incremental build planned to copy every row was asked to compute one")
+
+
+def engine_from_source(plan, resolved):
+    """An engine for an incremental build that needs no Keras model, or None.
+
+    Nothing to compute: none at all. LiteRT with its converted flatbuffer intact: the flatbuffer
+    alone, taking the source's check against Keras (same weights, image size and flatbuffer), so
+    that adding a few photos does not pay for loading and tracing the Keras model.
+    """
+    if plan.file is None:
+        return None
+    if plan.report.computed == 0:
+        return CopyOnlyEngine(plan.source_build)
+    if plan.engine != "litert" or plan.source_build.get("engine") != "litert":
+        return None
+    from .engines import LiteRTEngine, flatbuffer_intact, flatbuffer_path
+
+    path = flatbuffer_path(resolved.path.parent, resolved.weights.sha256, resolved.settings.image_size)
+    if not flatbuffer_intact(path):
+        return None
+    engine = LiteRTEngine(path)
+    engine.max_abs_diff = float(plan.source_build.get("engine_max_abs_diff") or 0.0)
+    return engine
+
+
 def row_settings(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in NOT_ROW_SETTINGS}
 
@@ -77,6 +120,9 @@ class ReusePlan:
 
     content: dict[str, SplitContent]
     report: ReuseReport
+    engine: str = ""  # the engine whose rows may be copied
+    reuse: bool = True
+    source_build: dict = field(default_factory=dict)  # the source's build record (engine, batch size…)
     source_splits: list[str] = field(default_factory=list)
     where: dict[str, np.ndarray] = field(default_factory=dict)  # split → source split index, -1: compute
     row: dict[str, np.ndarray] = field(default_factory=dict)
@@ -137,7 +183,7 @@ def plan_reuse(resolved, engine: str, *, reuse: bool = True, progress=None) -> R
     content = {name: split_content(source, name) for name in source.splits}
     report = ReuseReport(None, computed=sum(len(c.keys) for c in content.values()),
                          hash_seconds=time.perf_counter() - started)
-    plan = ReusePlan(content, report)
+    plan = ReusePlan(content, report, engine, reuse)
     if not reuse:
         return plan
     started = time.perf_counter()
@@ -155,6 +201,7 @@ def plan_reuse(resolved, engine: str, *, reuse: bool = True, progress=None) -> R
 def _match(plan: ReusePlan, path: Path, progress) -> None:
     with Cache(path) as cache:
         source_splits = list(cache.splits)
+        plan.source_build = dict(cache.build_info)
     plan.file = h5py.File(path, "r", rdcc_nbytes=READ_CACHE_BYTES)
     plan.source_splits = source_splits
     stored: dict[bytes, tuple[int, int]] = {}
