@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .backbone import load_backbone
+from .engines import checked_engine
 from .config import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE, ENGINES, MAX_BATCH_SIZE, \
     CacheSettings, ResolvedCache, bottleneck_shape, check_choice, check_positive
 from .data import describe_failure, image_dataset
@@ -53,6 +54,7 @@ class BuildReport:
     engine: str
     file_size: int
     config: dict
+    startup_seconds: float | None = None  # from the call to the first decoded images (None on a hit)
     reuse: ReuseReport | None = None  # None on a hit
 
     def to_dict(self) -> dict:
@@ -143,22 +145,25 @@ def build_resolved(resolved: ResolvedCache, *, batch_size: int | None = None, en
     """``build_cache`` for settings already resolved (``CacheSettings.resolve()``)."""
     check_build_options(engine, batch_size)
     progress = progress or NullProgress()
+    called = time.perf_counter()
     final_path = resolved.path
     if final_path.exists():
         return hit_report(resolved, final_path)
     plan = plan_reuse(resolved, expected_engine(engine), reuse=reuse, progress=progress)  # reads, writes nothing
     try:
-        # An incremental build may need no Keras model (reuse.engine_from_source). Otherwise the
-        # weights load before anything is written: a file that does not load leaves nothing behind.
-        reused_engine = engine_from_source(plan, resolved)
-        base = None if reused_engine else load_backbone(resolved.weights, resolved.settings.image_size)
+        # A build that copies every row needs no engine, and a flatbuffer an earlier build converted
+        # and checked needs no Keras base; otherwise the weights load before anything is written:
+        # a file that does not load leaves nothing behind.
+        ready = engine_from_source(plan) or checked_engine(
+            engine, resolved.weights, resolved.settings.image_size, cache_dir=final_path.parent)
+        base = None if ready else load_backbone(resolved.weights, resolved.settings.image_size)
         ensure_cache_dir(final_path.parent)
         with build_lock(final_path, wait=wait, on_wait=lambda pid: progress.message(
             f"another build of this cache is running (pid {pid}); waiting for it to finish"
         )):
             if final_path.exists():  # the other build finished it while we waited
                 return hit_report(resolved, final_path)
-            return _build_locked(resolved, base, batch_size, engine, progress, plan, reused_engine)
+            return _build_locked(resolved, base, ready, batch_size, engine, progress, called, plan)
     finally:
         plan.close()
 
@@ -186,7 +191,7 @@ def hit_report(resolved: ResolvedCache, path: Path) -> BuildReport:
                        resolved.config)
 
 
-def _build_locked(resolved: ResolvedCache, base, batch_size, engine_name, progress, plan, engine=None):
+def _build_locked(resolved: ResolvedCache, base, engine, batch_size, engine_name, progress, called, plan):
     from .engines import make_engine
 
     source, weights_ref, config, fp = resolved.source, resolved.weights, resolved.config, resolved.fingerprint
@@ -200,6 +205,7 @@ def _build_locked(resolved: ResolvedCache, base, batch_size, engine_name, progre
     if engine.name != plan.engine:  # auto chose Keras after all: rows of a LiteRT cache are not its rows
         plan.close()
         plan = plan_reuse(resolved, engine.name, reuse=plan.reuse, progress=progress)
+    startup_seconds = None
     partial = PartialCache(final_path, fp)
     split_attrs = {
         name: {"spec": str(split.spec), "n_examples": split.n_examples} for name, split in source.splits.items()
@@ -228,6 +234,8 @@ def _build_locked(resolved: ResolvedCache, base, batch_size, engine_name, progre
                 fast = config["decode"] == DECODE_FAST
                 only = plan.compute_mask(name)
                 for window in _windows(source, name, image_size, done, split.n_examples, window_size, fast, only):
+                    if startup_seconds is None:  # the first decoded images are here: start-up is over
+                        startup_seconds = time.perf_counter() - called
                     lo, hi, indices, _, _, images = window
                     if len(images):
                         features = np.concatenate([engine(images[i : i + size]) for i in range(0, len(images), size)])
@@ -255,7 +263,10 @@ def _build_locked(resolved: ResolvedCache, base, batch_size, engine_name, progre
         build_info = {
             "engine": engine.name,
             "engine_max_abs_diff": getattr(engine, "max_abs_diff", 0.0),
+            "engine_check": getattr(engine, "checked", ""),
             "batch_size": batch_size or engine.batch_size,
+            "threads": getattr(engine, "threads", None),
+            "startup_seconds": None if startup_seconds is None else round(startup_seconds, 3),
             "weights": weights_ref.spec,
             "machine": platform.machine(),
         }
@@ -268,7 +279,7 @@ def _build_locked(resolved: ResolvedCache, base, batch_size, engine_name, progre
         partial.close()
         plan.close()  # (a plan made again above; build_resolved closes its own)
     return BuildReport(path, fp, False, partial.resumed, reports, build_info["engine"], path.stat().st_size, config,
-                       plan.report)
+                       startup_seconds, plan.report)
 
 
 class _Committer:

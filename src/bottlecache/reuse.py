@@ -65,27 +65,12 @@ class CopyOnlyEngine:
         raise RuntimeError("an incremental build planned to copy every row was asked to compute one")
 
 
-def engine_from_source(plan, resolved):
-    """An engine for an incremental build that needs no Keras model, or None.
-
-    Nothing to compute: none at all. LiteRT with its converted flatbuffer intact: the flatbuffer
-    alone, taking the source's check against Keras (same weights, image size and flatbuffer), so
-    that adding a few photos does not pay for loading and tracing the Keras model.
-    """
-    if plan.file is None:
+def engine_from_source(plan) -> CopyOnlyEngine | None:
+    """The engine of a build that copies every row (none is loaded), or None: a build that computes
+    some rows makes its engine as any build does (engines.checked_engine, make_engine)."""
+    if plan.file is None or plan.report.computed:
         return None
-    if plan.report.computed == 0:
-        return CopyOnlyEngine(plan.source_build)
-    if plan.engine != "litert" or plan.source_build.get("engine") != "litert":
-        return None
-    from .engines import LiteRTEngine, flatbuffer_intact, flatbuffer_path
-
-    path = flatbuffer_path(resolved.path.parent, resolved.weights.sha256, resolved.settings.image_size)
-    if not flatbuffer_intact(path):
-        return None
-    engine = LiteRTEngine(path)
-    engine.max_abs_diff = float(plan.source_build.get("engine_max_abs_diff") or 0.0)
-    return engine
+    return CopyOnlyEngine(plan.source_build)
 
 
 def row_settings(config: dict) -> dict:
