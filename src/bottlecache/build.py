@@ -321,8 +321,11 @@ def _windows(source, split, image_size, start, stop, size, fast_decode=False, on
     the mask ``only``, not read: an incremental build copies them). Windows depend only on
     indices, so a resumed build runs exactly the batches a clean build runs.
     """
-    ds = image_dataset(source, split, image_size, start=start, fast_decode=fast_decode, only=only)
-    ds = ds.batch(size).prefetch(2)
+    if only is not None and not any(only[start:stop]):
+        batches = ()  # every row is copied: no input pipeline (building one costs about a second)
+    else:
+        ds = image_dataset(source, split, image_size, start=start, fast_decode=fast_decode, only=only)
+        batches = ds.batch(size).prefetch(2).as_numpy_iterator()
     lo, hi = start, min((start // size + 1) * size, stop)
     pending: list = []
 
@@ -333,7 +336,7 @@ def _windows(source, split, image_size, start, stop, size, fast_decode=False, on
         images = np.stack([p[3] for p in pending]) if pending else np.zeros((0, image_size, image_size, 3), np.float32)
         return lo, hi, indices, keys, labels, images
 
-    for indices, keys, labels, images in ds.as_numpy_iterator():
+    for indices, keys, labels, images in batches:
         for j, index in enumerate(indices):
             while index >= hi:
                 yield emit()
