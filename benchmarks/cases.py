@@ -175,6 +175,109 @@ def cache_build_litert(run: Run) -> dict:
     return _cache_build(run, "litert")
 
 
+# ---------------------------------------------------------------------------------------------
+# 3b. Incremental builds
+
+UPDATE_HELD_BACK = 30  # photos held back, then added; then removed again
+QUICK_UPDATE_PER_FOLDER = 40  # quick runs: photos copied per class folder (the full run copies them all)
+
+
+def _same_arrays(a_path, b_path) -> bool:
+    """Every array of every split equal (the keys are relative paths: folders in other places compare)."""
+    import h5py
+
+    with h5py.File(a_path, "r") as a, h5py.File(b_path, "r") as b:
+        return sorted(a) == sorted(b) and all(
+            sorted(a[s]) == sorted(b[s]) and all(np.array_equal(a[s][k][:], b[s][k][:]) for k in a[s]) for s in a
+        )
+
+
+def cache_update(run: Run) -> dict:
+    """Incremental ``cache build`` on a copy of the photos with ``UPDATE_HELD_BACK`` held back:
+    the seconds of adding them, of removing them again and of a ``cp -r`` of the whole folder,
+    against a full build of the same folder in the same run; each result checked array for array
+    against a clean build (``reuse=False``) of the same folder."""
+    from bottlecache.build import build_cache
+    from bottlecache.data import IMAGE_EXTENSIONS
+
+    source = run.source()
+    if source.kind != "folder":
+        raise RuntimeError("cache-update needs a folder of photos (--data PATH)")
+    work = run.work_dir / "update"
+    photos, held = work / "photos", work / "held"
+    files = []
+    for folder in sorted({Path(p).parent for p in source.root.rglob("*") if p.is_file()}):
+        names = sorted(p.name for p in folder.iterdir() if p.is_file())
+        files += [folder / n for n in (names[:QUICK_UPDATE_PER_FOLDER] if run.quick else names)]
+    files = [f for f in files if f.name.lower().endswith(IMAGE_EXTENSIONS) and not f.name.startswith(".")]
+    step = max(1, len(files) // UPDATE_HELD_BACK)
+    held_back = {files[i] for i in range(0, step * UPDATE_HELD_BACK, step)}
+    for f in files:
+        target = (held if f in held_back else photos) / f.relative_to(source.root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, target)
+
+    def build(data, name, reuse=True):
+        cache_dir = work / name
+        checked = work / "before" / "engines"  # the flatbuffer with its check recorded by the first build
+        if checked.is_dir():  # every later build finds it, as in a user's cache dir: none pays for the check
+            shutil.copytree(checked, cache_dir / "engines", dirs_exist_ok=True)
+        else:
+            run.give_flatbuffer(cache_dir, run.engine)
+        started = time.perf_counter()
+        report = build_cache(data, None, image_size=run.image_size, weights=run.weights.path, cache_dir=cache_dir,
+                             engine=run.engine, reuse=reuse)
+        return report, time.perf_counter() - started
+
+    def move(folder_from, folder_to):
+        for f in sorted(folder_from.rglob("*")):
+            if f.is_file():
+                target = folder_to / f.relative_to(folder_from)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(f, target)
+
+    before, _ = build(photos, "before", reuse=False)  # the cache of the folder without the 30
+    shutil.copytree(work / "before", work / "updates")  # the user's cache dir: it holds that cache
+    move(held, photos)
+    full, full_seconds = build(photos, "clean-full", reuse=False)
+    added, add_seconds = build(photos, "updates")
+    # the 30 removed again, in a cache dir that holds only the cache with them (not "before": a hit)
+    removing = work / "removing"
+    removing.mkdir()
+    shutil.copy2(added.path, removing / added.path.name)
+    for f in held_back:
+        (photos / f.relative_to(source.root)).unlink()
+    removed, remove_seconds = build(photos, "removing")
+    copy = work / "elsewhere" / "photos"
+    for f in held_back:
+        shutil.copy2(f, photos / f.relative_to(source.root))
+    shutil.copytree(photos, copy, copy_function=shutil.copy)  # cp -r: new place, new mtimes (not cp -p)
+    copied, copy_seconds = build(copy, "updates")
+    results = {
+        "added": (added, add_seconds, full.path), "removed": (removed, remove_seconds, before.path),
+        "copied": (copied, copy_seconds, full.path),
+    }
+    out = {
+        "seconds": add_seconds + remove_seconds + copy_seconds,
+        "images": sum(s.n_images + s.n_skipped for s in full.splits),
+        "held_back": len(held_back),
+        "engine": full.engine,
+        "full_build_seconds": full_seconds,
+        "hash_seconds": full.reuse.hash_seconds,
+    }
+    for name, (report, seconds, clean_path) in results.items():
+        r = report.reuse
+        out[name] = {"seconds": seconds, "fraction_of_full": seconds / full_seconds, "reused": r.reused,
+                     "computed": r.computed, "dropped": r.dropped, "check_seconds": r.check_seconds,
+                     "equal_to_clean_build": _same_arrays(report.path, clean_path)}
+    out["note"] = (f"{out['images']} photos, engine {full.engine}; full build {full_seconds:.1f} s; "
+                   + "; ".join(f"{n} {UPDATE_HELD_BACK if n != 'copied' else 'all'}: {v['seconds']:.1f} s "
+                               f"({100 * v['fraction_of_full']:.1f} %), computed {v['computed']}, "
+                               f"{'equal' if v['equal_to_clean_build'] else 'NOT equal'} to a clean build"
+                               for n, v in ((n, out[n]) for n in results)))
+    return out
+
+
 def build_startup(run: Run) -> dict:
     """What a user waits for before the first image, in a fresh ``bottlecache cache build`` process.
 
@@ -497,6 +600,7 @@ CASES = {
     "cache-build-litert": cache_build_litert,
     "build-startup": build_startup,
     "fast-decode": fast_decode,
+    "cache-update": cache_update,
     "cache-read": cache_read,
     "duplicates": duplicates,
     "cached-sklearn": cached_sklearn,

@@ -80,6 +80,17 @@ class Run:
             self.flatbuffer_seconds = time.perf_counter() - started
         return self._flatbuffer
 
+    def give_flatbuffer(self, cache_dir: Path, engine: str) -> None:
+        """Put the run's converted flatbuffer in ``cache_dir`` (for an engine that may use it)."""
+        from bottlecache.engines import flatbuffer_path, litert_available
+
+        if engine != "keras" and litert_available():
+            converted = self.flatbuffer()
+            target = flatbuffer_path(cache_dir, self.weights.sha256, self.image_size)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(converted, target)
+            shutil.copy2(converted.with_suffix(".json"), target.with_suffix(".json"))
+
     def build(self, engine: str, fast_decode: bool = False) -> Build:
         """Build the cache with ``engine`` in a fresh folder, once per engine per run.
 
@@ -89,15 +100,9 @@ class Run:
         key = (engine, fast_decode)
         if key not in self._builds:
             from bottlecache.build import build_cache
-            from bottlecache.engines import flatbuffer_path, litert_available
 
             cache_dir = self.work_dir / f"cache-{engine}{'-fast-decode' if fast_decode else ''}"
-            if engine != "keras" and litert_available():
-                converted = self.flatbuffer()
-                target = flatbuffer_path(cache_dir, self.weights.sha256, self.image_size)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(converted, target)
-                shutil.copy2(converted.with_suffix(".json"), target.with_suffix(".json"))
+            self.give_flatbuffer(cache_dir, engine)
             started, cpu_started = time.perf_counter(), cpu_seconds()
             report = build_cache(self.data, self.splits, image_size=self.image_size, weights=self.weights.path,
                                  cache_dir=cache_dir, engine=engine, fast_decode=fast_decode)

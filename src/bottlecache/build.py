@@ -24,6 +24,7 @@ from .data import describe_failure, image_dataset
 from .files import ensure_cache_dir, write_error
 from .progress import NullProgress
 from .records import DECODE_FAST
+from .reuse import ReuseReport, engine_from_source, expected_engine, plan_reuse
 from .store import FEATURE_CHUNK_ROWS, Cache, PartialCache, build_lock, root_attrs
 
 
@@ -36,6 +37,7 @@ class SplitReport:
     seconds: float
     nbytes: int
     skipped: list = field(default_factory=list)
+    n_reused: int = 0  # of n_processed, rows copied from an earlier cache (reuse.py)
 
     @property
     def images_per_second(self) -> float:
@@ -53,6 +55,7 @@ class BuildReport:
     file_size: int
     config: dict
     startup_seconds: float | None = None  # from the call to the first decoded images (None on a hit)
+    reuse: ReuseReport | None = None  # None on a hit
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -88,6 +91,7 @@ def build_cache(
     tfds_data_dir=None,
     wait: bool = True,
     fast_decode: bool = False,
+    reuse: bool = True,
     progress=None,
 ) -> BuildReport:
     """Build (or find) the cache of ``data`` through the frozen MobileNetV2.
@@ -114,6 +118,9 @@ def build_cache(
         If another process is building the same cache, wait for it (default) or stop.
     fast_decode : bool
         Decode large JPEGs at 1/2, 1/4 or 1/8 scale in the DCT domain (part of the fingerprint).
+    reuse : bool
+        Copy the rows of unchanged files from the newest compatible cache in the cache dir and
+        compute only the rest (default); False computes every row (docs/cache-format.md).
     progress : bottlecache.progress.Progress, optional
 
     Returns
@@ -123,7 +130,8 @@ def build_cache(
     settings = CacheSettings(data, None if splits is None else tuple(splits), image_size, weights, dtype,
                              fast_decode, tfds_data_dir, cache_dir)
     check_build_options(engine, batch_size)
-    return build_resolved(settings.resolve(), batch_size=batch_size, engine=engine, wait=wait, progress=progress)
+    return build_resolved(settings.resolve(), batch_size=batch_size, engine=engine, wait=wait, reuse=reuse,
+                          progress=progress)
 
 
 def check_build_options(engine: str, batch_size: int | None) -> None:
@@ -133,7 +141,7 @@ def check_build_options(engine: str, batch_size: int | None) -> None:
 
 
 def build_resolved(resolved: ResolvedCache, *, batch_size: int | None = None, engine: str = DEFAULT_ENGINE,
-                   wait: bool = True, progress=None) -> BuildReport:
+                   wait: bool = True, reuse: bool = True, progress=None) -> BuildReport:
     """``build_cache`` for settings already resolved (``CacheSettings.resolve()``)."""
     check_build_options(engine, batch_size)
     progress = progress or NullProgress()
@@ -141,17 +149,23 @@ def build_resolved(resolved: ResolvedCache, *, batch_size: int | None = None, en
     final_path = resolved.path
     if final_path.exists():
         return hit_report(resolved, final_path)
-    # A flatbuffer an earlier build converted and checked needs no Keras base; otherwise the
-    # weights load before anything is written: a file that does not load leaves nothing behind.
-    ready = checked_engine(engine, resolved.weights, resolved.settings.image_size, cache_dir=final_path.parent)
-    base = None if ready else load_backbone(resolved.weights, resolved.settings.image_size)
-    ensure_cache_dir(final_path.parent)
-    with build_lock(final_path, wait=wait, on_wait=lambda pid: progress.message(
-        f"another build of this cache is running (pid {pid}); waiting for it to finish"
-    )):
-        if final_path.exists():  # the other build finished it while we waited
-            return hit_report(resolved, final_path)
-        return _build_locked(resolved, base, ready, batch_size, engine, progress, called)
+    plan = plan_reuse(resolved, expected_engine(engine), reuse=reuse, progress=progress)  # reads, writes nothing
+    try:
+        # A build that copies every row needs no engine, and a flatbuffer an earlier build converted
+        # and checked needs no Keras base; otherwise the weights load before anything is written:
+        # a file that does not load leaves nothing behind.
+        ready = engine_from_source(plan) or checked_engine(
+            engine, resolved.weights, resolved.settings.image_size, cache_dir=final_path.parent)
+        base = None if ready else load_backbone(resolved.weights, resolved.settings.image_size)
+        ensure_cache_dir(final_path.parent)
+        with build_lock(final_path, wait=wait, on_wait=lambda pid: progress.message(
+            f"another build of this cache is running (pid {pid}); waiting for it to finish"
+        )):
+            if final_path.exists():  # the other build finished it while we waited
+                return hit_report(resolved, final_path)
+            return _build_locked(resolved, base, ready, batch_size, engine, progress, called, plan)
+    finally:
+        plan.close()
 
 
 def split_reports(file, processed: dict[str, tuple[int, float]] | None = None) -> list[SplitReport]:
@@ -177,7 +191,7 @@ def hit_report(resolved: ResolvedCache, path: Path) -> BuildReport:
                        resolved.config)
 
 
-def _build_locked(resolved: ResolvedCache, base, engine, batch_size, engine_name, progress, called):
+def _build_locked(resolved: ResolvedCache, base, engine, batch_size, engine_name, progress, called, plan):
     from .engines import make_engine
 
     source, weights_ref, config, fp = resolved.source, resolved.weights, resolved.config, resolved.fingerprint
@@ -188,6 +202,9 @@ def _build_locked(resolved: ResolvedCache, base, engine, batch_size, engine_name
     if engine is None:
         engine = make_engine(engine_name, base, weights_ref, image_size,
                              cache_dir=final_path.parent, probe=(source, next(iter(source.splits))))
+    if engine.name != plan.engine:  # auto chose Keras after all: rows of a LiteRT cache are not its rows
+        plan.close()
+        plan = plan_reuse(resolved, engine.name, reuse=plan.reuse, progress=progress)
     startup_seconds = None
     partial = PartialCache(final_path, fp)
     split_attrs = {
@@ -201,13 +218,13 @@ def _build_locked(resolved: ResolvedCache, base, engine, batch_size, engine_name
     elif existed:
         progress.message(f"the partial build in {partial.path.name} could not be resumed (unreadable or damaged); "
                          "starting over")
-    processed = {}
+    processed, reused = {}, {}
     committer = _Committer(partial)
     try:
         for name, split in source.splits.items():
             done, complete = partial.progress(name)
             started = time.perf_counter()
-            n_processed = 0
+            n_processed = n_reused = 0
             if not complete:
                 size = batch_size or engine.batch_size
                 # Commit whole chunks: a batch smaller than a chunk would make HDF5 decompress,
@@ -215,26 +232,34 @@ def _build_locked(resolved: ResolvedCache, base, engine, batch_size, engine_name
                 window_size = -(-max(size, FEATURE_CHUNK_ROWS) // FEATURE_CHUNK_ROWS) * FEATURE_CHUNK_ROWS
                 progress.start_split(name, split.n_examples, done)
                 fast = config["decode"] == DECODE_FAST
-                for window in _windows(source, name, image_size, done, split.n_examples, window_size, fast):
+                only = plan.compute_mask(name)
+                for window in _windows(source, name, image_size, done, split.n_examples, window_size, fast, only):
                     if startup_seconds is None:  # the first decoded images are here: start-up is over
                         startup_seconds = time.perf_counter() - called
-                    lo, hi, indices, keys, labels, images = window
+                    lo, hi, indices, _, _, images = window
                     if len(images):
                         features = np.concatenate([engine(images[i : i + size]) for i in range(0, len(images), size)])
                         pooled = features.astype(np.float32).mean(axis=(1, 2))
                     else:
                         features = pooled = None
+                    indices, keys, labels, features, pooled, contents, n_copied = plan.fill(
+                        name, lo, hi, indices, features, pooled)
                     skipped = _skipped(source, name, lo, hi, indices)
                     committer.submit(
-                        name, None if features is None else features.astype(dtype), pooled, labels, keys, skipped, hi
+                        name, None if features is None else features.astype(dtype), pooled, labels, keys, skipped, hi,
+                        contents,
                     )
                     n_processed += hi - lo
+                    n_reused += n_copied
                     progress.advance(name, hi - lo)
                 committer.wait()
                 partial.complete_split(name, time.perf_counter() - started)
                 progress.end_split(name)
             processed[name] = (n_processed, time.perf_counter() - started if n_processed else 0.0)
+            reused[name] = n_reused
         reports = split_reports(partial.file, processed)
+        for report in reports:
+            report.n_reused = reused.get(report.name, 0)
         build_info = {
             "engine": engine.name,
             "engine_max_abs_diff": getattr(engine, "max_abs_diff", 0.0),
@@ -252,8 +277,9 @@ def _build_locked(resolved: ResolvedCache, base, engine, batch_size, engine_name
     finally:
         committer.close()  # a commit under way finishes before the file is closed
         partial.close()
+        plan.close()  # (a plan made again above; build_resolved closes its own)
     return BuildReport(path, fp, False, partial.resumed, reports, build_info["engine"], path.stat().st_size, config,
-                       startup_seconds)
+                       startup_seconds, plan.report)
 
 
 class _Committer:
@@ -288,13 +314,18 @@ class _Committer:
         self._pool.shutdown()
 
 
-def _windows(source, split, image_size, start, stop, size, fast_decode=False):
+def _windows(source, split, image_size, start, stop, size, fast_decode=False, only=None):
     """Group decoded images into windows of input indices ``[lo, hi)`` aligned to ``size``.
 
-    A window holds the examples that decoded; the rest of its indices were skipped. Windows
-    depend only on indices, so a resumed build runs exactly the batches a clean build runs.
+    A window holds the examples that decoded; the rest of its indices were skipped (or, outside
+    the mask ``only``, not read: an incremental build copies them). Windows depend only on
+    indices, so a resumed build runs exactly the batches a clean build runs.
     """
-    ds = image_dataset(source, split, image_size, start=start, fast_decode=fast_decode).batch(size).prefetch(2)
+    if only is not None and not any(only[start:stop]):
+        batches = ()  # every row is copied: no input pipeline (building one costs about a second)
+    else:
+        ds = image_dataset(source, split, image_size, start=start, fast_decode=fast_decode, only=only)
+        batches = ds.batch(size).prefetch(2).as_numpy_iterator()
     lo, hi = start, min((start // size + 1) * size, stop)
     pending: list = []
 
@@ -305,7 +336,7 @@ def _windows(source, split, image_size, start, stop, size, fast_decode=False):
         images = np.stack([p[3] for p in pending]) if pending else np.zeros((0, image_size, image_size, 3), np.float32)
         return lo, hi, indices, keys, labels, images
 
-    for indices, keys, labels, images in ds.as_numpy_iterator():
+    for indices, keys, labels, images in batches:
         for j, index in enumerate(indices):
             while index >= hi:
                 yield emit()

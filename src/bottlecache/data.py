@@ -191,17 +191,24 @@ class Source:
             raise BottlecacheError(f"The split {name!r} is not in this source. It has {', '.join(self.splits)}.")
         return self.splits[name]
 
-    def examples(self, name: str, start: int = 0):
-        """tf.data.Dataset of ``(index, key, label, encoded)`` for a split, from ``start`` on."""
+    def examples(self, name: str, start: int = 0, only=None):
+        """tf.data.Dataset of ``(index, key, label, encoded)`` for a split, from ``start`` on.
+
+        ``only``: a boolean mask over the split's indices; the others are left out (not read, for
+        a folder) — the examples an incremental build computes (reuse.py).
+        """
         tf = import_tf()
         split = self.split(name)
         if self.kind == "folder":
+            chosen = list(range(start, split.n_examples))
+            if only is not None:
+                chosen = [i for i in chosen if only[i]]
             ds = tf.data.Dataset.from_tensor_slices(
                 (
-                    tf.range(start, max(start, split.n_examples), dtype=tf.int64),
-                    tf.constant(split.keys[start:], tf.string),
-                    tf.constant(split.labels[start:], tf.int64),
-                    tf.constant(split.paths[start:], tf.string),
+                    tf.constant(chosen, tf.int64, shape=(len(chosen),)),
+                    tf.constant([split.keys[i] for i in chosen], tf.string, shape=(len(chosen),)),
+                    tf.constant([split.labels[i] for i in chosen], tf.int64, shape=(len(chosen),)),
+                    tf.constant([split.paths[i] for i in chosen], tf.string, shape=(len(chosen),)),
                 )
             )
             return ds.map(lambda i, k, y, p: (i, k, y, tf.io.read_file(p)), num_parallel_calls=usable_cores())
@@ -214,6 +221,9 @@ class Source:
             read_config=tfds.ReadConfig(add_tfds_id=True, interleave_cycle_length=1),
         )
         ds = ds.skip(start).enumerate(start)
+        if only is not None:
+            mask = tf.constant(list(map(bool, only)), tf.bool, shape=(len(only),))
+            ds = ds.filter(lambda i, ex: tf.gather(mask, i))
         return ds.map(lambda i, ex: (i, ex["tfds_id"], tf.cast(ex["label"], tf.int64), ex["image"]))
 
     def example(self, name: str, index: int):
@@ -442,16 +452,17 @@ def split_config(source: Source) -> dict:
 
 
 def image_dataset(source: Source, split: str, image_size: int, *, start: int = 0, ordered=None,
-                  fast_decode: bool = False, parallel: int | None = None):
+                  fast_decode: bool = False, parallel: int | None = None, only=None):
     """``(index, key, label, image)`` with the shared preprocessing; undecodable files dropped.
 
     ``ordered`` is an optional ``(index, key, label, encoded)`` dataset to use instead of the
     split's own order (a shuffled one, for training). ``fast_decode``: see ``decode_image``.
-    ``parallel``: images decoded at once (default: the usable cores).
+    ``parallel``: images decoded at once (default: the usable cores). ``only``: see
+    ``Source.examples``.
 
     tf.data's autotuning is off (see ``pipeline_options``).
     """
-    ds = ordered if ordered is not None else source.examples(split, start)
+    ds = ordered if ordered is not None else source.examples(split, start, only)
     fast_size = image_size if fast_decode else None
     ds = ds.map(
         lambda i, k, y, e: (i, k, y, preprocess(decode_image(e, fast_size), image_size)),

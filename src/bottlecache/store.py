@@ -8,6 +8,7 @@ Layout of ``<dataset>-<model>-<size>-<fingerprint12>.h5``::
     /<split>/pooled   (N, 1280) float32: mean over the spatial axes of the float32 features
     /<split>/labels   (N,) int64
     /<split>/keys     (N,) UTF-8: relative path or tfds id
+    /<split>/content  (N, 32) uint8: sha256 of the file's bytes, or of the tfds id (content.py)
     /<split>/skipped  (M, 2) UTF-8: key, reason
               attrs:  spec, n_examples, n_done, n_rows, n_skipped, complete
 
@@ -54,6 +55,7 @@ _STR = h5py.string_dtype("utf-8")
 DAMAGED_ADVICE = ("delete or move the file, then run `bottlecache cache build` with the same options "
                   "to build it again")
 SPLIT_DATASETS = ("features", "pooled", "labels", "keys", "skipped")
+CONTENT = "content"  # per-row content digests (content.py); caches written before it lack them
 
 
 def cache_file_name(dataset: str, model: str, image_size: int, fp: str) -> str:
@@ -172,11 +174,11 @@ class PartialCache:
                 rows, n_skipped = int(group.attrs["n_rows"]), int(group.attrs["n_skipped"])
                 for key, n in (("keys", rows), ("skipped", n_skipped)):
                     _clear_strings_from(group[key], n)
-                for key in ("features", "pooled", "labels", "keys"):
+                for key in ("features", "pooled", "labels", "keys", CONTENT):
                     group[key].resize(rows, axis=0)
                 group["skipped"].resize(n_skipped, axis=0)
                 # the last committed rows (in the chunks a batch rewrites) must read back and pass their checksums
-                for key in ("features", "pooled", "labels", "keys", "skipped"):
+                for key in ("features", "pooled", "labels", "keys", CONTENT, "skipped"):
                     n = n_skipped if key == "skipped" else rows
                     group[key][max(0, n - group[key].chunks[0]) : n]
             self.file = f
@@ -214,6 +216,8 @@ class PartialCache:
                 "labels", (0,), dtype="int64", maxshape=(None,), chunks=(FEATURE_CHUNK_ROWS,), **checked
             )
             group.create_dataset("keys", (0,), dtype=_STR, maxshape=(None,), chunks=(4096,))
+            group.create_dataset(CONTENT, (0, 32), dtype="uint8", maxshape=(None, 32),
+                                 chunks=(FEATURE_CHUNK_ROWS, 32), **checked)
             group.create_dataset("skipped", (0, 2), dtype=_STR, maxshape=(None, 2), chunks=(256, 2))
             for key, value in attrs.items():
                 group.attrs[key] = value
@@ -226,14 +230,15 @@ class PartialCache:
         group = self.file[split]
         return int(group.attrs["n_done"]), bool(group.attrs["complete"])
 
-    def append(self, split: str, features, pooled, labels, keys, skipped, n_done: int) -> None:
-        """Write one batch's rows, then commit them (attributes, flush, fsync)."""
+    def append(self, split: str, features, pooled, labels, keys, skipped, n_done: int, contents=None) -> None:
+        """Write one batch's rows, then commit them (attributes, flush, fsync). ``contents``: the
+        rows' (n, 32) content digests."""
         group = self.file[split]
         rows, n = int(group.attrs["n_rows"]), len(labels)
         # every chunk this batch touches, at its raw size, and the strings: the most it can write
         need = sum(len(str(text).encode("utf-8")) + 64 for text in [*keys, *(t for pair in skipped for t in pair)])
         n_skipped = int(group.attrs["n_skipped"])
-        for key in ("features", "pooled", "labels", "keys", "skipped"):
+        for key in ("features", "pooled", "labels", "keys", CONTENT, "skipped"):
             first, count = (n_skipped, len(skipped)) if key == "skipped" else (rows, n)
             dataset, per_chunk = group[key], group[key].chunks[0]
             if count:
@@ -242,7 +247,9 @@ class PartialCache:
                 need += touched * int(np.prod(dataset.chunks)) * itemsize
         # Whole chunks are compressed and checksummed here, with the GIL released (chunks.py);
         # HDF5 would do it inside the write, holding the GIL the engine's thread needs.
-        columns = (("features", features), ("pooled", pooled), ("labels", labels), ("keys", keys)) if n else ()
+        contents = np.zeros((n, 32), np.uint8) if contents is None else contents
+        columns = (("features", features), ("pooled", pooled), ("labels", labels), ("keys", keys),
+                   (CONTENT, contents)) if n else ()
         encoded = {key: encode_rows(group[key], rows, values) for key, values in columns if key != "keys"}
         self._reserve(need)
         for key, values in columns:
@@ -396,6 +403,8 @@ class Cache:
                 raise BottlecacheError(f"{where}: split {split!r} has no {', '.join(missing)}; {DAMAGED_ADVICE}")
             n = group["labels"].shape[0] if group["labels"].ndim == 1 else -1
             shapes = {"features": (n, *expected), "pooled": (n, expected[-1]), "keys": (n,)}
+            if CONTENT in group:
+                shapes[CONTENT] = (n, 32)
             wrong = [f"{k} {group[k].shape}" for k, shape in shapes.items() if group[k].shape != shape]
             if n < 0 or wrong or group["skipped"].ndim != 2:
                 raise BottlecacheError(
@@ -465,6 +474,14 @@ class Cache:
     def keys(self, split: str) -> list[str]:
         return [_text(k) for k in self._read(split, "keys", None)]
 
+    def has_contents(self) -> bool:
+        """Whether every split stores its rows' content digests (caches from before them do not)."""
+        return all(isinstance(self.file[s].get(CONTENT), h5py.Dataset) for s in self.splits)
+
+    def contents(self, split: str) -> np.ndarray:
+        """(N, 32) uint8: each row's content digest (see bottlecache.content)."""
+        return self._read(split, CONTENT, None)
+
     def skipped(self, split: str) -> list[tuple[str, str]]:
         return [(_text(k), _text(r)) for k, r in self._read(split, "skipped", None)]
 
@@ -480,7 +497,7 @@ class Cache:
 
     def nbytes(self, split: str) -> int:
         group = self._group(split)
-        return sum(group[k].id.get_storage_size() for k in ("features", "pooled", "labels", "keys", "skipped"))
+        return sum(group[k].id.get_storage_size() for k in (*SPLIT_DATASETS, CONTENT) if k in group)
 
     def dataset(self, split: str, what: str = "features", batch_size: int | None = None):
         """A ``tf.data.Dataset`` of ``(x, label)`` streamed from the file chunk by chunk.
@@ -631,7 +648,7 @@ def verify_cache(path) -> VerifyReport:
             group = cache.file[split]
             n = group["labels"].shape[0]
             report.counts[split] = n
-            lengths = {k: group[k].shape[0] for k in ("features", "pooled", "labels", "keys")}
+            lengths = {k: group[k].shape[0] for k in ("features", "pooled", "labels", "keys", CONTENT) if k in group}
             if len(set(lengths.values())) != 1 or n != int(group.attrs.get("n_rows", -1)):
                 report.problems.append(f"split {split!r}: row counts disagree {lengths}")
             if tuple(group["features"].shape[1:]) != expected_shape:
@@ -640,7 +657,9 @@ def verify_cache(path) -> VerifyReport:
                 )
             if n + group["skipped"].shape[0] != int(group.attrs.get("n_examples", -1)):
                 report.problems.append(f"split {split!r}: {n} rows + skipped is not the split's n_examples")
-            for name in ("features", "pooled", "labels"):
+            for name in ("features", "pooled", "labels", CONTENT):
+                if name not in group:
+                    continue
                 dataset = group[name]
                 step = dataset.chunks[0]
                 for lo in range(0, dataset.shape[0], step):

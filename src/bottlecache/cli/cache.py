@@ -47,6 +47,7 @@ def build(
     tfds_data_dir: TfdsDirOpt = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="If the same cache is being built, wait for it.")] = True,
     fast_decode: Annotated[bool, typer.Option("--fast-decode", help="Decode large JPEGs at 1/2-1/8 scale in the DCT domain (see docs/engines.md).")] = False,
+    reuse: Annotated[bool, typer.Option("--reuse/--no-reuse", help="Copy the rows of unchanged files from the newest compatible cache (see docs/cache-format.md).")] = True,
     as_json: JsonOpt = False,
 ):
     """Run the frozen MobileNetV2 once over each split and store the features in an HDF5 cache."""
@@ -56,17 +57,24 @@ def build(
         report = build_cache(
             data, split, image_size=image_size, weights=weights, cache_dir=cache_dir, dtype=dtype,
             batch_size=batch_size, engine=engine, tfds_data_dir=tfds_data_dir, wait=wait, fast_decode=fast_decode,
-            progress=progress,
+            reuse=reuse, progress=progress,
         )
     if as_json:
         print_json(report.to_dict())
         return
     state = "cache hit: nothing recomputed" if report.hit else ("resumed and completed" if report.resumed else "built")
     rows = [
-        [s.name, s.n_images, s.n_skipped, f"{s.seconds:.1f}", f"{s.images_per_second:.1f}", human_bytes(s.nbytes)]
+        [s.name, s.n_images, s.n_skipped, s.n_reused, f"{s.seconds:.1f}", f"{s.images_per_second:.1f}",
+         human_bytes(s.nbytes)]
         for s in report.splits
     ]
-    out.print(table(f"{report.path} ({state})", ["split", "images", "skipped", "seconds", "images/s", "size"], rows))
+    out.print(table(f"{report.path} ({state})", ["split", "images", "skipped", "reused", "seconds", "images/s", "size"],
+                    rows))
+    if report.reuse is not None:
+        r = report.reuse
+        origin = f" from {Path(r.source).name}" if r.source else " (no compatible cache to reuse)" if reuse else ""
+        unreadable = f"; {r.unreadable} rows failed their checksums and were computed" if r.unreadable else ""
+        out.print(f"reused {r.reused}, computed {r.computed}, dropped {r.dropped}{origin}{unreadable}", markup=False)
     n_skipped = sum(s.n_skipped for s in report.splits)
     engine_text = f", engine {report.engine}" if report.engine else ""
     if report.startup_seconds is not None:
