@@ -20,6 +20,7 @@ from .backbone import load_backbone
 from .config import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE, ENGINES, MAX_BATCH_SIZE, \
     CacheSettings, ResolvedCache, bottleneck_shape, check_choice, check_positive
 from .data import describe_failure, image_dataset
+from .errors import BottlecacheError
 from .files import ensure_cache_dir, write_error
 from .progress import NullProgress
 from .records import DECODE_FAST
@@ -87,6 +88,9 @@ def build_cache(
     wait: bool = True,
     fast_decode: bool = False,
     progress=None,
+    executor: str = "local",
+    ray_address: str | None = None,
+    shard_size: int | None = None,
 ) -> BuildReport:
     """Build (or find) the cache of ``data`` through the frozen MobileNetV2.
 
@@ -113,6 +117,12 @@ def build_cache(
     fast_decode : bool
         Decode large JPEGs at 1/2, 1/4 or 1/8 scale in the DCT domain (part of the fingerprint).
     progress : bottlecache.progress.Progress, optional
+    executor : {"local", "ray"}
+        ``ray``: build shard by shard on a Ray cluster (``bottlecache.ray_build``; docs/scaling-out.md).
+    ray_address : str, optional
+        ray: ``auto`` or ``HOST:PORT`` of a running cluster (default: start a local Ray).
+    shard_size : int, optional
+        ray: input rows per shard, a multiple of the commit window (default 32768).
 
     Returns
     -------
@@ -121,6 +131,17 @@ def build_cache(
     settings = CacheSettings(data, None if splits is None else tuple(splits), image_size, weights, dtype,
                              fast_decode, tfds_data_dir, cache_dir)
     check_build_options(engine, batch_size)
+    check_choice("executor", executor, ("local", "ray"))
+    if executor == "ray":
+        from .ray_build import build_ray, import_ray
+        from .shards import DEFAULT_SHARD_SIZE
+
+        import_ray()  # before anything is resolved: without Ray, say how to install it
+        return build_ray(settings.resolve(), batch_size=batch_size, engine=engine, wait=wait, progress=progress,
+                         address=ray_address, shard_size=DEFAULT_SHARD_SIZE if shard_size is None else shard_size)
+    for name, value in (("ray_address", ray_address), ("shard_size", shard_size)):
+        if value is not None:
+            raise BottlecacheError(f"The '{name}' option applies to the ray executor only; add --executor ray.")
     return build_resolved(settings.resolve(), batch_size=batch_size, engine=engine, wait=wait, progress=progress)
 
 
@@ -195,32 +216,15 @@ def _build_locked(resolved: ResolvedCache, base, batch_size, engine_name, progre
         progress.message(f"the partial build in {partial.path.name} could not be resumed (unreadable or damaged); "
                          "starting over")
     processed = {}
-    committer = _Committer(partial)
+    committer = Committer(partial)
     try:
         for name, split in source.splits.items():
             done, complete = partial.progress(name)
             started = time.perf_counter()
             n_processed = 0
             if not complete:
-                size = batch_size or engine.batch_size
-                # Commit whole chunks: a batch smaller than a chunk would make HDF5 decompress,
-                # recompress and checksum the same chunk again at every batch.
-                window_size = -(-max(size, FEATURE_CHUNK_ROWS) // FEATURE_CHUNK_ROWS) * FEATURE_CHUNK_ROWS
                 progress.start_split(name, split.n_examples, done)
-                fast = config["decode"] == DECODE_FAST
-                for window in _windows(source, name, image_size, done, split.n_examples, window_size, fast):
-                    lo, hi, indices, keys, labels, images = window
-                    if len(images):
-                        features = np.concatenate([engine(images[i : i + size]) for i in range(0, len(images), size)])
-                        pooled = features.astype(np.float32).mean(axis=(1, 2))
-                    else:
-                        features = pooled = None
-                    skipped = _skipped(source, name, lo, hi, indices)
-                    committer.submit(
-                        name, None if features is None else features.astype(dtype), pooled, labels, keys, skipped, hi
-                    )
-                    n_processed += hi - lo
-                    progress.advance(name, hi - lo)
+                n_processed = run_split(committer, engine, resolved, name, done, split.n_examples, batch_size, progress)
                 committer.wait()
                 partial.complete_split(name, time.perf_counter() - started)
                 progress.end_split(name)
@@ -243,7 +247,41 @@ def _build_locked(resolved: ResolvedCache, base, batch_size, engine_name, progre
     return BuildReport(path, fp, False, partial.resumed, reports, build_info["engine"], path.stat().st_size, config)
 
 
-class _Committer:
+def window_rows(batch_size: int) -> int:
+    """Rows per commit: whole chunks (a batch smaller than a chunk would make HDF5 decompress,
+    recompress and checksum the same chunk again at every batch), at least one batch."""
+    return -(-max(batch_size, FEATURE_CHUNK_ROWS) // FEATURE_CHUNK_ROWS) * FEATURE_CHUNK_ROWS
+
+
+def run_split(committer, engine, resolved: ResolvedCache, name: str, start: int, stop: int, batch_size, progress,
+              offset: int = 0) -> int:
+    """Run input rows ``[start, stop)`` of split ``name`` through ``engine`` window by window and
+    hand each window to ``committer`` (its commit record counts ``n_done`` from ``offset``).
+
+    Windows are aligned to absolute indices, so any ``[start, stop)`` on window boundaries runs
+    exactly the batches the whole split runs. Returns the number of input rows run.
+    """
+    source, image_size, dtype = resolved.source, resolved.settings.image_size, resolved.settings.dtype
+    size = batch_size or engine.batch_size
+    fast = resolved.config["decode"] == DECODE_FAST
+    n_processed = 0
+    for window in _windows(source, name, image_size, start, stop, window_rows(size), fast):
+        lo, hi, indices, keys, labels, images = window
+        if len(images):
+            features = np.concatenate([engine(images[i : i + size]) for i in range(0, len(images), size)])
+            pooled = features.astype(np.float32).mean(axis=(1, 2))
+        else:
+            features = pooled = None
+        skipped = _skipped(source, name, lo, hi, indices)
+        committer.submit(
+            name, None if features is None else features.astype(dtype), pooled, labels, keys, skipped, hi - offset
+        )
+        n_processed += hi - lo
+        progress.advance(name, hi - lo)
+    return n_processed
+
+
+class Committer:
     """Commits windows in a background thread, in order, at most one waiting.
 
     Compressing, checksumming and syncing a window (about a fifth of the work per image) then
@@ -281,7 +319,8 @@ def _windows(source, split, image_size, start, stop, size, fast_decode=False):
     A window holds the examples that decoded; the rest of its indices were skipped. Windows
     depend only on indices, so a resumed build runs exactly the batches a clean build runs.
     """
-    ds = image_dataset(source, split, image_size, start=start, fast_decode=fast_decode).batch(size).prefetch(2)
+    ordered = source.examples(split, start).take(stop - start)  # a shard stops before the split's end
+    ds = image_dataset(source, split, image_size, ordered=ordered, fast_decode=fast_decode).batch(size).prefetch(2)
     lo, hi = start, min((start // size + 1) * size, stop)
     pending: list = []
 
