@@ -10,7 +10,6 @@ without it and are skipped elsewhere.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal

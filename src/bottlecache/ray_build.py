@@ -39,7 +39,6 @@ EXECUTORS = ("local", "ray")
 ACTOR_CPUS = 0.9
 ENGINE_THREADS = 1  # per actor: one actor per core; the features do not depend on it (docs/scaling-out.md)
 DEFAULT_RETRIES = 2  # a Python exception in a shard: tries after the first
-MAX_WORKER_RESTARTS = 16  # per actor, for killed processes and lost nodes
 
 
 @dataclass
@@ -68,7 +67,7 @@ def build_ray(resolved: ResolvedCache, *, batch_size: int | None = None, engine:
 
     ``address``: None starts a local Ray on the usable cores (or uses the one this process already
     started); ``"auto"`` or ``HOST:PORT`` joins a running cluster. ``inject_failures``
-    (``{shard id: n}``) makes the first ``n`` tries of a shard raise, for tests.
+    (``{shard id: n}``) makes the first ``n`` tries of a shard raise before it starts, for tests.
     """
     check_build_options(engine, batch_size)
     ray = import_ray()
@@ -151,7 +150,6 @@ def resolve_engine(resolved: ResolvedCache, engine: str) -> tuple[str, int, floa
 
 def start_ray(ray, address: str | None):
     """Connect to (or start) Ray; return the seconds it took and how to let go of it."""
-    import ray.data
 
     started = time.perf_counter()
     if ray.is_initialized():
@@ -166,10 +164,20 @@ def start_ray(ray, address: str | None):
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise BottlecacheError(f"Could not connect to Ray at {address or 'a new local Ray'} ({reason(error, 160)}); "
                                "start one with `ray start --head`, or leave out --ray-address.") from None
+    quiet_ray()
+    return time.perf_counter() - started, ray.shutdown
+
+
+def quiet_ray() -> None:
+    """No progress bars or INFO lines from Ray Data: the build shows its own progress."""
+    import logging
+
+    import ray.data
+
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
-    return time.perf_counter() - started, ray.shutdown
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
 
 
 def pool_size(ray, n_shards: int) -> int:
@@ -180,20 +188,15 @@ def pool_size(ray, n_shards: int) -> int:
 def run_shards(ray, resolved, todo: list[ShardSpec], folder: Path, engine_name: str, batch_size, workers: int,
                retries: int, inject: dict[int, int], progress) -> list[dict]:
     """Hand the shards to a pool of ``workers`` actors; return their manifest rows as they finish."""
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
+    quiet_ray()  # also when this process started Ray itself
     ds = ray.data.from_items([asdict(s) for s in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(
-        ShardWorker,
-        fn_constructor_kwargs=dict(settings=resolved.settings, fingerprint=resolved.fingerprint, folder=str(folder),
-                                   engine=engine_name, batch_size=batch_size, threads=ENGINE_THREADS,
-                                   retries=retries, inject=inject),
+        bound_worker(settings=resolved.settings, fingerprint=resolved.fingerprint, folder=str(folder),
+                     engine=engine_name, batch_size=batch_size, threads=ENGINE_THREADS, retries=retries, inject=inject),
         batch_size=1,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers),
-        num_cpus=ACTOR_CPUS,
-        max_restarts=MAX_WORKER_RESTARTS,
-        max_task_retries=-1,
+        num_cpus=ACTOR_CPUS,  # Ray Data restarts a dead actor and retries its call (max_restarts -1 by default)
     )
     total = sum(s.hi - s.lo for s in todo)
     progress.start_split("shards", total, 0)
@@ -216,6 +219,17 @@ def shard_failure(row: dict, specs: list[ShardSpec], n_done: int, folder: Path) 
         f"{row['attempts']} times ({row['error']}); the {n_done} finished shards of {len(specs)} are kept in "
         f"{folder}; run the same command again to redo the rest."
     )
+
+
+def bound_worker(**arguments):
+    """``ShardWorker`` with its arguments bound into the class: Ray ships the class itself, and no
+    constructor argument lies in the object store, where losing it would stop an actor's restart."""
+
+    class BoundShardWorker(ShardWorker):
+        def __init__(self):
+            super().__init__(**arguments)
+
+    return BoundShardWorker
 
 
 class ShardWorker:
@@ -260,9 +274,10 @@ class ShardWorker:
         while attempts <= self.retries:
             attempts += 1
             try:
-                progress = _Injected(self.inject.get(spec.id, 0) >= attempts)
+                if self.inject.get(spec.id, 0) >= attempts:
+                    raise RuntimeError("injected fault")
                 row = write_shard(self.resolved, spec, self.engine, self.batch_size, self.folder,
-                                  versions=self.versions, progress=progress)
+                                  versions=self.versions, progress=NullProgress())
                 return {**row, "pid": os.getpid(), "attempts": attempts, "error": "",
                         "seconds": time.perf_counter() - started}
             except Exception as failure:  # noqa: BLE001 - reported in the row, the driver stops with it
@@ -270,21 +285,3 @@ class ShardWorker:
         return {"shard": spec.id, "split": spec.split, "lo": spec.lo, "hi": spec.hi, "rows": 0, "skipped": 0,
                 "fingerprint": "", "keys_sha256": "", "bytes": 0, "pid": os.getpid(), "attempts": attempts,
                 "error": error, "seconds": time.perf_counter() - started}
-
-
-class _Injected:
-    """A worker's progress: nothing to show; with ``fail``, raises after the first window (a test's
-    injected fault: a Python exception mid-shard)."""
-
-    def __init__(self, fail: bool):
-        self.fail = fail
-
-    def advance(self, split: str, n: int) -> None:
-        if self.fail:
-            raise RuntimeError("injected fault")
-
-    def start_split(self, *args) -> None: ...
-
-    def end_split(self, *args) -> None: ...
-
-    def message(self, *args) -> None: ...
