@@ -150,7 +150,6 @@ def resolve_engine(resolved: ResolvedCache, engine: str) -> tuple[str, int, floa
 
 def start_ray(ray, address: str | None):
     """Connect to (or start) Ray; return the seconds it took and how to let go of it."""
-
     started = time.perf_counter()
     if ray.is_initialized():
         return 0.0, lambda: None
@@ -158,7 +157,7 @@ def start_ray(ray, address: str | None):
                    configure_logging=True)
     try:
         if address is None:
-            ray.init(num_cpus=usable_cores(), **options)
+            ray.init(address="local", num_cpus=usable_cores(), **options)  # a new one, even beside a cluster
         else:
             ray.init(address=address, **options)
     except (ConnectionError, RuntimeError, ValueError) as error:
