@@ -155,9 +155,14 @@ def start_ray(ray, address: str | None):
         return 0.0, lambda: None
     options = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR",
                    configure_logging=True)
+    # Ray's C++ core logs notices such as ray-project/ray#53727 to this process's stderr at error
+    # level; the command line keeps stderr for its one-line errors (set the variable to see them).
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     try:
         if address is None:
-            ray.init(address="local", num_cpus=usable_cores(), **options)  # a new one, even beside a cluster
+            # a new one, even beside a cluster; its workers at normal priority (Ray nices them to 15 by
+            # default, which on a machine shared with other work starves the actors)
+            ray.init(address="local", num_cpus=usable_cores(), _system_config={"worker_niceness": 0}, **options)
         else:
             ray.init(address=address, **options)
     except (ConnectionError, RuntimeError, ValueError) as error:
