@@ -155,9 +155,6 @@ def start_ray(ray, address: str | None):
         return 0.0, lambda: None
     options = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR",
                    configure_logging=True)
-    # Ray's C++ core logs notices such as ray-project/ray#53727 to this process's stderr at error
-    # level; the command line keeps stderr for its one-line errors (set the variable to see them).
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     try:
         if address is None:
             # a new one, even beside a cluster; its workers at normal priority (Ray nices them to 15 by
