@@ -11,6 +11,7 @@ from ._common import OneLineGroup
 from .cache import app as cache_app
 from .finetune import app as finetune_app
 from .predict import predict
+from .sweep import sweep
 
 app = typer.Typer(
     cls=OneLineGroup,
@@ -41,6 +42,7 @@ def root(
 app.add_typer(cache_app, name="cache")
 app.add_typer(finetune_app, name="finetune")
 app.command("predict")(predict)
+app.command("sweep")(sweep)
 
 
 def main() -> None:
