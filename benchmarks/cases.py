@@ -278,6 +278,52 @@ def cache_update(run: Run) -> dict:
     return out
 
 
+RAY_SHARD_ROWS = 256  # the photos in a dozen shards, so that both workers of this machine stay busy
+PROJECTED_IMAGES = (1_000_000, 14_000_000)
+PROJECTED_WORKERS = 100
+
+
+def cache_build_ray(run: Run) -> dict:
+    """``--executor ray`` on a local Ray (this machine's cores) against the single-process build of
+    the same run (wall seconds of both, engine and model loading included), and a projection."""
+    local = run.build(run.engine)
+    build = run.build(run.engine, executor="ray", shard_size=RAY_SHARD_ROWS)
+    report = build.report
+    n_images = sum(s.n_processed for s in report.splits)
+    startup = report.ray_startup_seconds
+    rows = report.shard_rows
+    # one worker's rate: rows over the seconds its shards took inside it (its engine already loaded)
+    per_worker = sum(r["hi"] - r["lo"] for r in rows) / sum(r["seconds"] for r in rows)
+    projection = {
+        str(n): {"worker_hours": n / per_worker / 3600,
+                 f"hours_on_{PROJECTED_WORKERS}_workers": n / per_worker / PROJECTED_WORKERS / 3600}
+        for n in PROJECTED_IMAGES
+    }
+    ratio = local.seconds / build.seconds
+    ratio_without = local.seconds / (build.seconds - startup)
+    return {
+        "seconds": build.seconds,
+        "images": n_images,
+        "images_per_second": n_images / build.seconds,
+        "images_per_second_without_startup": n_images / (build.seconds - startup),
+        "ray_startup_seconds": startup,
+        "workers": report.workers,
+        "shards": report.n_shards,
+        "shard_rows": RAY_SHARD_ROWS,
+        "engine": report.engine,
+        "local_seconds": local.seconds,
+        "ratio_to_cache_build": ratio,
+        "ratio_to_cache_build_without_startup": ratio_without,
+        "per_worker_images_per_second": per_worker,
+        "projection": projection,
+        "projection_note": "PROJECTION, not measured: images / the measured per-worker rate, assuming linear "
+                           "scaling and a shared file system that keeps up",
+        "note": f"{report.workers} workers, {report.n_shards} shards of {RAY_SHARD_ROWS}; Ray start-up {startup:.1f} s; "
+                f"{ratio:.2f} of cache-build's speed ({ratio_without:.2f} without start-up); projected "
+                f"(not measured) 14 M images: {projection['14000000']['worker_hours']:.0f} worker-hours",
+    }
+
+
 def build_startup(run: Run) -> dict:
     """What a user waits for before the first image, in a fresh ``bottlecache cache build`` process.
 
@@ -598,6 +644,7 @@ CASES = {
     "cache-build": cache_build,
     "cache-build-keras": cache_build_keras,
     "cache-build-litert": cache_build_litert,
+    "cache-build-ray": cache_build_ray,
     "build-startup": build_startup,
     "fast-decode": fast_decode,
     "cache-update": cache_update,

@@ -91,13 +91,13 @@ class Run:
             shutil.copy2(converted, target)
             shutil.copy2(converted.with_suffix(".json"), target.with_suffix(".json"))
 
-    def build(self, engine: str, fast_decode: bool = False) -> Build:
+    def build(self, engine: str, fast_decode: bool = False, executor: str = "local", shard_size=None) -> Build:
         """Build the cache with ``engine`` in a fresh folder, once per engine per run.
 
         The folder is given the run's converted flatbuffer first, as a user's second build would
         find it: the conversion is timed once, in forward-limit-litert, not in every build.
         """
-        key = (engine, fast_decode)
+        key = (engine, fast_decode, executor)
         if key not in self._builds:
             from bottlecache.build import build_cache
 
@@ -105,7 +105,8 @@ class Run:
             self.give_flatbuffer(cache_dir, engine)
             started, cpu_started = time.perf_counter(), cpu_seconds()
             report = build_cache(self.data, self.splits, image_size=self.image_size, weights=self.weights.path,
-                                 cache_dir=cache_dir, engine=engine, fast_decode=fast_decode)
+                                 cache_dir=cache_dir, engine=engine, fast_decode=fast_decode, executor=executor,
+                                 shard_size=shard_size)
             seconds = time.perf_counter() - started
             if report.hit:
                 raise RuntimeError(f"the {engine} build in the fresh folder {cache_dir} was a cache hit")

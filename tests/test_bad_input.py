@@ -643,6 +643,10 @@ BAD_VALUES: dict[str, list[Bad]] = {
     "dtype": [const("float64"), const("int8"), const("")],
     "batch_size": below(1),
     "engine": [const("gpu"), const("")],
+    "executor": [const("spark"), const("")],
+    "ray_address": [const(""), const("headnode", id="no port"), const("headnode:port", id="port not a number")],
+    "shard_size": below(1) + [const("48", id="48 (not a multiple of 32)"), const(str(2**64), id="2**64")],
+    "cache consolidate cache_dir": paths("file", "unreadable folder"),
     "tfds_data_dir": paths("file", "under a file"),
     "cache": CACHE_ARG_BAD,
     "kind": [const("forest"), const("")],
@@ -781,11 +785,14 @@ def base_values(command: tuple, param: str, c: Ctx) -> dict[str, list]:
     w = c.w
     name = " ".join(command)
     if name == "cache build":
-        return {"data": [w.data], "split": ["train=train[:8]"], "image_size": [SIZE], "weights": [w.weights],
-                "cache_dir": [c.folder("cache-dir")], "engine": ["keras"]}
+        values = {"data": [w.data], "split": ["train=train[:8]"], "image_size": [SIZE], "weights": [w.weights],
+                  "cache_dir": [c.folder("cache-dir")], "engine": ["keras"]}
+        if param in ("ray_address", "shard_size"):  # options of the ray executor
+            values["executor"] = ["ray"]
+        return values
     if name in ("cache ls", "cache heads"):
         return {"cache_dir": [w.cache_dir]}
-    if name in ("cache info", "cache verify"):
+    if name in ("cache info", "cache verify", "cache consolidate"):
         return {"cache": [w.fingerprint[:12]], "cache_dir": [w.cache_dir]}
     if name == "cache train-head":
         values = {"cache": [w.cache], "out_dir": [c.tmp / "head-out"], "cache_dir": [c.folder("cache-dir")]}
@@ -839,10 +846,11 @@ BASE_CONTROLS = [OptionCase(command, param, None, None) for command, param in [
     (("cache", "build"), ""), (("cache", "ls"), ""), (("cache", "info"), ""), (("cache", "verify"), ""),
     (("cache", "train-head"), ""), (("cache", "train-head"), "dropout"), (("cache", "heads"), ""),
     (("finetune", "run"), ""), (("predict",), ""), (("sweep",), ""), (("report",), ""), (("report",), "bins"),
-    (("cache", "neighbors"), ""), (("cache", "duplicates"), "")]]
+    (("cache", "neighbors"), ""), (("cache", "duplicates"), ""), (("cache", "build"), "shard_size"),
+    (("cache", "consolidate"), "")]]
 
 
-CONTROL_VARIANTS = {"dropout": " (keras)", "bins": " (fine-tuned model)"}
+CONTROL_VARIANTS = {"dropout": " (keras)", "bins": " (fine-tuned model)", "shard_size": " (ray)"}
 
 
 @pytest.mark.parametrize("case", BASE_CONTROLS, ids=[" ".join(c.command) + CONTROL_VARIANTS.get(c.param, "")

@@ -21,6 +21,7 @@ from .engines import checked_engine
 from .config import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE, ENGINES, MAX_BATCH_SIZE, \
     CacheSettings, ResolvedCache, bottleneck_shape, check_choice, check_positive
 from .data import describe_failure, image_dataset
+from .errors import BottlecacheError
 from .files import ensure_cache_dir, write_error
 from .progress import NullProgress
 from .records import DECODE_FAST
@@ -93,6 +94,9 @@ def build_cache(
     fast_decode: bool = False,
     reuse: bool = True,
     progress=None,
+    executor: str = "local",
+    ray_address: str | None = None,
+    shard_size: int | None = None,
 ) -> BuildReport:
     """Build (or find) the cache of ``data`` through the frozen MobileNetV2.
 
@@ -122,6 +126,12 @@ def build_cache(
         Copy the rows of unchanged files from the newest compatible cache in the cache dir and
         compute only the rest (default); False computes every row (docs/cache-format.md).
     progress : bottlecache.progress.Progress, optional
+    executor : {"local", "ray"}
+        ``ray``: build shard by shard on a Ray cluster (``bottlecache.ray_build``; docs/scaling-out.md).
+    ray_address : str, optional
+        ray: ``auto`` or ``HOST:PORT`` of a running cluster (default: start a local Ray).
+    shard_size : int, optional
+        ray: input rows per shard, a multiple of the commit window (default 32768).
 
     Returns
     -------
@@ -130,6 +140,17 @@ def build_cache(
     settings = CacheSettings(data, None if splits is None else tuple(splits), image_size, weights, dtype,
                              fast_decode, tfds_data_dir, cache_dir)
     check_build_options(engine, batch_size)
+    check_choice("executor", executor, ("local", "ray"))
+    if executor == "ray":
+        from .ray_build import build_ray, import_ray
+        from .shards import DEFAULT_SHARD_SIZE
+
+        import_ray()  # before anything is resolved: without Ray, say how to install it
+        return build_ray(settings.resolve(), batch_size=batch_size, engine=engine, wait=wait, progress=progress,
+                         address=ray_address, shard_size=DEFAULT_SHARD_SIZE if shard_size is None else shard_size)
+    for name, value in (("ray_address", ray_address), ("shard_size", shard_size)):
+        if value is not None:
+            raise BottlecacheError(f"The '{name}' option applies to the ray executor only; add --executor ray.")
     return build_resolved(settings.resolve(), batch_size=batch_size, engine=engine, wait=wait, reuse=reuse,
                           progress=progress)
 
@@ -206,6 +227,12 @@ def _build_locked(resolved: ResolvedCache, base, engine, batch_size, engine_name
         plan.close()
         plan = plan_reuse(resolved, engine.name, reuse=plan.reuse, progress=progress)
     startup_seconds = None
+
+    def first_window():  # the first decoded images are here: start-up is over
+        nonlocal startup_seconds
+        if startup_seconds is None:
+            startup_seconds = time.perf_counter() - called
+
     partial = PartialCache(final_path, fp)
     split_attrs = {
         name: {"spec": str(split.spec), "n_examples": split.n_examples} for name, split in source.splits.items()
@@ -219,39 +246,16 @@ def _build_locked(resolved: ResolvedCache, base, engine, batch_size, engine_name
         progress.message(f"the partial build in {partial.path.name} could not be resumed (unreadable or damaged); "
                          "starting over")
     processed, reused = {}, {}
-    committer = _Committer(partial)
+    committer = Committer(partial)
     try:
         for name, split in source.splits.items():
             done, complete = partial.progress(name)
             started = time.perf_counter()
             n_processed = n_reused = 0
             if not complete:
-                size = batch_size or engine.batch_size
-                # Commit whole chunks: a batch smaller than a chunk would make HDF5 decompress,
-                # recompress and checksum the same chunk again at every batch.
-                window_size = -(-max(size, FEATURE_CHUNK_ROWS) // FEATURE_CHUNK_ROWS) * FEATURE_CHUNK_ROWS
                 progress.start_split(name, split.n_examples, done)
-                fast = config["decode"] == DECODE_FAST
-                only = plan.compute_mask(name)
-                for window in _windows(source, name, image_size, done, split.n_examples, window_size, fast, only):
-                    if startup_seconds is None:  # the first decoded images are here: start-up is over
-                        startup_seconds = time.perf_counter() - called
-                    lo, hi, indices, _, _, images = window
-                    if len(images):
-                        features = np.concatenate([engine(images[i : i + size]) for i in range(0, len(images), size)])
-                        pooled = features.astype(np.float32).mean(axis=(1, 2))
-                    else:
-                        features = pooled = None
-                    indices, keys, labels, features, pooled, contents, n_copied = plan.fill(
-                        name, lo, hi, indices, features, pooled)
-                    skipped = _skipped(source, name, lo, hi, indices)
-                    committer.submit(
-                        name, None if features is None else features.astype(dtype), pooled, labels, keys, skipped, hi,
-                        contents,
-                    )
-                    n_processed += hi - lo
-                    n_reused += n_copied
-                    progress.advance(name, hi - lo)
+                n_processed, n_reused = run_split(committer, engine, resolved, name, done, split.n_examples,
+                                                  batch_size, progress, on_window=first_window, plan=plan)
                 committer.wait()
                 partial.complete_split(name, time.perf_counter() - started)
                 progress.end_split(name)
@@ -282,7 +286,52 @@ def _build_locked(resolved: ResolvedCache, base, engine, batch_size, engine_name
                        startup_seconds, plan.report)
 
 
-class _Committer:
+def window_rows(batch_size: int) -> int:
+    """Rows per commit: whole chunks (a batch smaller than a chunk would make HDF5 decompress,
+    recompress and checksum the same chunk again at every batch), at least one batch."""
+    return -(-max(batch_size, FEATURE_CHUNK_ROWS) // FEATURE_CHUNK_ROWS) * FEATURE_CHUNK_ROWS
+
+
+def run_split(committer, engine, resolved: ResolvedCache, name: str, start: int, stop: int, batch_size, progress,
+              offset: int = 0, on_window=None, plan=None) -> tuple[int, int]:
+    """Run input rows ``[start, stop)`` of split ``name`` through ``engine`` window by window and
+    hand each window to ``committer`` (its commit record counts ``n_done`` from ``offset``);
+    ``on_window()`` runs as each window's decoded images arrive. With a reuse ``plan``
+    (``bottlecache.reuse``), the rows it copies are not read and are merged into their windows.
+
+    Windows are aligned to absolute indices, so any ``[start, stop)`` on window boundaries runs
+    exactly the batches the whole split runs. Returns the input rows run and the rows copied.
+    """
+    source, image_size, dtype = resolved.source, resolved.settings.image_size, resolved.settings.dtype
+    size = batch_size or engine.batch_size
+    fast = resolved.config["decode"] == DECODE_FAST
+    only = None if plan is None else plan.compute_mask(name)
+    n_processed = n_reused = 0
+    for window in _windows(source, name, image_size, start, stop, window_rows(size), fast, only):
+        if on_window is not None:
+            on_window()
+        lo, hi, indices, keys, labels, images = window
+        if len(images):
+            features = np.concatenate([engine(images[i : i + size]) for i in range(0, len(images), size)])
+            pooled = features.astype(np.float32).mean(axis=(1, 2))
+        else:
+            features = pooled = None
+        contents, n_copied = None, 0
+        if plan is not None:
+            indices, keys, labels, features, pooled, contents, n_copied = plan.fill(
+                name, lo, hi, indices, features, pooled)
+        skipped = _skipped(source, name, lo, hi, indices)
+        committer.submit(
+            name, None if features is None else features.astype(dtype), pooled, labels, keys, skipped, hi - offset,
+            contents,
+        )
+        n_processed += hi - lo
+        n_reused += n_copied
+        progress.advance(name, hi - lo)
+    return n_processed, n_reused
+
+
+class Committer:
     """Commits windows in a background thread, in order, at most one waiting.
 
     Compressing, checksumming and syncing a window (about a fifth of the work per image) then
@@ -324,7 +373,10 @@ def _windows(source, split, image_size, start, stop, size, fast_decode=False, on
     if only is not None and not any(only[start:stop]):
         batches = ()  # every row is copied: no input pipeline (building one costs about a second)
     else:
-        ds = image_dataset(source, split, image_size, start=start, fast_decode=fast_decode, only=only)
+        ordered = source.examples(split, start, only)
+        # a shard stops before the split's end (only=None there); an incremental build runs to it
+        ordered = ordered.take(stop - start) if only is None else ordered.filter(lambda i, k, y, e: i < stop)
+        ds = image_dataset(source, split, image_size, ordered=ordered, fast_decode=fast_decode)
         batches = ds.batch(size).prefetch(2).as_numpy_iterator()
     lo, hi = start, min((start // size + 1) * size, stop)
     pending: list = []

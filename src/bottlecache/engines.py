@@ -170,11 +170,12 @@ def probe_images(source, split: str, image_size: int, n: int = PROBE_IMAGES) -> 
     return np.stack(images)
 
 
-def make_engine(name: str, model, weights, image_size: int, *, cache_dir, probe=None, images=None):
+def make_engine(name: str, model, weights, image_size: int, *, cache_dir, probe=None, images=None, threads=None):
     """The engine ``name`` (``auto``, ``keras``, ``litert``) for a loaded Keras base.
 
     ``probe`` is ``(source, split)`` whose first images check the engine against Keras (or pass
-    ``images`` directly). The measured difference is kept as ``engine.max_abs_diff``.
+    ``images`` directly). The measured difference is kept as ``engine.max_abs_diff``. ``threads``:
+    LiteRT's threads (default: the usable cores; Keras's are TensorFlow's, set before it starts).
     """
     keras_engine = KerasEngine(model)
     if name == "keras" or (name == "auto" and not litert_available()):
@@ -182,7 +183,7 @@ def make_engine(name: str, model, weights, image_size: int, *, cache_dir, probe=
     if not litert_available():
         raise BottlecacheError("The 'litert' engine needs the package ai-edge-litert: pip install ai-edge-litert.")
     path = convert_to_flatbuffer(model, flatbuffer_path(cache_dir, weights.sha256, image_size))
-    engine = LiteRTEngine(path)
+    engine = LiteRTEngine(path, threads)
     if images is None:
         images = probe_images(*probe, image_size)
     diff = float(np.max(np.abs(engine(images) - keras_engine(images))))

@@ -412,6 +412,7 @@ class Cache:
                     f"expected {n} rows of {expected}); {DAMAGED_ADVICE}"
                 )
             self._check_commit_record(split, group, n)
+            check_virtual_sources(self.path, split, group)
 
     def _check_commit_record(self, split: str, group, n_rows: int) -> None:
         """The split's commit record must agree with its arrays: ``n_rows`` rows, ``n_skipped``
@@ -534,6 +535,25 @@ class Cache:
         differ = differences(self.config, expected, "cache")
         if differ:
             raise CacheMismatchError(f"{self.path.name} does not match: {differ}.")
+
+
+def check_virtual_sources(path: Path, split: str, group) -> None:
+    """Every file a virtual dataset (a cache joined from shards) reads from must exist: HDF5 reads a
+    missing source as fill values, without an error. Relative sources lie beside the cache file."""
+    for name in ("features", "pooled"):
+        dataset = group[name]
+        if not dataset.is_virtual:
+            continue
+        for source in dataset.virtual_sources():
+            if source.file_name == ".":
+                continue
+            shard = Path(source.file_name)
+            shard = shard if shard.is_absolute() else Path(path).parent / shard
+            if not shard.is_file():
+                raise BottlecacheError(
+                    f"{path}: split {split!r} {name} reads from the shard {shard}, which is missing; restore "
+                    f"the shard folder beside the cache, or {DAMAGED_ADVICE}"
+                )
 
 
 def _check_fingerprint(attrs: dict, where: str) -> None:
@@ -661,7 +681,7 @@ def verify_cache(path) -> VerifyReport:
                 if name not in group:
                     continue
                 dataset = group[name]
-                step = dataset.chunks[0]
+                step = (dataset.chunks or (FEATURE_CHUNK_ROWS,))[0]  # a virtual dataset (shards) has none
                 for lo in range(0, dataset.shape[0], step):
                     try:
                         block = dataset[lo : lo + step]

@@ -48,6 +48,9 @@ def build(
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="If the same cache is being built, wait for it.")] = True,
     fast_decode: Annotated[bool, typer.Option("--fast-decode", help="Decode large JPEGs at 1/2-1/8 scale in the DCT domain (see docs/engines.md).")] = False,
     reuse: Annotated[bool, typer.Option("--reuse/--no-reuse", help="Copy the rows of unchanged files from the newest compatible cache (see docs/cache-format.md).")] = True,
+    executor: Annotated[str, typer.Option(help="local (this process) or ray (shard by shard on a Ray cluster; see docs/scaling-out.md).")] = "local",
+    ray_address: Annotated[Optional[str], typer.Option(help="ray: auto or HOST:PORT of a running cluster (default: start a local Ray).")] = None,
+    shard_size: Annotated[Optional[int], typer.Option(help="ray: input rows per shard, a multiple of the commit window (default 32768).")] = None,
     as_json: JsonOpt = False,
 ):
     """Run the frozen MobileNetV2 once over each split and store the features in an HDF5 cache."""
@@ -57,7 +60,7 @@ def build(
         report = build_cache(
             data, split, image_size=image_size, weights=weights, cache_dir=cache_dir, dtype=dtype,
             batch_size=batch_size, engine=engine, tfds_data_dir=tfds_data_dir, wait=wait, fast_decode=fast_decode,
-            reuse=reuse, progress=progress,
+            reuse=reuse, progress=progress, executor=executor, ray_address=ray_address, shard_size=shard_size,
         )
     if as_json:
         print_json(report.to_dict())
@@ -80,6 +83,9 @@ def build(
     if report.startup_seconds is not None:
         engine_text += f", first images after {report.startup_seconds:.1f} s"
     out.print(f"fingerprint {report.fingerprint[:12]}, {human_bytes(report.file_size)}{engine_text}, {n_skipped} skipped")
+    if getattr(report, "n_shards", 0):
+        out.print(f"{report.n_shards} shards ({report.n_reused} from an earlier run), {report.workers} Ray workers, "
+                  f"Ray start-up {report.ray_startup_seconds:.1f} s")
     for s in report.splits:
         for key, why in s.skipped[:20]:
             err.print(f"  skipped {s.name}/{key}: {why}", markup=False)
@@ -159,6 +165,23 @@ def verify(cache: Annotated[str, typer.Argument(help="Cache file or fingerprint 
         first = first if first.startswith(str(report.path)) else f"{report.path}: {first}"
         more = f" (and {len(report.problems) - 1} more fault(s))" if len(report.problems) > 1 else ""
         fail(first + more if DAMAGED_ADVICE in first else f"{first}{more}; {DAMAGED_ADVICE}", 1)
+
+
+@app.command("consolidate")
+@handle_errors(interrupted="interrupted; the cache and its shards are unchanged")
+def consolidate(
+    cache: Annotated[str, typer.Argument(help="Cache file or fingerprint prefix.")],
+    keep_shards: Annotated[bool, typer.Option("--keep-shards", help="Keep the shard folder afterwards.")] = False,
+    cache_dir: CacheDirOpt = None,
+):
+    """Rewrite a cache built with --executor ray (which reads its shard files) as one standalone file."""
+    from ..shards import consolidate_cache
+    from ..store import find_cache
+
+    path = find_cache(cache, cache_dir)
+    with RichProgress(quiet=False) as progress:
+        consolidate_cache(path, keep_shards=keep_shards, progress=progress)
+    out.print(f"{path}: standalone ({human_bytes(path.stat().st_size)})")
 
 
 @app.command("train-head")
