@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from .backbone import load_backbone
-from .config import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE, ENGINES, MAX_BATCH_SIZE, \
-    CacheSettings, ResolvedCache, bottleneck_shape, check_choice, check_positive
+from .config import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL, ENGINES, \
+    MAX_BATCH_SIZE, CacheSettings, ResolvedCache, bottleneck_shape, check_choice, check_positive
 from .data import describe_failure, image_dataset
 from .files import ensure_cache_dir, write_error
 from .progress import NullProgress
@@ -87,8 +87,9 @@ def build_cache(
     wait: bool = True,
     fast_decode: bool = False,
     progress=None,
+    model: str = DEFAULT_MODEL,
 ) -> BuildReport:
-    """Build (or find) the cache of ``data`` through the frozen MobileNetV2.
+    """Build (or find) the cache of ``data`` through a frozen base (MobileNetV2 by default).
 
     Parameters
     ----------
@@ -113,13 +114,16 @@ def build_cache(
     fast_decode : bool
         Decode large JPEGs at 1/2, 1/4 or 1/8 scale in the DCT domain (part of the fingerprint).
     progress : bottlecache.progress.Progress, optional
+    model : str
+        The base: a name of ``bottlecache.backbones.BACKBONES`` (``bottlecache models``); the
+        weights must be that model's. Part of the fingerprint, with its preprocessing.
 
     Returns
     -------
     BuildReport
     """
     settings = CacheSettings(data, None if splits is None else tuple(splits), image_size, weights, dtype,
-                             fast_decode, tfds_data_dir, cache_dir)
+                             fast_decode, tfds_data_dir, cache_dir, model)
     check_build_options(engine, batch_size)
     return build_resolved(settings.resolve(), batch_size=batch_size, engine=engine, wait=wait, progress=progress)
 
@@ -188,7 +192,7 @@ def _build_locked(resolved: ResolvedCache, base, batch_size, engine_name, progre
     }
     attrs = root_attrs(config, fp, versions)
     existed = partial.path.exists()
-    partial.open(attrs, split_attrs, bottleneck_shape(image_size), dtype)
+    partial.open(attrs, split_attrs, bottleneck_shape(image_size, resolved.settings.model), dtype)
     if partial.resumed:
         progress.message(f"resuming the partial build in {partial.path.name}")
     elif existed:
@@ -208,7 +212,8 @@ def _build_locked(resolved: ResolvedCache, base, batch_size, engine_name, progre
                 window_size = -(-max(size, FEATURE_CHUNK_ROWS) // FEATURE_CHUNK_ROWS) * FEATURE_CHUNK_ROWS
                 progress.start_split(name, split.n_examples, done)
                 fast = config["decode"] == DECODE_FAST
-                for window in _windows(source, name, image_size, done, split.n_examples, window_size, fast):
+                for window in _windows(source, name, image_size, done, split.n_examples, window_size, fast,
+                                       resolved.settings.model):
                     lo, hi, indices, keys, labels, images = window
                     if len(images):
                         features = np.concatenate([engine(images[i : i + size]) for i in range(0, len(images), size)])
@@ -275,13 +280,14 @@ class _Committer:
         self._pool.shutdown()
 
 
-def _windows(source, split, image_size, start, stop, size, fast_decode=False):
+def _windows(source, split, image_size, start, stop, size, fast_decode=False, model=DEFAULT_MODEL):
     """Group decoded images into windows of input indices ``[lo, hi)`` aligned to ``size``.
 
     A window holds the examples that decoded; the rest of its indices were skipped. Windows
     depend only on indices, so a resumed build runs exactly the batches a clean build runs.
     """
-    ds = image_dataset(source, split, image_size, start=start, fast_decode=fast_decode).batch(size).prefetch(2)
+    ds = image_dataset(source, split, image_size, start=start, fast_decode=fast_decode, model=model)
+    ds = ds.batch(size).prefetch(2)
     lo, hi = start, min((start // size + 1) * size, stop)
     pending: list = []
 
