@@ -233,11 +233,12 @@ def print_models(as_json: bool = False) -> None:
     if as_json:
         print_json(rows)
         return
-    out.print(table("models (--model)", ["model", "keras", "preprocessing", "bottleneck at 160", "layers",
-                                         "fine-tune from", "engines"], [
-        [r["model"], r["keras"], r["preprocessing"], "x".join(map(str, r["bottleneck_160"])), r["layers"],
-         f"{r['fine_tune_at']} ({r['fine_tune_layer']})", r["engines"]] for r in rows
-    ]))
+    t = table("models (--model)", ["model", "preprocessing", "at 160 px", "layers", "cut", "engines"], [
+        [r["model"], r["preprocessing"], "x".join(map(str, r["bottleneck_160"])), r["layers"], r["fine_tune_at"],
+         r["engines"].replace(", ", "+")] for r in rows
+    ])
+    t.columns[0].no_wrap = True
+    out.print(t)
     for r in rows:
         if r["keras_only_reason"]:
             out.print(f"{r['model']}: Keras only: {r['keras_only_reason']}", markup=False)
