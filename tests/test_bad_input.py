@@ -242,7 +242,7 @@ KERAS_FILE_HOLDERS = ("bottlecache.heads", "bottlecache.finetune")
 def forbid_backbone(monkeypatch) -> None:
     def make(original):
         def stand_in(*args, **kwargs):
-            raise NotRejected("went on to load the MobileNetV2 backbone (the bad value was not refused up front)")
+            raise NotRejected("went on to load the backbone (the bad value was not refused up front)")
 
         return stand_in
 
@@ -617,6 +617,10 @@ def _unreadable_images_folder(c: Ctx):
     return [folder]
 
 
+# --model (cache build, finetune run): not a registered name, or a model the weights are not for
+MODEL_OPTION_BAD = [const("resnet9000"), const(""), const("MobileNetV2", id="the Keras class name"),
+                    Bad("a model the weights are not for", lambda c: ["xception"], backbone_needed=True)]
+
 IMAGES_BAD = paths("missing", "dangling symlink", "empty folder", "unreadable file", suffix=".jpg") + [
     Bad("folder without images", _no_images_folder),
     Bad("folder of unreadable images only", _unreadable_images_folder),
@@ -661,6 +665,8 @@ BAD_VALUES: dict[str, list[Bad]] = {
     "head": HEAD_OPTION_BAD,
     "fine_tune_at": below(0) + [const("100000"), const(str(2**64), id="2**64")],
     "model": MODEL_ARG_BAD,
+    "cache build model": MODEL_OPTION_BAD,
+    "finetune run model": MODEL_OPTION_BAD + [const("list", id="list (cache build's only)")],
     "images": IMAGES_BAD,
 }
 
