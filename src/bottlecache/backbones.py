@@ -118,7 +118,7 @@ _MOBILENET_V2_URL = _KA + "mobilenet_v2/mobilenet_v2_weights_tf_dim_ordering_tf_
 
 
 def _mobilenet_v2(name: str, alpha: float, channels: int) -> Backbone:
-    return Backbone(name, "MobileNetV2", "mobilenet_v2", "scale_pm1", channels, 154, "block_11_expand", 100,
+    return Backbone(name, "MobileNetV2", "mobilenet_v2", "scale_pm1", channels, 154, "block_11_expand_relu", 100,
                     _MOBILENET_V2_URL.format(alpha=float(alpha)), alpha=alpha, per_size_imagenet=True)
 
 
