@@ -98,7 +98,7 @@ def test_every_model_caches_trains_finetunes_and_predicts(name, tmp_path, cats_d
     from bottlecache.backbone import load_backbone, resolve_weights
     from bottlecache.engines import KerasEngine, make_engine, probe_images
     from bottlecache.finetune import finetune
-    from bottlecache.heads import train_head
+    from bottlecache.heads import load_head, train_head
     from bottlecache.predict import load_model
     from bottlecache.store import Cache
 
@@ -114,13 +114,11 @@ def test_every_model_caches_trains_finetunes_and_predicts(name, tmp_path, cats_d
         features = cache.features("validation", slice(0, len(keys)))
     sklearn_head = train_head(report.path, "sklearn", out=tmp_path / "sk")
     keras_head = train_head(report.path, "keras", epochs=1, batch_size=4, out=tmp_path / "ke")
-    assert sklearn_head.record["backbone"]["model"] == name == keras_head.record["backbone"]["model"]
+    head, keras_loaded = load_head(sklearn_head.path), load_head(keras_head.path)
+    assert head.backbone["model"] == name == keras_loaded.backbone["model"]
 
     # the head on the base predicts what it predicts on the cached features: the same preprocessing
     rows = load_model(sklearn_head.path, weights=weights).predict([cats_dogs / k for k in keys])
-    from bottlecache.heads import load_head
-
-    head = load_head(sklearn_head.path)
     expected = head.predict_proba(features)
     got = np.array([[r["probabilities"][c] for c in head.class_names] for r in rows])
     np.testing.assert_allclose(got, expected, atol=1e-3)
