@@ -769,6 +769,8 @@ def base_values(command: tuple, param: str, c: Ctx) -> dict[str, list]:
                 "cache_dir": [c.folder("cache-dir")], "engine": ["keras"]}
     if name in ("cache ls", "cache heads"):
         return {"cache_dir": [w.cache_dir]}
+    if name == "models":
+        return {}
     if name in ("cache info", "cache verify"):
         return {"cache": [w.fingerprint[:12]], "cache_dir": [w.cache_dir]}
     if name == "cache train-head":
@@ -1477,6 +1479,9 @@ def test_control_runs_made_the_records(name, world):
 CONTROLS = {
     "cache ls": lambda w, c: ["cache", "ls", "--cache-dir", w.cache_dir, "--json"],
     "cache ls (table)": lambda w, c: ["cache", "ls", "--cache-dir", w.cache_dir],
+    "models": lambda w, c: ["models", "--json"],
+    "models (table)": lambda w, c: ["models"],
+    "cache build --model list": lambda w, c: ["cache", "build", "--model", "list"],
     "cache info": lambda w, c: ["cache", "info", w.fingerprint[:12], "--cache-dir", w.cache_dir],
     "cache verify": lambda w, c: ["cache", "verify", w.cache],
     "cache heads": lambda w, c: ["cache", "heads", "--cache-dir", w.cache_dir, "--json"],
