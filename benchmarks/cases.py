@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -418,7 +419,59 @@ def _percent(value) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# 8. The registered bases side by side
+# 8. Sweep: every configuration × head, chosen on validation
+
+
+SWEEP_SIZES = {"full": (160, 192, 224), "quick": (96, 128)}
+# A folder without a test split (cats_and_dogs_filtered) lends half its validation split as one:
+# the sweep chooses on the first half and measures only its winner on the second.
+SWEEP_SPLITS = ["train", "validation=validation[:50%]", "test=validation[50%:]"]
+QUICK_SWEEP_SPLITS = ["train=train[:64]", "validation=validation[:32]", "test=validation[32:64]"]
+
+
+def sweep(run: Run) -> dict:
+    """``bottlecache sweep`` from nothing over image sizes × sklearn/keras heads (builds timed in it), and
+    after it, for comparison only, the test accuracy of the smallest size's sklearn head."""
+    from bottlecache.heads import _predict_split, compute_metrics, load_head
+    from bottlecache.store import Cache
+    from bottlecache.sweep import sweep as run_sweep
+
+    sizes = SWEEP_SIZES["quick" if run.quick else "full"]
+    splits = run.splits
+    if Path(str(run.data)).expanduser().is_dir() and "test" not in run.source().splits:
+        splits = QUICK_SWEEP_SPLITS if run.quick else SWEEP_SPLITS
+    board, seconds = _timed(lambda: run_sweep(
+        run.data, splits, image_sizes=sizes, kinds=("sklearn", "keras"), epochs=run.epochs, seed=run.seed,
+        weights=run.weights.path, cache_dir=run.work_dir / "cache-sweep", engine=run.engine, plot=True,
+    ))
+    if board.winner is None:
+        raise RuntimeError(f"no configuration finished: {[r.error for r in board.rows]}")
+    reference = next((r for r in board.rows if r.done and r.head.kind == "sklearn"
+                      and r.configuration.image_size == sizes[0]), None)
+    reference_test = None
+    if reference is not None and board.test is not None:
+        with Cache(reference.cache_path) as cache:
+            head = load_head(reference.head_path).head
+            reference_test = compute_metrics(cache.labels("test"), _predict_split(head, cache, "test"),
+                                             cache.class_names)["accuracy"]
+    winner = board.winner
+    test = board.test["accuracy"] if board.test else None
+    return {
+        "seconds": seconds,
+        "accuracy": {"validation": winner.validation_accuracy, "test": test},
+        "winner": f"{winner.configuration.label}, {winner.head.label}",
+        "reference": f"{sizes[0]} px, sklearn C=1",
+        "reference_test_accuracy": reference_test,
+        "n_built": board.n_built,
+        "n_trained": board.n_trained,
+        "leaderboard": [row.to_dict() for row in board.rows],
+        "note": f"{len(sizes)} sizes × sklearn/keras from nothing, {board.n_built} builds; winner {winner.configuration.label}"
+                f" {winner.head.label}" + (f"; test {_percent(test)} vs {_percent(reference_test)} for {sizes[0]} px sklearn"
+                                           if test is not None else ""),
+    }
+
+
+# 9. The registered bases side by side
 
 
 def backbones(run: Run) -> dict:
@@ -483,7 +536,7 @@ def _number(value) -> str:
 
 
 # The order cases run in: each may use what an earlier one left in the Run (a build, a head, a
-# forward limit to compare with); fine-tuning, the longest, comes last.
+# forward limit to compare with); fine-tuning, the longest single case, then the sweep, which builds its own caches.
 CASES = {
     "forward-limit": forward_limit,
     "forward-limit-litert": forward_limit_litert,
@@ -498,5 +551,6 @@ CASES = {
     "cached-keras": cached_keras,
     "tutorial-frozen": tutorial_frozen,
     "finetune": finetune,
+    "sweep": sweep,
     "backbones": backbones,
 }

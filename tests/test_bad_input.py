@@ -668,6 +668,17 @@ BAD_VALUES: dict[str, list[Bad]] = {
     "cache build model": MODEL_OPTION_BAD,
     "finetune run model": MODEL_OPTION_BAD + [const("list", id="list (cache build's only)")],
     "images": IMAGES_BAD,
+    # sweep: comma-separated lists; what every configuration shares is refused before any work
+    "sweep image_size": [const("0"), const("-96"), const("150"), const(str(2**64), id="2**64"), const("96,abc"),
+                         const("96,,128"), const("")],
+    "sweep model": [const("resnet9000"), const(""), const("mobilenet_v2,")],
+    "sweep views": [const("-1"), const("abc"), const("1.5"), const("")],
+    "sweep c": [const("0"), const("-1"), const("1,-1"), const("1,abc"), const("nan"), const("inf"), const("")],
+    "sweep kind": [const("forest"), const(""), const("sklearn,forest")],
+    "sweep budget": [const("0"), const("-1m"), const("ten minutes"), const("1e400"), const("m")],
+    "sweep weights": [Bad(b.id, b.make) for b in WEIGHTS_BAD if b.id != "an HDF5 file of something else"] + [
+        const("=path", id="MODEL=PATH without a model")],
+    "sweep out_dir": paths("file", "under a file", "dangling symlink"),
 }
 
 
@@ -784,6 +795,9 @@ def base_values(command: tuple, param: str, c: Ctx) -> dict[str, list]:
                 "out_dir": [c.tmp / "ft-out"]}
     if name == "predict":
         return {"model": [w.sk_head], "images": [w.images[0]]}
+    if name == "sweep":
+        return {"data": [w.data], "image_size": [SIZE], "weights": [w.weights], "cache_dir": [c.folder("cache-dir")],
+                "engine": ["keras"], "kind": ["sklearn"]}
     raise AssertionError(f"no good values (BASE) for the command {name!r}: add them to base_values")
 
 
@@ -814,7 +828,7 @@ def build_argv(case: OptionCase, c: Ctx) -> list:
 BASE_CONTROLS = [OptionCase(command, param, None, None) for command, param in [
     (("cache", "build"), ""), (("cache", "ls"), ""), (("cache", "info"), ""), (("cache", "verify"), ""),
     (("cache", "train-head"), ""), (("cache", "train-head"), "dropout"), (("cache", "heads"), ""),
-    (("finetune", "run"), ""), (("predict",), "")]]
+    (("finetune", "run"), ""), (("predict",), ""), (("sweep",), "")]]
 
 
 @pytest.mark.parametrize("case", BASE_CONTROLS, ids=[" ".join(c.command) + (" (keras)" if c.param else "")
@@ -822,7 +836,7 @@ BASE_CONTROLS = [OptionCase(command, param, None, None) for command, param in [
 def test_control_base_command_lines(case: OptionCase, ctx: Ctx, monkeypatch):
     """The good command lines every bad value is put into work: else every case could pass by them."""
     argv = build_argv(case, ctx)
-    if case.command in (("finetune", "run"), ("cache", "build")):
+    if case.command in (("finetune", "run"), ("cache", "build"), ("sweep",)):
         forbid_backbone(monkeypatch)  # a whole build and fine-tuning run are the world's controls
         outcome = run_case(ctx, argv)
         assert isinstance(outcome.stopped, NotRejected), report(outcome, ["refused the good values"], "CONTROL")
@@ -837,7 +851,7 @@ def test_every_parameter_has_bad_values():
     assert not missing, "parameters without a bad-value generator (add them to BAD_VALUES): " + ", ".join(missing)
     commands = {case.command for case in OPTION_CASES}
     assert {("cache", "build"), ("cache", "ls"), ("cache", "info"), ("cache", "verify"), ("cache", "train-head"),
-            ("cache", "heads"), ("finetune", "run"), ("predict",)} <= commands
+            ("cache", "heads"), ("finetune", "run"), ("predict",), ("sweep",)} <= commands
 
 
 @pytest.mark.parametrize("case", OPTION_CASES, ids=[case.id for case in OPTION_CASES])

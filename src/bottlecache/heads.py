@@ -342,6 +342,7 @@ def train_head(
     early_stopping: int | None = None,
     shuffle: bool = True,
     train_split: str = "train",
+    evaluate=None,
     out=None,
     save: bool = True,
     cache_dir=None,
@@ -361,6 +362,9 @@ def train_head(
     epochs, batch_size, learning_rate, optimizer, dropout, seed, early_stopping, shuffle
         Keras head settings (``early_stopping`` is a patience in epochs; the best epoch by
         validation loss is kept either way).
+    evaluate : sequence of str, optional
+        The splits to measure the head on; default every split but ``train_split``. (``sweep``
+        measures its candidates on validation only, so that no test figure can sway the choice.)
     out : path, optional
         Folder to save the head in; default ``<cache dir>/heads/<kind>-<fingerprint12>-<time>``.
     max_memory : int, optional
@@ -395,7 +399,11 @@ def train_head(
     try:
         if train_split not in cache.splits:
             raise BottlecacheError(f"The cache has no {train_split!r} split to train on. It has {', '.join(cache.splits)}.")
-        eval_splits = [s for s in cache.splits if s != train_split]
+        eval_splits = [s for s in cache.splits if s != train_split] if evaluate is None else list(evaluate)
+        unknown = [s for s in eval_splits if s not in cache.splits or s == train_split]
+        if unknown:
+            raise BottlecacheError(f"The 'evaluate' option names splits other than {train_split!r} of the cache "
+                                   f"({', '.join(s for s in cache.splits if s != train_split)}). Got {unknown[0]!r}.")
         has_validation = "validation" in cache.splits
         n_classes = len(cache.class_names)
         present = np.unique(cache.labels(train_split)).tolist()

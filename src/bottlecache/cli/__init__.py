@@ -12,6 +12,7 @@ from .cache import app as cache_app
 from .cache import print_models
 from .finetune import app as finetune_app
 from .predict import predict
+from .sweep import sweep
 
 app = typer.Typer(
     cls=OneLineGroup,
@@ -42,6 +43,7 @@ def root(
 app.add_typer(cache_app, name="cache")
 app.add_typer(finetune_app, name="finetune")
 app.command("predict")(predict)
+app.command("sweep")(sweep)
 
 
 @app.command("models")
