@@ -266,13 +266,13 @@ _KERAS_FILES: dict = {}
 
 
 def fast_loading(monkeypatch) -> None:
-    """The backbone by (weights file, sha256, size) and a ``.keras`` file by its content (not
+    """The backbone by (weights file, sha256, model, size) and a ``.keras`` file by its content (not
     compiled), each loaded once. Prediction does not change them."""
 
     def backbone(original):
         def load(weights, image_size, *args, **kwargs):
-            key = (getattr(weights, "path", None), getattr(weights, "sha256", None), image_size, args,
-                   tuple(sorted(kwargs.items())))
+            key = (getattr(weights, "path", None), getattr(weights, "sha256", None), getattr(weights, "model", None),
+                   image_size, args, tuple(sorted(kwargs.items())))
             if key not in _BACKBONES:
                 _BACKBONES[key] = original(weights, image_size, *args, **kwargs)
             return _BACKBONES[key]
