@@ -39,7 +39,8 @@ def _forward_case(run: Run, engine) -> dict:
     n_images = 128 if run.quick else 640
     n_batches = max(1, n_images // (FORWARD_ROUNDS * engine.batch_size))
     rng = np.random.default_rng(run.seed)
-    batch = rng.uniform(-1.0, 1.0, (engine.batch_size, run.image_size, run.image_size, 3)).astype(np.float32)
+    pixels = rng.uniform(0.0, 255.0, (engine.batch_size, run.image_size, run.image_size, 3)).astype(np.float32)
+    batch = np.asarray(run.weights.backbone.preprocess(pixels), dtype=np.float32)  # the model's own input range
     for _ in range(WARMUP_BATCHES):
         engine(batch)
     rounds = []
@@ -92,7 +93,7 @@ def decode_only(run: Run, fast_decode: bool = False) -> dict:
     n_images = 0
     started = time.perf_counter()
     for split in source.splits:
-        images = image_dataset(source, split, run.image_size, fast_decode=fast_decode)
+        images = image_dataset(source, split, run.image_size, fast_decode=fast_decode, model=run.weights.model)
         for _, _, labels, _ in images.batch(32).prefetch(2).as_numpy_iterator():
             n_images += len(labels)
     seconds = time.perf_counter() - started
@@ -343,7 +344,8 @@ def build_startup(run: Run) -> dict:
     import_seconds = _timed_process([sys.executable, "-c", "from bottlecache._tf import import_tf; import_tf()"])
     cache_dir = run.work_dir / "cache-startup"
     if litert_available() and run.engine != "keras":
-        converted, target = run.flatbuffer(), flatbuffer_path(cache_dir, run.weights.sha256, run.image_size)
+        converted, target = run.flatbuffer(), flatbuffer_path(cache_dir, run.weights.sha256, run.image_size,
+                                                                         run.weights.model)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(converted, target)
         shutil.copy2(converted.with_suffix(".json"), target.with_suffix(".json"))
@@ -484,7 +486,8 @@ def tutorial_frozen(run: Run) -> dict:
     model = compile_for(keras.Model(inputs, outputs), n_classes, 1e-4)
 
     def dataset(split, shuffle=False):
-        return training_dataset(source, split, run.image_size, 32, shuffle=shuffle, seed=run.seed)
+        return training_dataset(source, split, run.image_size, 32, shuffle=shuffle, seed=run.seed,
+                                model=run.weights.model)
 
     epoch_seconds = []
     history, fit_seconds = _timed(lambda: model.fit(
@@ -553,14 +556,15 @@ def cached_keras(run: Run) -> dict:
 
 
 def finetune(run: Run) -> dict:
-    """Warm-started fine-tuning (layers from 100 on) for ``--finetune-epochs`` epochs."""
+    """Warm-started fine-tuning (the model's default cut: MobileNetV2's layers from 100 on) for
+    ``--finetune-epochs`` epochs."""
     from bottlecache.finetune import finetune as run_finetune
 
     build = run.build(run.engine)  # the cache the warm-start head was (or will be) trained on
     result, seconds = _timed(lambda: run_finetune(
         run.data, run.splits, image_size=run.image_size, weights=run.weights.path, cache_dir=build.cache_dir,
         head=run.keras_head_path, head_epochs=run.epochs, epochs=run.finetune_epochs, seed=run.seed,
-        out=run.work_dir / "finetune",
+        out=run.work_dir / "finetune", model=run.weights.model,
     ))
     before, after = accuracy(result.head_metrics), accuracy(result.metrics)
     warm_start = "the cached-keras head" if run.keras_head_path else f"a head trained here ({run.epochs} epochs)"
@@ -635,6 +639,70 @@ def sweep(run: Run) -> dict:
     }
 
 
+# 9. The registered bases side by side
+
+
+def backbones(run: Run) -> dict:
+    """For each registered base whose real weights are here (``available_weights``): a cache build
+    per engine it runs on, and the sklearn head on the cache; images/s, bytes/image, accuracy."""
+    from .context import available_weights
+
+    started = time.perf_counter()
+    models, skipped = {}, {}
+    for name, weights in available_weights(run.image_size).items():
+        if isinstance(weights, str):  # why there are no weights for it here
+            skipped[name] = weights
+            continue
+        models[name] = _backbone_figures(run, name, weights)
+    notes = [f"{name}: " + ", ".join(f"{e} {_number(m['engines'][e]['images_per_second'])} img/s"
+                                     for e in m["engines"])
+             + f", {m['bytes_per_image'] / 1024:.1f} KiB/image, validation {_percent(m['accuracy']['validation'])}"
+             for name, m in models.items()]
+    return {
+        "seconds": time.perf_counter() - started,
+        "models": models,
+        "skipped": skipped,
+        "note": "; ".join(notes) + f"; {len(skipped)} more registered without weights here",
+    }
+
+
+def _backbone_figures(run: Run, name: str, weights) -> dict:
+    from bottlecache.backbones import get_backbone
+    from bottlecache.build import build_cache
+    from bottlecache.engines import litert_available
+    from bottlecache.heads import train_head
+
+    engines = ["keras"] + (["litert"] if get_backbone(name).litert and litert_available() else [])
+    out = {"weights_sha256": weights.sha256, "engines": {}}
+    for engine in engines:
+        cache_dir = run.work_dir / f"backbones-{name}-{engine}"
+        report, seconds = _timed(lambda: build_cache(
+            run.data, run.splits, image_size=run.image_size, weights=weights.path, cache_dir=cache_dir,
+            engine=engine, model=name))
+        n_images = sum(s.n_processed for s in report.splits)
+        inference_seconds = sum(s.seconds for s in report.splits)
+        out["engines"][engine] = {"seconds": seconds, "images": n_images,
+                                  "images_per_second": n_images / inference_seconds}
+        out.setdefault("cache", report)
+    report = out.pop("cache")
+    head = train_head(report.path, "sklearn", save=False)
+    out.update(bottleneck=list(_shape(report)), file_bytes=report.file_size,
+               bytes_per_image=report.file_size / sum(s.n_images for s in report.splits),
+               accuracy=accuracy(head.metrics), head_seconds=head.train_seconds)
+    return out
+
+
+def _shape(report) -> tuple:
+    from bottlecache.store import Cache
+
+    with Cache(report.path) as cache:
+        return cache.feature_shape
+
+
+def _number(value) -> str:
+    return "–" if value is None else f"{value:,.0f}"
+
+
 # The order cases run in: each may use what an earlier one left in the Run (a build, a head, a
 # forward limit to compare with); fine-tuning, the longest single case, then the sweep, which builds its own caches.
 CASES = {
@@ -655,4 +723,5 @@ CASES = {
     "tutorial-frozen": tutorial_frozen,
     "finetune": finetune,
     "sweep": sweep,
+    "backbones": backbones,
 }

@@ -18,8 +18,8 @@ import numpy as np
 
 from .backbone import load_backbone
 from .engines import checked_engine
-from .config import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE, ENGINES, MAX_BATCH_SIZE, \
-    CacheSettings, ResolvedCache, bottleneck_shape, check_choice, check_positive
+from .config import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL, ENGINES, \
+    MAX_BATCH_SIZE, CacheSettings, ResolvedCache, bottleneck_shape, check_choice, check_positive
 from .data import describe_failure, image_dataset
 from .errors import BottlecacheError
 from .files import ensure_cache_dir, write_error
@@ -97,8 +97,9 @@ def build_cache(
     executor: str = "local",
     ray_address: str | None = None,
     shard_size: int | None = None,
+    model: str = DEFAULT_MODEL,
 ) -> BuildReport:
-    """Build (or find) the cache of ``data`` through the frozen MobileNetV2.
+    """Build (or find) the cache of ``data`` through a frozen base (MobileNetV2 by default).
 
     Parameters
     ----------
@@ -132,13 +133,16 @@ def build_cache(
         ray: ``auto`` or ``HOST:PORT`` of a running cluster (default: start a local Ray).
     shard_size : int, optional
         ray: input rows per shard, a multiple of the commit window (default 32768).
+    model : str
+        The base: a name of ``bottlecache.backbones.BACKBONES`` (``bottlecache models``); the
+        weights must be that model's. Part of the fingerprint, with its preprocessing.
 
     Returns
     -------
     BuildReport
     """
     settings = CacheSettings(data, None if splits is None else tuple(splits), image_size, weights, dtype,
-                             fast_decode, tfds_data_dir, cache_dir)
+                             fast_decode, tfds_data_dir, cache_dir, model)
     check_build_options(engine, batch_size)
     check_choice("executor", executor, ("local", "ray"))
     if executor == "ray":
@@ -239,7 +243,7 @@ def _build_locked(resolved: ResolvedCache, base, engine, batch_size, engine_name
     }
     attrs = root_attrs(config, fp, versions)
     existed = partial.path.exists()
-    partial.open(attrs, split_attrs, bottleneck_shape(image_size), dtype)
+    partial.open(attrs, split_attrs, bottleneck_shape(image_size, resolved.settings.model), dtype)
     if partial.resumed:
         progress.message(f"resuming the partial build in {partial.path.name}")
     elif existed:
@@ -307,7 +311,8 @@ def run_split(committer, engine, resolved: ResolvedCache, name: str, start: int,
     fast = resolved.config["decode"] == DECODE_FAST
     only = None if plan is None else plan.compute_mask(name)
     n_processed = n_reused = 0
-    for window in _windows(source, name, image_size, start, stop, window_rows(size), fast, only):
+    for window in _windows(source, name, image_size, start, stop, window_rows(size), fast, only,
+                          resolved.settings.model):
         if on_window is not None:
             on_window()
         lo, hi, indices, keys, labels, images = window
@@ -363,7 +368,7 @@ class Committer:
         self._pool.shutdown()
 
 
-def _windows(source, split, image_size, start, stop, size, fast_decode=False, only=None):
+def _windows(source, split, image_size, start, stop, size, fast_decode=False, only=None, model=DEFAULT_MODEL):
     """Group decoded images into windows of input indices ``[lo, hi)`` aligned to ``size``.
 
     A window holds the examples that decoded; the rest of its indices were skipped (or, outside
@@ -376,7 +381,8 @@ def _windows(source, split, image_size, start, stop, size, fast_decode=False, on
         ordered = source.examples(split, start, only)
         # a shard stops before the split's end (only=None there); an incremental build runs to it
         ordered = ordered.take(stop - start) if only is None else ordered.filter(lambda i, k, y, e: i < stop)
-        ds = image_dataset(source, split, image_size, ordered=ordered, fast_decode=fast_decode)
+        ds = image_dataset(source, split, image_size, ordered=ordered, fast_decode=fast_decode,
+                           model=model)
         batches = ds.batch(size).prefetch(2).as_numpy_iterator()
     lo, hi = start, min((start // size + 1) * size, stop)
     pending: list = []

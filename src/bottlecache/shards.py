@@ -91,13 +91,14 @@ def write_shard(resolved, spec: ShardSpec, engine, batch_size, folder: Path, *, 
         attrs = {**root_attrs(resolved.config, resolved.fingerprint, versions), **shard_attrs(spec)}
         split_attrs = {spec.split: {"spec": str(resolved.source.splits[spec.split].spec),
                                     "n_examples": spec.hi - spec.lo}}
-        partial.open(attrs, split_attrs, bottleneck_shape(resolved.settings.image_size), resolved.settings.dtype)
+        partial.open(attrs, split_attrs, bottleneck_shape(resolved.settings.image_size, resolved.settings.model),
+                     resolved.settings.dtype)
         committer = Committer(partial)
         try:
             if partial.file.attrs.get("shard") != json.dumps(asdict(spec)):  # resumed from another plan
                 partial.close()
                 partial.path.unlink()
-                partial.open(attrs, split_attrs, bottleneck_shape(resolved.settings.image_size),
+                partial.open(attrs, split_attrs, bottleneck_shape(resolved.settings.image_size, resolved.settings.model),
                              resolved.settings.dtype)
             partial.file.attrs["writer_pid"] = os.getpid()  # tests kill the writer by it
             partial.file.flush()
@@ -215,7 +216,7 @@ def join_shards(resolved, specs: list[ShardSpec], folder: Path, versions: dict, 
     """Write the cache file over the shards (virtual ``features`` and ``pooled``) and rename it into place."""
     final = resolved.path
     staged = staged_path(final)
-    shape = bottleneck_shape(resolved.settings.image_size)
+    shape = bottleneck_shape(resolved.settings.image_size, resolved.settings.model)
     try:
         with h5py.File(staged, "w", libver=("v110", "latest")) as f:  # virtual datasets need the 1.10 format
             for key, value in root_attrs(resolved.config, resolved.fingerprint, versions).items():

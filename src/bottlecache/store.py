@@ -393,7 +393,7 @@ class Cache:
         self.build_info: dict = dict(record.build)
         self.created: str = record.created
         self.versions: dict = dict(record.versions)
-        expected = bottleneck_shape(self.image_size)
+        expected = bottleneck_shape(self.image_size, self.config["model"])
         for split in self.splits:
             group = self.file.get(split)
             if not isinstance(group, h5py.Group):
@@ -659,7 +659,7 @@ def verify_cache(path) -> VerifyReport:
     with cache:
         if not cache.path.stem.endswith(cache.fingerprint[:12]):
             report.problems.append("the file name does not carry the cache's fingerprint")
-        expected_shape = bottleneck_shape(cache.image_size)
+        expected_shape = bottleneck_shape(cache.image_size, cache.config["model"])
         n_classes = len(cache.class_names)
         for split in cache.splits:
             if split not in cache.file:

@@ -8,13 +8,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..config import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE
+from ..config import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL
 from ..errors import BottlecacheError, reason
 from ._common import (
     CacheDirOpt,
     DataOpt,
     ImageSizeOpt,
     JsonOpt,
+    ModelOpt,
     RichProgress,
     SplitOpt,
     TfdsDirOpt,
@@ -39,6 +40,7 @@ def build(
     data: DataOpt = DEFAULT_DATA,
     split: SplitOpt = None,
     image_size: ImageSizeOpt = DEFAULT_IMAGE_SIZE,
+    model: ModelOpt = DEFAULT_MODEL,
     weights: WeightsOpt = None,
     cache_dir: CacheDirOpt = None,
     dtype: Annotated[str, typer.Option(help="Storage type of the features: float16 or float32.")] = DEFAULT_DTYPE,
@@ -53,14 +55,17 @@ def build(
     shard_size: Annotated[Optional[int], typer.Option(help="ray: input rows per shard, a multiple of the commit window (default 32768).")] = None,
     as_json: JsonOpt = False,
 ):
-    """Run the frozen MobileNetV2 once over each split and store the features in an HDF5 cache."""
+    """Run the frozen base (--model) once over each split and store the features in an HDF5 cache."""
     from ..build import build_cache
 
+    if model == "list":
+        print_models(as_json)
+        return
     with RichProgress(quiet=False) as progress:
         report = build_cache(
             data, split, image_size=image_size, weights=weights, cache_dir=cache_dir, dtype=dtype,
             batch_size=batch_size, engine=engine, tfds_data_dir=tfds_data_dir, wait=wait, fast_decode=fast_decode,
-            reuse=reuse, progress=progress, executor=executor, ray_address=ray_address, shard_size=shard_size,
+            reuse=reuse, progress=progress, executor=executor, ray_address=ray_address, shard_size=shard_size, model=model,
         )
     if as_json:
         print_json(report.to_dict())
@@ -252,3 +257,23 @@ def heads(cache_dir: CacheDirOpt = None, as_json: JsonOpt = False):
 
 def _fmt(value, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def print_models(as_json: bool = False) -> None:
+    """The registry of bases (``bottlecache models``, ``cache build --model list``)."""
+    from ..backbones import table_rows
+
+    rows = table_rows()
+    if as_json:
+        print_json(rows)
+        return
+    t = table("models (--model)", ["model", "preprocessing", "at 160 px", "layers", "cut", "engines"], [
+        [r["model"], r["preprocessing"], "x".join(map(str, r["bottleneck_160"])), r["layers"], r["fine_tune_at"],
+         r["engines"].replace(", ", "+")] for r in rows
+    ])
+    t.columns[0].no_wrap = True
+    out.print(t)
+    for r in rows:
+        if r["keras_only_reason"]:
+            out.print(f"{r['model']}: Keras only: {r['keras_only_reason']}", markup=False)
+    out.print("image sizes: " + ", ".join(map(str, rows[0]["image_sizes"])) + " for every model")
