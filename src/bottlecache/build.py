@@ -29,6 +29,9 @@ from .reuse import ReuseReport, engine_from_source, expected_engine, plan_reuse
 from .store import FEATURE_CHUNK_ROWS, Cache, PartialCache, build_lock, root_attrs
 
 
+PREFETCH_WINDOWS = 2
+
+
 @dataclass
 class SplitReport:
     name: str
@@ -383,7 +386,7 @@ def _windows(source, split, image_size, start, stop, size, fast_decode=False, on
         ordered = ordered.take(stop - start) if only is None else ordered.filter(lambda i, k, y, e: i < stop)
         ds = image_dataset(source, split, image_size, ordered=ordered, fast_decode=fast_decode,
                            model=model)
-        batches = ds.batch(size).prefetch(2).as_numpy_iterator()
+        batches = ds.batch(size).prefetch(PREFETCH_WINDOWS).as_numpy_iterator() if PREFETCH_WINDOWS else ds.batch(size).as_numpy_iterator()
     lo, hi = start, min((start // size + 1) * size, stop)
     pending: list = []
 

@@ -132,7 +132,7 @@ class LiteRTEngine:
     """The base as a LiteRT flatbuffer run by the XNNPACK CPU kernels."""
 
     name = "litert"
-    batch_size = 8
+    batch_size = 4  # measured: python -m benchmarks.profile_build --engine-grid (docs/engines.md, "Batch size and threads")
 
     def __init__(self, flatbuffer: Path, threads: int | None = None):
         from ai_edge_litert.interpreter import Interpreter
