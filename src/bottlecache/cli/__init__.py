@@ -9,6 +9,7 @@ import typer
 
 from ._common import OneLineGroup
 from .cache import app as cache_app
+from .export import export
 from .finetune import app as finetune_app
 from .predict import predict
 
@@ -41,6 +42,7 @@ def root(
 app.add_typer(cache_app, name="cache")
 app.add_typer(finetune_app, name="finetune")
 app.command("predict")(predict)
+app.command("export")(export)
 
 
 def main() -> None:
