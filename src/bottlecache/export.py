@@ -142,38 +142,52 @@ def uint8_model(network, image_size: int, n_classes: int, *, sklearn_head=None):
     return keras.Model(inputs, proba, name="bottlecache_export")
 
 
-def load_source(path, weights=None) -> SourceModel:
-    """A head folder or a fine-tuned model folder (as ``predict`` takes them) → ``SourceModel``."""
+def describe_source(path) -> SourceModel:
+    """What a head or fine-tuned model folder is, from its records alone (nothing loaded yet): its
+    classes, image size, decoding, and a head's cache's splits and data identity."""
+    from .heads import read_head_record
+    from .records import MODEL_FORMAT, ModelRecord
+
+    folder = Path(path)
+    if is_export(folder):
+        raise BottlecacheError(f"{folder} is already an export; pass the head or fine-tuned model folder it came from.")
+    if folder.is_dir() and ((folder / "model.json").exists() or (folder / "model.keras").exists()):
+        record = read_json(folder / "model.json", ModelRecord, EXPORT_ADVICE, fmt=MODEL_FORMAT, version=RECORD_VERSION)
+        return SourceModel(folder, "model", list(record.class_names), record.backbone.image_size, DECODE_FULL,
+                           None, None)
+    if folder.is_dir() and not (folder / "head.json").exists():
+        raise BottlecacheError(
+            f"{folder} is neither a fine-tuned model folder (model.json, model.keras) nor a head folder (head.json)."
+        )
+    record = read_head_record(folder)  # says what is wrong with a missing folder or a file, too
+    config = record.cache.config
+    return SourceModel(folder, "head", list(record.class_names), record.backbone.image_size, config.decode, None, None,
+                       cache_splits=dict(config.splits), cache_data=dict(config.data))
+
+
+def load_source(source: SourceModel, weights=None) -> SourceModel:
+    """Load what ``describe_source`` described: the source's ``Predictor`` (checked as ``predict``
+    checks it) and the uint8 → probabilities Keras model built from the same files."""
+    from .backbone import load_backbone, resolve_weights
     from .heads import load_head, load_keras_file
     from .predict import load_model
 
-    if is_export(path):
-        raise BottlecacheError(f"{path} is already an export; pass the head or fine-tuned model folder it came from.")
-    predictor = load_model(path, weights=weights)  # checks the folder, its record and its model file
-    folder = Path(path)
-    n = len(predictor.class_names)
-    if predictor.kind == "model":
-        from .records import MODEL_FORMAT, ModelRecord
-
-        network = load_keras_file(folder / "model.keras")
-        read_json(folder / "model.json", ModelRecord, EXPORT_ADVICE, fmt=MODEL_FORMAT, version=RECORD_VERSION)
-        model = uint8_model(network, predictor.image_size, n)
-        return SourceModel(folder, "model", predictor.class_names, predictor.image_size, DECODE_FULL, model, predictor)
-    from .backbone import load_backbone, resolve_weights
-
-    loaded = load_head(folder)
-    ref = resolve_weights(weights if weights is not None else loaded.record.get("weights"), predictor.image_size)
-    base = load_backbone(ref, predictor.image_size)
-    keras = import_keras()
-    if loaded.kind == "keras":
-        network = keras.Sequential([base, loaded.head.model], name="base_and_head")
-        model = uint8_model(network, predictor.image_size, n)
+    predictor = load_model(source.path, weights=weights)
+    n = len(source.class_names)
+    if source.kind == "model":
+        network = load_keras_file(source.path / "model.keras")
+        model = uint8_model(network, source.image_size, n)
     else:
-        model = uint8_model(base, predictor.image_size, n, sklearn_head=loaded.head)
-    cache = loaded.record["cache"]
-    return SourceModel(folder, "head", predictor.class_names, predictor.image_size,
-                       DECODE_FAST if predictor.fast_decode else DECODE_FULL, model, predictor,
-                       cache_splits=cache["config"]["splits"], cache_data=cache["config"]["data"])
+        loaded = load_head(source.path)
+        ref = resolve_weights(weights if weights is not None else loaded.record.get("weights"), source.image_size)
+        base = load_backbone(ref, source.image_size)
+        if loaded.kind == "keras":
+            keras = import_keras()
+            model = uint8_model(keras.Sequential([base, loaded.head.model], name="base_and_head"), source.image_size, n)
+        else:
+            model = uint8_model(base, source.image_size, n, sklearn_head=loaded.head)
+    source.keras_model, source.predictor = model, predictor
+    return source
 
 
 def source_size_bytes(source: SourceModel) -> int:
@@ -447,8 +461,9 @@ def export_model(
         check_new_folder(out)
     progress = progress or NullProgress()
     started = time.perf_counter()
-    source = load_source(model, weights)
-    data_source = open_data(source, data, tfds_data_dir)
+    source = describe_source(model)
+    data_source = open_data(source, data, tfds_data_dir)  # bad data is refused before anything loads
+    load_source(source, weights)
     fast = source.decode == DECODE_FAST
     split = evaluation_split(data_source)
     calibration_images = None
