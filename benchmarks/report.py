@@ -33,6 +33,15 @@ CLAIMS = (
      "distance between the sklearn validation accuracies on the litert- and keras-built caches, in points",
      lambda c: 100 * abs(c["cache-build-litert"]["sklearn_accuracy"]["validation"]
                          - c["cache-build-keras"]["sklearn_accuracy"]["validation"]), "<=", 0.3),
+    *(claim for quantize in ("int8", "dynamic", "float16") for claim in (
+        (f"export_{quantize}_accuracy_drop_points",
+         f"export-litert-{quantize} validation accuracy below the float model's (the source head), in points",
+         lambda c, q=quantize: c[f"export-litert-{q}"]["drop_points"], "<=", 1.0),
+        (f"export_{quantize}_size_fraction",
+         f"export-litert-{quantize} size / export-litert (float32) size",
+         lambda c, q=quantize: c[f"export-litert-{q}"]["size_bytes"] / c["export-litert"]["size_bytes"], "<=",
+         0.55 if quantize == "float16" else 0.30),
+    )),
 )
 
 

@@ -662,6 +662,13 @@ BAD_VALUES: dict[str, list[Bad]] = {
     "fine_tune_at": below(0) + [const("100000"), const(str(2**64), id="2**64")],
     "model": MODEL_ARG_BAD,
     "images": IMAGES_BAD,
+    "format": [const("onnx"), const("tflite"), const("")],
+    "quantize": [const("int4"), const("float64"), const("")],
+    "tolerance": [const("-1"), const("100.5")],
+    "calibration": below(1) + [const("10001")],
+    "export out_dir": paths("file", "under a file", "dangling symlink") + [
+        Bad("an existing non-empty folder", _nonempty_folder)],
+    "csv_path": paths("folder", "under a file", suffix=".csv"),
 }
 
 
@@ -776,6 +783,9 @@ def base_values(command: tuple, param: str, c: Ctx) -> dict[str, list]:
                 "out_dir": [c.tmp / "ft-out"]}
     if name == "predict":
         return {"model": [w.sk_head], "images": [w.images[0]]}
+    if name == "export":
+        return {"model": [w.sk_head], "data": [w.data], "out_dir": [c.tmp / "export-out"],
+                "cache_dir": [c.folder("cache-dir")], "calibration": [8]}
     raise AssertionError(f"no good values (BASE) for the command {name!r}: add them to base_values")
 
 
@@ -806,7 +816,7 @@ def build_argv(case: OptionCase, c: Ctx) -> list:
 BASE_CONTROLS = [OptionCase(command, param, None, None) for command, param in [
     (("cache", "build"), ""), (("cache", "ls"), ""), (("cache", "info"), ""), (("cache", "verify"), ""),
     (("cache", "train-head"), ""), (("cache", "train-head"), "dropout"), (("cache", "heads"), ""),
-    (("finetune", "run"), ""), (("predict",), "")]]
+    (("finetune", "run"), ""), (("predict",), ""), (("export",), "")]]
 
 
 @pytest.mark.parametrize("case", BASE_CONTROLS, ids=[" ".join(c.command) + (" (keras)" if c.param else "")
@@ -829,7 +839,7 @@ def test_every_parameter_has_bad_values():
     assert not missing, "parameters without a bad-value generator (add them to BAD_VALUES): " + ", ".join(missing)
     commands = {case.command for case in OPTION_CASES}
     assert {("cache", "build"), ("cache", "ls"), ("cache", "info"), ("cache", "verify"), ("cache", "train-head"),
-            ("cache", "heads"), ("finetune", "run"), ("predict",)} <= commands
+            ("cache", "heads"), ("finetune", "run"), ("predict",), ("export",)} <= commands
 
 
 @pytest.mark.parametrize("case", OPTION_CASES, ids=[case.id for case in OPTION_CASES])

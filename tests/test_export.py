@@ -41,7 +41,9 @@ def exports(head, cats_dogs, tmp_path_factory):
     def get(fmt: str, quantize: str):
         if (fmt, quantize) not in made:
             out = tmp_path_factory.mktemp("exports") / f"{fmt}-{quantize}"
-            made[fmt, quantize] = export_model(head, fmt, quantize, out=out, data=cats_dogs, calibration=16)
+            # tolerance 100: measured here, judged by the test (one image of 48 is 2.1 points)
+            made[fmt, quantize] = export_model(head, fmt, quantize, out=out, data=cats_dogs, calibration=16,
+                                               tolerance=100.0)
         return made[fmt, quantize]
 
     return get
@@ -60,7 +62,10 @@ def test_export_is_evaluated_and_ships_its_labels(fmt, quantize, exports, head, 
     assert (record.artifact_format, record.quantize, record.image_size) == (fmt, quantize, 160)
     # evaluated on the 48 validation images (the cache has no test split), against the source
     assert result.split == "validation" and result.n_images == 48
-    assert abs(result.accuracy - result.source_accuracy) <= 0.01 + 1e-9
+    # float formats agree with the source on every image; a quantized one may flip one of 48 (near 0.5)
+    flips_allowed = 0 if quantize in ("none", "float16") else 1
+    assert result.evaluation["agreement"] >= 1 - flips_allowed / 48 - 1e-9
+    assert abs(result.accuracy - result.source_accuracy) <= flips_allowed / 48 + 1e-9
     assert result.source_accuracy > 0.8  # a real head on real photos, not chance
     assert result.ms_per_image > 0 and result.source_ms_per_image > 0
     assert result.size_bytes <= MAX_SIZE_RATIO[quantize] * result.source_size_bytes
