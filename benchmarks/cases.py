@@ -8,10 +8,13 @@ short ``note`` for the Markdown table.
 
 from __future__ import annotations
 
+import shutil
 import statistics
 import time
 
 import numpy as np
+
+from bottlecache.config import usable_cores
 
 from .context import Run
 
@@ -112,7 +115,9 @@ def _cache_build(run: Run, engine: str) -> dict:
     limit_case = "forward-limit-litert" if report.engine == "litert" else "forward-limit"
     limit = run.results.get(limit_case, {}).get("images_per_second")
     with Cache(report.path) as cache:
-        max_abs_diff = cache.build_info.get("engine_max_abs_diff")
+        info = cache.build_info
+    max_abs_diff = info.get("engine_max_abs_diff")
+    usable = usable_cores()
     head = train_head(report.path, "sklearn", save=False)
     ratio = rate / limit if limit else None
     # The build must also decode every image, on the same cores: at best it takes the forward
@@ -130,6 +135,15 @@ def _cache_build(run: Run, engine: str) -> dict:
         "forward_limit_ratio": ratio,
         "forward_plus_decode_bound": bound,
         "bound_ratio": rate / bound if bound else None,
+        # start-up: from the build_cache call to its first decoded images (engine check, lock, pipeline)
+        "startup_seconds": report.startup_seconds,
+        "engine_check": info.get("engine_check"),
+        "batch_size": info.get("batch_size"),
+        "threads": info.get("threads"),
+        # CPU use of the whole call: 1.0 would be every usable core busy for the whole wall time
+        "cpu_seconds": build.cpu_seconds,
+        "cpu_use": build.cpu_seconds / (build.seconds * usable) if build.seconds else None,
+        "usable_cores": usable,
         "file_bytes": report.file_size,
         "bytes_per_image": report.file_size / n_images,
         "splits": {
@@ -141,6 +155,8 @@ def _cache_build(run: Run, engine: str) -> dict:
         "note": f"engine {report.engine}; "
                 + (f"{ratio:.2f} of {limit_case}; " if ratio else "")
                 + (f"{rate / bound:.2f} of the {bound:.0f} img/s that forward + decode-only allow; " if bound else "")
+                + f"CPU use {build.cpu_seconds / (build.seconds * usable):.2f} of {usable} cores; "
+                + f"start-up {report.startup_seconds:.1f} s; "
                 + f"{report.file_size / n_images / 1024:.1f} KiB/image on disk",
     }
 
@@ -156,6 +172,56 @@ def cache_build_keras(run: Run) -> dict:
 
 def cache_build_litert(run: Run) -> dict:
     return _cache_build(run, "litert")
+
+
+def build_startup(run: Run) -> dict:
+    """What a user waits for before the first image, in a fresh ``bottlecache cache build`` process.
+
+    Two real builds of a small slice (first 64 images of the first split) in one new folder: the
+    first converts nothing (the run's flatbuffer is given, as to every build here) but checks it
+    against Keras on a probe batch; the second, on another slice, finds that check recorded beside
+    the flatbuffer and needs neither the Keras base nor a probe. Each reports its own start-up
+    (from the library call to the first decoded images); the import of the CLI and TensorFlow is
+    timed in its own process.
+    """
+    import json
+    import subprocess
+    import sys
+
+    from bottlecache.engines import flatbuffer_path, litert_available
+
+    import_seconds = _timed_process([sys.executable, "-c", "from bottlecache._tf import import_tf; import_tf()"])
+    cache_dir = run.work_dir / "cache-startup"
+    if litert_available() and run.engine != "keras":
+        converted, target = run.flatbuffer(), flatbuffer_path(cache_dir, run.weights.sha256, run.image_size)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(converted, target)
+        shutil.copy2(converted.with_suffix(".json"), target.with_suffix(".json"))
+    first = next(iter(run.source().splits.values())).spec.base
+    out = {"import_seconds": import_seconds}
+    for label, part in (("first", f"startup={first}[:64]"), ("later", f"startup={first}[64:128]")):
+        command = [sys.executable, "-m", "bottlecache", "cache", "build", "--data", run.data, "--split", part,
+                   "--image-size", str(run.image_size), "--weights", str(run.weights.path), "--engine", run.engine,
+                   "--cache-dir", str(cache_dir), "--json"]
+        started = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        wall = time.perf_counter() - started
+        report = json.loads(done.stdout)
+        out[label] = {"process_seconds": wall, "startup_seconds": report["startup_seconds"],
+                      "inference_seconds": sum(s["seconds"] for s in report["splits"])}
+    out["seconds"] = out["later"]["process_seconds"]
+    out["note"] = (f"first images after {out['first']['startup_seconds']:.1f} s (engine checked against Keras), "
+                   f"{out['later']['startup_seconds']:.1f} s once that check is recorded; "
+                   f"importing TensorFlow {import_seconds:.1f} s more")
+    return out
+
+
+def _timed_process(command) -> float:
+    import subprocess
+
+    started = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True)
+    return time.perf_counter() - started
 
 
 def fast_decode(run: Run) -> dict:
@@ -429,6 +495,7 @@ CASES = {
     "cache-build": cache_build,
     "cache-build-keras": cache_build_keras,
     "cache-build-litert": cache_build_litert,
+    "build-startup": build_startup,
     "fast-decode": fast_decode,
     "cache-read": cache_read,
     "cached-sklearn": cached_sklearn,

@@ -31,6 +31,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .chunks import encode_rows, write_chunks
 from .config import bottleneck_shape, resolve_cache_dir
 from .errors import BottlecacheError, CacheMismatchError, reason
 from .fingerprint import FORMAT_NAME, FORMAT_VERSION, canonical_json, fingerprint
@@ -239,10 +240,16 @@ class PartialCache:
                 touched = (first + count - 1) // per_chunk - first // per_chunk + 1
                 itemsize = 16 if dataset.dtype.kind == "O" else dataset.dtype.itemsize  # a string: its heap reference
                 need += touched * int(np.prod(dataset.chunks)) * itemsize
+        # Whole chunks are compressed and checksummed here, with the GIL released (chunks.py);
+        # HDF5 would do it inside the write, holding the GIL the engine's thread needs.
+        columns = (("features", features), ("pooled", pooled), ("labels", labels), ("keys", keys)) if n else ()
+        encoded = {key: encode_rows(group[key], rows, values) for key, values in columns if key != "keys"}
         self._reserve(need)
-        if n:
-            for key, values in (("features", features), ("pooled", pooled), ("labels", labels), ("keys", keys)):
-                group[key].resize(rows + n, axis=0)
+        for key, values in columns:
+            group[key].resize(rows + n, axis=0)
+            if encoded.get(key) is not None:
+                write_chunks(group[key], encoded[key])
+            else:
                 group[key][rows:] = values
         if skipped:
             group["skipped"].resize(n_skipped + len(skipped), axis=0)

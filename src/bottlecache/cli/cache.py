@@ -69,6 +69,8 @@ def build(
     out.print(table(f"{report.path} ({state})", ["split", "images", "skipped", "seconds", "images/s", "size"], rows))
     n_skipped = sum(s.n_skipped for s in report.splits)
     engine_text = f", engine {report.engine}" if report.engine else ""
+    if report.startup_seconds is not None:
+        engine_text += f", first images after {report.startup_seconds:.1f} s"
     out.print(f"fingerprint {report.fingerprint[:12]}, {human_bytes(report.file_size)}{engine_text}, {n_skipped} skipped")
     for s in report.splits:
         for key, why in s.skipped[:20]:
