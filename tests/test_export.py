@@ -19,8 +19,10 @@ from conftest import error_line, invoke
 
 FORMATS = [("keras", "none"), ("saved_model", "none"), ("litert", "none"), ("litert", "float16"),
            ("litert", "dynamic"), ("litert", "int8")]
-# The artifact's size against the source's float32 weights: at least this much smaller (or not).
-MAX_SIZE_RATIO = {"none": 1.2, "float16": 0.55, "dynamic": 0.35, "int8": 0.35}
+# The artifact's size against the source's float32 weights, at most (a SavedModel also holds its
+# traced graph: 2.2 times the weights, measured).
+MAX_SIZE_RATIO = {("keras", "none"): 1.2, ("saved_model", "none"): 2.5, ("litert", "none"): 1.05,
+                  ("litert", "float16"): 0.55, ("litert", "dynamic"): 0.35, ("litert", "int8"): 0.35}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,7 @@ def test_export_is_evaluated_and_ships_its_labels(fmt, quantize, exports, head, 
     assert abs(result.accuracy - result.source_accuracy) <= flips_allowed / 48 + 1e-9
     assert result.source_accuracy > 0.8  # a real head on real photos, not chance
     assert result.ms_per_image > 0 and result.source_ms_per_image > 0
-    assert result.size_bytes <= MAX_SIZE_RATIO[quantize] * result.source_size_bytes
+    assert result.size_bytes <= MAX_SIZE_RATIO[fmt, quantize] * result.source_size_bytes
     assert result.size_bytes >= 0.2 * result.source_size_bytes  # the backbone's weights are inside
     assert record.evaluation["accuracy"] == result.accuracy
 

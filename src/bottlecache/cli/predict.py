@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import JsonOpt, RichProgress, WeightsOpt, fail, handle_errors, out, print_json, table
+from ._common import JsonOpt, RichProgress, WeightsOpt, err, fail, handle_errors, out, print_json, table
 
 
 @handle_errors(interrupted="interrupted; nothing was written")
@@ -31,7 +31,7 @@ def predict(
         check_csv_path(csv_path)
     predictor = load_model(model, weights=weights)
     paths = expand_images(images)
-    with RichProgress(quiet=as_json) as progress:
+    with RichProgress(quiet=as_json or not err.is_terminal) as progress:  # a bar for a person watching
         rows = predictor.predict(paths, batch_size=batch_size, progress=progress)
     if csv_path is not None:
         write_csv(csv_path, rows, predictor.class_names)
