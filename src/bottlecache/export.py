@@ -384,7 +384,8 @@ def run_batches(runtime, images: np.ndarray, batch_size: int, progress=None, lab
         seconds += time.perf_counter() - started
         progress.advance(label, len(batch))
     progress.end_split(label)
-    return np.concatenate(outputs), 1000.0 * seconds / len(images)
+    proba = np.concatenate(outputs)  # float32 outputs (and int8 steps) may miss a sum of 1 by rounding
+    return proba / np.maximum(proba.sum(axis=1, keepdims=True), 1e-12), 1000.0 * seconds / len(images)
 
 
 # ---------------------------------------------------------------------------------------------
