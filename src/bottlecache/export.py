@@ -457,6 +457,8 @@ def export_model(
 
     check_export_options(format, quantize, tolerance, calibration, batch_size)
     resolve_cache_dir(cache_dir)
+    if tfds_data_dir is not None:
+        tfds_data_dir = str(check_folder_option("tfds_data_dir", tfds_data_dir))
     if out is not None:
         out = check_folder_option("out", out)
         check_new_folder(out)
