@@ -582,6 +582,79 @@ def finetune(run: Run) -> dict:
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# 8. Export: one deployable artifact per format, evaluated through its own runtime
+
+
+def _export(run: Run, fmt: str, quantize: str = "none") -> dict:
+    """``export_model`` of a scikit-learn head on the run's cache: the artifact's accuracy on the
+    validation split next to the source model's, its size, and ms/image of its own runtime."""
+    from bottlecache.export import export_model
+    from bottlecache.heads import train_head
+
+    if run.export_head_path is None:
+        build = run.build(run.engine)
+        run.export_head_path = train_head(build.report.path, "sklearn", out=run.work_dir / "heads" / "export").path
+    name = f"{fmt}-{quantize}"
+    result, seconds = _timed(lambda: export_model(
+        run.export_head_path, fmt, quantize, out=run.work_dir / "exports" / name, data=run.data,
+        weights=run.weights.path, tolerance=100.0, seed=run.seed))  # the case measures; the claims judge
+    float_litert = run.results.get("export-litert", {}).get("size_bytes")
+    acc = {"validation": None, "test": None} | {result.split: result.accuracy}
+    source_acc = {"validation": None, "test": None} | {result.split: result.source_accuracy}
+    out = {
+        "seconds": seconds,
+        "export_seconds": result.export_seconds,
+        "images": result.n_images,
+        "images_per_second": 1000.0 / result.ms_per_image,
+        "ms_per_image": result.ms_per_image,
+        "source_ms_per_image": result.source_ms_per_image,
+        "batch_size": result.batch_size,
+        "size_bytes": result.size_bytes,
+        "source_size_bytes": result.source_size_bytes,
+        "size_ratio_to_source": result.size_bytes / result.source_size_bytes,
+        "accuracy": acc,
+        "source_accuracy": source_acc,
+        "drop_points": result.drop_points,
+        "agreement": result.evaluation["agreement"],
+    }
+    note = (f"{result.size_bytes / 2**20:.2f} MiB ({100 * out['size_ratio_to_source']:.0f} % of the float32 weights"
+            f"{'' if not float_litert else f', {100 * result.size_bytes / float_litert:.1f} % of the float LiteRT'})"
+            f", {result.ms_per_image:.1f} ms/image (source {result.source_ms_per_image:.1f}), accuracy "
+            f"{_percent(result.accuracy)} vs source {_percent(result.source_accuracy)} on {result.split}")
+    if float_litert:
+        out["size_ratio_to_float_litert"] = result.size_bytes / float_litert
+    out["note"] = note
+    return out
+
+
+def export_keras(run: Run) -> dict:
+    """The head exported as a .keras file (uint8 images in, probabilities out), run by Keras."""
+    return _export(run, "keras")
+
+
+def export_saved_model(run: Run) -> dict:
+    """The head exported as a SavedModel, run by tf.saved_model."""
+    return _export(run, "saved_model")
+
+
+def export_litert(run: Run) -> dict:
+    """The head exported as a float32 LiteRT flatbuffer, run by the LiteRT interpreter."""
+    return _export(run, "litert")
+
+
+def export_litert_float16(run: Run) -> dict:
+    return _export(run, "litert", "float16")
+
+
+def export_litert_dynamic(run: Run) -> dict:
+    return _export(run, "litert", "dynamic")
+
+
+def export_litert_int8(run: Run) -> dict:
+    return _export(run, "litert", "int8")
+
+
 def _percent(value) -> str:
     return "–" if value is None else f"{100 * value:.2f} %"
 
@@ -722,6 +795,12 @@ CASES = {
     "cached-keras": cached_keras,
     "tutorial-frozen": tutorial_frozen,
     "finetune": finetune,
+    "export-keras": export_keras,
+    "export-saved-model": export_saved_model,
+    "export-litert": export_litert,
+    "export-litert-float16": export_litert_float16,
+    "export-litert-dynamic": export_litert_dynamic,
+    "export-litert-int8": export_litert_int8,
     "sweep": sweep,
     "backbones": backbones,
 }

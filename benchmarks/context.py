@@ -48,6 +48,7 @@ class Run:
     work_dir: Path
     results: dict = field(default_factory=dict)  # case name → its result, filled in as cases finish
     keras_head_path: Path | None = None  # set by cached-keras; the warm start of finetune
+    export_head_path: Path | None = None  # the scikit-learn head every export-* case exports
     flatbuffer_seconds: float | None = None
     _source: object = None
     _base: object = None

@@ -48,6 +48,15 @@ CLAIMS = (
     ("cache_update_equal_to_clean",
      "cache-update: results (add, remove, cp -r) equal array for array to a clean build",
      lambda c: sum(c["cache-update"][k]["equal_to_clean_build"] for k in ("added", "removed", "copied")), ">=", 3),
+    *(claim for quantize in ("int8", "dynamic", "float16") for claim in (
+        (f"export_{quantize}_accuracy_drop_points",
+         f"export-litert-{quantize} validation accuracy below the float model's (the source head), in points",
+         lambda c, q=quantize: c[f"export-litert-{q}"]["drop_points"], "<=", 1.0),
+        (f"export_{quantize}_size_fraction",
+         f"export-litert-{quantize} size / export-litert (float32) size",
+         lambda c, q=quantize: c[f"export-litert-{q}"]["size_bytes"] / c["export-litert"]["size_bytes"], "<=",
+         0.55 if quantize == "float16" else 0.30),
+    )),
 )
 
 

@@ -694,6 +694,13 @@ BAD_VALUES: dict[str, list[Bad]] = {
     "sweep weights": [Bad(b.id, b.make) for b in WEIGHTS_BAD if b.id != "an HDF5 file of something else"] + [
         const("=path", id="MODEL=PATH without a model")],
     "sweep out_dir": paths("file", "under a file", "dangling symlink"),
+    "format": [const("onnx"), const("tflite"), const("")],
+    "quantize": [const("int4"), const("float64"), const("")],
+    "tolerance": [const("-1"), const("100.5")],
+    "calibration": below(1) + [const("10001")],
+    "export out_dir": paths("file", "under a file", "dangling symlink") + [
+        Bad("an existing non-empty folder", _nonempty_folder)],
+    "csv_path": paths("folder", "under a file", suffix=".csv"),
 }
 
 
@@ -823,6 +830,9 @@ def base_values(command: tuple, param: str, c: Ctx) -> dict[str, list]:
     if name == "sweep":
         return {"data": [w.data], "image_size": [SIZE], "weights": [w.weights], "cache_dir": [c.folder("cache-dir")],
                 "engine": ["keras"], "kind": ["sklearn"]}
+    if name == "export":
+        return {"model": [w.sk_head], "data": [w.data], "out_dir": [c.tmp / "export-out"],
+                "cache_dir": [c.folder("cache-dir")], "calibration": [8]}
     raise AssertionError(f"no good values (BASE) for the command {name!r}: add them to base_values")
 
 
@@ -855,7 +865,8 @@ BASE_CONTROLS = [OptionCase(command, param, None, None) for command, param in [
     (("cache", "train-head"), ""), (("cache", "train-head"), "dropout"), (("cache", "heads"), ""),
     (("finetune", "run"), ""), (("predict",), ""), (("sweep",), ""), (("report",), ""), (("report",), "bins"),
     (("cache", "neighbors"), ""), (("cache", "duplicates"), ""), (("cache", "build"), "shard_size"),
-    (("cache", "consolidate"), "")]]
+    (("cache", "consolidate"), "")]]  # export's good line: tests/test_export.py (a real export
+# of every format outlasts CASE_SECONDS on a loaded 2-core machine)
 
 
 CONTROL_VARIANTS = {"dropout": " (keras)", "bins": " (fine-tuned model)", "shard_size": " (ray)"}
@@ -881,7 +892,7 @@ def test_every_parameter_has_bad_values():
     assert not missing, "parameters without a bad-value generator (add them to BAD_VALUES): " + ", ".join(missing)
     commands = {case.command for case in OPTION_CASES}
     assert {("cache", "build"), ("cache", "ls"), ("cache", "info"), ("cache", "verify"), ("cache", "train-head"),
-            ("cache", "heads"), ("finetune", "run"), ("predict",), ("sweep",)} <= commands
+            ("cache", "heads"), ("finetune", "run"), ("predict",), ("sweep",), ("export",)} <= commands
 
 
 @pytest.mark.parametrize("case", OPTION_CASES, ids=[case.id for case in OPTION_CASES])

@@ -19,3 +19,25 @@ class InferenceMode(keras.layers.Wrapper):
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)
+
+
+@keras.saving.register_keras_serializable(package="bottlecache")
+class Preprocess(keras.layers.Layer):
+    """uint8 RGB images → the model's input, by the project's one preprocessing function
+    (``bottlecache.data.preprocess``): what an exported model carries inside it."""
+
+    def __init__(self, image_size: int, model: str = "mobilenet_v2", **kwargs):
+        super().__init__(**kwargs)
+        self.image_size = int(image_size)
+        self.model = str(model)  # the base whose preprocessing this is (bottlecache.backbones)
+
+    def call(self, inputs):
+        from .data import preprocess
+
+        return preprocess(inputs, self.image_size, self.model)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.image_size, self.image_size, 3)
+
+    def get_config(self):
+        return {**super().get_config(), "image_size": self.image_size, "model": self.model}

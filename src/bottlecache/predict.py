@@ -26,19 +26,37 @@ class Predictor:
     """Images → class probabilities, from a fine-tuned model folder or a head folder."""
 
     path: Path
-    kind: str  # "model" or "head"
+    kind: str  # "model", "head" or "export <format>"
     class_names: list[str]
     image_size: int
     _predict_batch: object = field(repr=False)
     fast_decode: bool = False  # as the cache the head was trained on was decoded
     model: str = DEFAULT_MODEL  # the base, whose preprocessing the images get (bottlecache.backbones)
 
-    def predict(self, items, batch_size: int = 32) -> list[dict]:
+    def predict(self, items, batch_size: int = 32, progress=None) -> list[dict]:
         """One dict per item (a path or a uint8 (H, W, 3) array): path, label, probability,
-        probabilities; or path and a short error for an image that could not be read."""
+        probabilities; or path and a short error for an image that could not be read.
+
+        Images are decoded and run ``batch_size`` at a time: memory holds one batch, not the list.
+        ``progress`` (``bottlecache.progress.Progress``) advances per batch, under "predict".
+        """
+        items = list(items)
+        rows = []
+        if progress is not None:
+            progress.start_split("predict", len(items), 0)
+        for lo in range(0, len(items), batch_size):
+            batch = items[lo : lo + batch_size]
+            rows += self._predict_rows(batch, len(rows))
+            if progress is not None:
+                progress.advance("predict", len(batch))
+        if progress is not None:
+            progress.end_split("predict")
+        return rows
+
+    def _predict_rows(self, items, first: int) -> list[dict]:
         rows, images, slots = [], [], []
         for item in items:
-            name = str(item) if isinstance(item, (str, os.PathLike)) else f"<array {len(rows)}>"
+            name = str(item) if isinstance(item, (str, os.PathLike)) else f"<array {first + len(rows)}>"
             try:
                 if isinstance(item, (str, os.PathLike)):
                     image = load_image(item, self.image_size, self.fast_decode, self.model)
@@ -49,9 +67,8 @@ class Predictor:
                 rows.append({"path": name})
             except Exception as error:  # the decoder's reason, for this image's row
                 rows.append({"path": name, "error": _image_error(item, error)})
-        for lo in range(0, len(images), batch_size):
-            proba = self._predict_batch(np.stack(images[lo : lo + batch_size]))
-            for slot, p in zip(slots[lo : lo + batch_size], proba):
+        if images:
+            for slot, p in zip(slots, self._predict_batch(np.stack(images))):
                 best = int(np.argmax(p))
                 rows[slot].update(label=self.class_names[best], probability=float(p[best]),
                                   probabilities={c: float(v) for c, v in zip(self.class_names, p)})
@@ -75,12 +92,22 @@ def _image_error(item, error: BaseException) -> str:
 
 
 def load_model(path, weights=None) -> Predictor:
-    """A fine-tuned model folder (``model.keras``) or a head folder (``head.json``) → ``Predictor``.
+    """A fine-tuned model folder (``model.keras``), a head folder (``head.json``) or an export
+    (``bottlecache export``: its folder or its artifact, run by its own runtime) → ``Predictor``.
 
     A head runs on top of the frozen backbone its record names; ``weights`` overrides where that
     backbone's weights file is found (its sha256 must match the record). A fine-tuned model holds
     its own weights: ``weights`` is refused there.
     """
+    from .export import is_export, load_export
+
+    if is_export(path):
+        if weights is not None:
+            raise BottlecacheError(
+                f"The 'weights' option applies to head folders only; {path} is an export, which holds its own "
+                "weights. Leave --weights out."
+            )
+        return load_export(path)
     folder = Path(path)
     if not folder.is_dir():
         what = "is a file" if folder.exists() else "does not exist"
@@ -153,3 +180,37 @@ def expand_images(items) -> list[Path]:
     if not out:
         raise BottlecacheError("No images given; pass image files or folders.")
     return out
+
+
+def check_csv_path(path) -> Path:
+    """The 'csv' option: a file to write (not a folder; its folder must exist)."""
+    path = Path(path)
+    if path.is_dir():
+        raise BottlecacheError(f"The 'csv' option must be a file to write; {path} is a folder.")
+    if not path.parent.is_dir():
+        raise BottlecacheError(f"The 'csv' option's folder {path.parent} does not exist; create it or pass another path.")
+    return path
+
+
+def write_csv(path, rows: list[dict], class_names: list[str]) -> Path:
+    """The rows of ``Predictor.predict`` as CSV (path, label, probability, one column per class,
+    error), written under a temporary name and renamed into place."""
+    import csv
+    import io
+
+    from .files import atomic_write_text, write_error
+
+    path = check_csv_path(path)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "label", "probability", *class_names, "error"])
+    for row in rows:
+        proba = row.get("probabilities", {})
+        writer.writerow([row["path"], row.get("label", ""),
+                         f"{row['probability']:.6f}" if "probability" in row else "",
+                         *(f"{proba[c]:.6f}" if c in proba else "" for c in class_names), row.get("error", "")])
+    try:
+        atomic_write_text(path, buffer.getvalue())
+    except OSError as error:
+        raise write_error(path, error, "nothing was written") from None
+    return path

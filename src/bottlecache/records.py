@@ -23,6 +23,7 @@ from .errors import BottlecacheError, reason
 
 HEAD_FORMAT = "bottlecache-head"
 MODEL_FORMAT = "bottlecache-model"
+EXPORT_FORMAT = "bottlecache-export"
 CACHE_FORMAT = "bottlecache"
 RECORD_VERSION = 1  # head.json, model.json
 CACHE_FORMAT_VERSION = 1
@@ -182,6 +183,29 @@ class ModelRecord(Record):
     @model_validator(mode="after")
     def _rules(self):
         _unique(self.class_names, "class_names")
+        return self
+
+
+class ExportRecord(Record):
+    """``export.json``: an exported artifact (uint8 RGB images in, class probabilities out)."""
+
+    format: Literal[EXPORT_FORMAT]  # type: ignore[valid-type]
+    format_version: int
+    artifact_format: Literal["keras", "saved_model", "litert"]
+    quantize: Literal["none", "float16", "dynamic", "int8"]
+    artifact: str = Field(min_length=1)
+    class_names: ClassNames
+    image_size: Literal[IMAGE_SIZES]  # type: ignore[valid-type]
+    decode: Literal[DECODE_FULL, DECODE_FAST]  # type: ignore[valid-type]
+    source: str
+    evaluation: dict[str, Any] = Field(default_factory=dict)
+    created: str
+
+    @model_validator(mode="after")
+    def _rules(self):
+        _unique(self.class_names, "class_names")
+        if "/" in self.artifact or self.artifact.startswith("."):
+            raise ValueError("'artifact' must be a name inside the export folder")
         return self
 
 

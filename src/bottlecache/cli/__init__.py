@@ -11,6 +11,7 @@ from ._common import JsonOpt, OneLineGroup, handle_errors
 from .cache import app as cache_app
 from .embeddings import duplicates, neighbors
 from .cache import print_models
+from .export import export
 from .finetune import app as finetune_app
 from .predict import predict
 from .report import report
@@ -56,6 +57,7 @@ app.command("sweep")(sweep)
 def models(as_json: JsonOpt = False):
     """List the frozen bases --model takes: preprocessing, bottleneck, layers, fine-tune cut, engines."""
     print_models(as_json)
+app.command("export")(export)
 
 
 def main() -> None:

@@ -1,34 +1,40 @@
-"""``bottlecache predict``: class and probability per image, from a model or a head folder."""
+"""``bottlecache predict``: class and probability per image, from a model, a head or an export."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
-from ._common import JsonOpt, WeightsOpt, fail, handle_errors, out, print_json, table
+from ._common import JsonOpt, RichProgress, WeightsOpt, err, fail, handle_errors, out, print_json, table
 
 
 @handle_errors(interrupted="interrupted; nothing was written")
 def predict(
-    model: Annotated[Path, typer.Argument(help="A fine-tuned model folder or a head folder.")],
+    model: Annotated[Path, typer.Argument(help="A fine-tuned model folder, a head folder, or an export (its folder or artifact).")],
     images: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")],
     weights: WeightsOpt = None,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    batch_size: Annotated[int, typer.Option(help="Images decoded and predicted at a time.")] = 32,
     as_json: JsonOpt = False,
+    csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Also write the rows to this CSV file (path, label, probability, one column per class, error).")] = None,
 ):
     """Predict the class of each image; an unreadable image gets a row that says why.
 
     Exit code 0 when every image was predicted, 1 when some could not be read, 2 when none could.
     """
     from ..config import MAX_BATCH_SIZE, check_positive
-    from ..predict import expand_images, load_model
+    from ..predict import check_csv_path, expand_images, load_model, write_csv
 
     check_positive("batch_size", batch_size, maximum=MAX_BATCH_SIZE)
+    if csv_path is not None:
+        check_csv_path(csv_path)
     predictor = load_model(model, weights=weights)
     paths = expand_images(images)
-    rows = predictor.predict(paths, batch_size=batch_size)
+    with RichProgress(quiet=as_json or not err.is_terminal) as progress:  # a bar for a person watching
+        rows = predictor.predict(paths, batch_size=batch_size, progress=progress)
+    if csv_path is not None:
+        write_csv(csv_path, rows, predictor.class_names)
     if as_json:
         print_json(rows)
     else:
