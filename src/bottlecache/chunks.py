@@ -3,7 +3,7 @@
 A cache's numeric datasets use HDF5's standard ``deflate`` + ``fletcher32`` pipeline, so plain
 h5py reads them. HDF5 runs that pipeline inside ``dataset[...] = values`` while h5py holds the
 GIL: during a build the commit thread compressed for about as long as the engine ran, and the
-engine's thread, which needs the GIL between forward passes, waited (docs/benchmarks.md, "Where
+engine's thread, which needs the GIL between forward passes, waited (docs/engines.md, "Where
 the build's time goes"). Here the build encodes each whole chunk itself and hands the bytes to
 ``write_direct_chunk``:
 
