@@ -18,7 +18,8 @@ import numpy as np
 
 from .backbone import load_backbone
 from .config import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE, ENGINES, MAX_BATCH_SIZE, \
-    CacheSettings, ResolvedCache, bottleneck_shape, check_choice, check_positive
+    CacheSettings, ResolvedCache, check_choice, check_positive
+from .cut import check_engine, feature_shape_of, lower_model
 from .data import describe_failure, image_dataset
 from .files import ensure_cache_dir, write_error
 from .progress import NullProgress
@@ -86,6 +87,7 @@ def build_cache(
     tfds_data_dir=None,
     wait: bool = True,
     fast_decode: bool = False,
+    cut: int | None = None,
     progress=None,
 ) -> BuildReport:
     """Build (or find) the cache of ``data`` through the frozen MobileNetV2.
@@ -112,6 +114,9 @@ def build_cache(
         If another process is building the same cache, wait for it (default) or stop.
     fast_decode : bool
         Decode large JPEGs at 1/2, 1/4 or 1/8 scale in the DCT domain (part of the fingerprint).
+    cut : int, optional
+        A fine-tune layer index: store the activation at the cut below it instead of the
+        bottleneck (``bottlecache.cut``; the cut layer's name is part of the fingerprint).
     progress : bottlecache.progress.Progress, optional
 
     Returns
@@ -119,7 +124,7 @@ def build_cache(
     BuildReport
     """
     settings = CacheSettings(data, None if splits is None else tuple(splits), image_size, weights, dtype,
-                             fast_decode, tfds_data_dir, cache_dir)
+                             fast_decode, tfds_data_dir, cache_dir, cut)
     check_build_options(engine, batch_size)
     return build_resolved(settings.resolve(), batch_size=batch_size, engine=engine, wait=wait, progress=progress)
 
@@ -140,6 +145,8 @@ def build_resolved(resolved: ResolvedCache, *, batch_size: int | None = None, en
         return hit_report(resolved, final_path)
     # The weights load before anything is written: a file that does not load leaves nothing behind.
     base = load_backbone(resolved.weights, resolved.settings.image_size)
+    if resolved.settings.cut is not None:  # a cut cache: the base up to the cut (bottlecache.cut)
+        base = lower_model(base, resolved.config["cut"]["layer"])
     ensure_cache_dir(final_path.parent)
     with build_lock(final_path, wait=wait, on_wait=lambda pid: progress.message(
         f"another build of this cache is running (pid {pid}); waiting for it to finish"
@@ -180,7 +187,7 @@ def _build_locked(resolved: ResolvedCache, base, batch_size, engine_name, progre
     versions = library_versions()
     # Check the engine before the partial file is written: an engine that fails must not leave a
     # .partial behind (the next run would "resume" it).
-    engine = make_engine(engine_name, base, weights_ref, image_size,
+    engine = make_engine(check_engine(config, engine_name), base, weights_ref, image_size,
                          cache_dir=final_path.parent, probe=(source, next(iter(source.splits))))
     partial = PartialCache(final_path, fp)
     split_attrs = {
@@ -188,7 +195,7 @@ def _build_locked(resolved: ResolvedCache, base, batch_size, engine_name, progre
     }
     attrs = root_attrs(config, fp, versions)
     existed = partial.path.exists()
-    partial.open(attrs, split_attrs, bottleneck_shape(image_size), dtype)
+    partial.open(attrs, split_attrs, feature_shape_of(config), dtype)
     if partial.resumed:
         progress.message(f"resuming the partial build in {partial.path.name}")
     elif existed:

@@ -129,8 +129,10 @@ class CacheSettings:
     ``data`` (a folder, ``tfds:NAME`` or a tfds name), ``splits`` (specs such as
     ``"validation=train[80%:90%]"``; None: the source's own), the backbone's ``image_size`` and
     ``weights`` (``"imagenet"``, a weights file, or None: ``$BOTTLECACHE_WEIGHTS`` or imagenet),
-    the storage ``dtype``, ``fast_decode``, and where it lives (``cache_dir``). Settings that do
-    not change a cache's content (engine, batch size) are not here.
+    the storage ``dtype``, ``fast_decode``, and where it lives (``cache_dir``). ``cut``: a
+    fine-tune layer index; the cache then holds the activation at the cut below it instead of
+    the bottleneck (``bottlecache.cut``). Settings that do not change a cache's content (engine,
+    batch size) are not here.
 
     ``resolve()`` opens the source and the weights once; everything downstream takes the result.
     """
@@ -143,6 +145,7 @@ class CacheSettings:
     fast_decode: bool = False
     tfds_data_dir: str | None = None
     cache_dir: Path = field(default=None)  # type: ignore[assignment]
+    cut: int | None = None
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -164,6 +167,10 @@ class CacheSettings:
             set_(self, "tfds_data_dir", str(check_folder_option("tfds_data_dir", self.tfds_data_dir)))
         set_(self, "fast_decode", bool(self.fast_decode))
         set_(self, "cache_dir", resolve_cache_dir(self.cache_dir))
+        if self.cut is not None:
+            from .cut import check_cut
+
+            check_cut(self.cut)
 
     def resolve(self) -> "ResolvedCache":
         """Open the source and the weights, and compute the configuration and its fingerprint."""
@@ -183,6 +190,10 @@ class CacheSettings:
             "preprocess_version": PREPROCESS_VERSION,
             "dtype": self.dtype,
         }
+        if self.cut is not None:
+            from .cut import cut_record
+
+            config["cut"] = cut_record(self.image_size, self.cut)  # the layer's name: --cut 99 and 100 share
         return ResolvedCache(self, source, weights, config, fingerprint(config))
 
 

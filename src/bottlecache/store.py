@@ -31,7 +31,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .config import bottleneck_shape, resolve_cache_dir
+from .config import resolve_cache_dir
+from .cut import feature_shape_of
 from .errors import BottlecacheError, CacheMismatchError, reason
 from .fingerprint import FORMAT_NAME, FORMAT_VERSION, canonical_json, fingerprint
 from .records import CacheAttrs, differences, python_value, validate
@@ -379,7 +380,7 @@ class Cache:
         self.build_info: dict = dict(record.build)
         self.created: str = record.created
         self.versions: dict = dict(record.versions)
-        expected = bottleneck_shape(self.image_size)
+        expected = feature_shape_of(self.config)
         for split in self.splits:
             group = self.file.get(split)
             if not isinstance(group, h5py.Group):
@@ -615,7 +616,7 @@ def verify_cache(path) -> VerifyReport:
     with cache:
         if not cache.path.stem.endswith(cache.fingerprint[:12]):
             report.problems.append("the file name does not carry the cache's fingerprint")
-        expected_shape = bottleneck_shape(cache.image_size)
+        expected_shape = feature_shape_of(cache.config)
         n_classes = len(cache.class_names)
         for split in cache.splits:
             if split not in cache.file:

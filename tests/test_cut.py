@@ -1,0 +1,111 @@
+"""The cached cut (``bottlecache.cut``): where it lies, what the cut cache holds, and that training
+from it is training end to end (real photos, real weights, small slices)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import SMALL_SPLITS
+
+CUT_SPLITS = ["train=train[:16]", "validation=validation[:8]"]
+
+
+def test_cut_index_is_the_last_single_tensor_point():
+    from bottlecache.cut import cut_index
+
+    # 0 → 1 → 2 → 3(add of 1 and 2) → 4: layer 2 is no single-tensor point (3 still reads 1)
+    inbound = [[], [0], [1], [1, 2], [3]]
+    assert cut_index(inbound, 3) == 1
+    assert cut_index(inbound, 4) == 3
+    assert cut_index(inbound, 5) == 4
+    assert cut_index(inbound, 2) == 1
+    assert cut_index(inbound, 1) == 0
+
+
+def test_cut_below_mobilenet_layer_100_is_block_10_project_bn():
+    from bottlecache.cut import cut_record
+
+    assert cut_record(160, 100) == {"layer": "block_10_project_BN", "shape": [10, 10, 96]}
+    assert cut_record(160, 99) == cut_record(160, 100)  # the same cut: one cache
+    assert cut_record(160, 107)["layer"] == "block_11_add"
+    assert cut_record(224, 100)["shape"] == [14, 14, 96]
+
+
+@pytest.fixture(scope="module")
+def float32_cut(tmp_path_factory, cats_dogs, weights_path):
+    from bottlecache import build_cache
+
+    return build_cache(cats_dogs, CUT_SPLITS, weights=weights_path, cache_dir=tmp_path_factory.mktemp("cut"),
+                       dtype="float32", engine="keras", cut=100)
+
+
+def test_cut_cache_holds_the_activation_and_the_layer_is_in_the_fingerprint(float32_cut, cats_dogs, weights_path):
+    from bottlecache import build_cache
+    from bottlecache.config import CacheSettings
+    from bottlecache.store import Cache, verify_cache
+
+    assert float32_cut.config["cut"] == {"layer": "block_10_project_BN", "shape": [10, 10, 96]}
+    with Cache(float32_cut.path) as cache:
+        assert cache.features("train").shape == (16, 10, 10, 96)
+        assert cache.pooled("train").shape == (16, 96)
+    assert verify_cache(float32_cut.path).ok
+    plain = CacheSettings(cats_dogs, tuple(CUT_SPLITS), weights=weights_path, dtype="float32",
+                          cache_dir=float32_cut.path.parent).resolve()
+    assert plain.fingerprint != float32_cut.fingerprint
+    again = build_cache(cats_dogs, CUT_SPLITS, weights=weights_path, cache_dir=float32_cut.path.parent,
+                        dtype="float32", engine="keras", cut=99)
+    assert again.hit and again.path == float32_cut.path  # --cut 99 is the same cut
+
+
+def _images(cats_dogs, splits, n):
+    from bottlecache.data import image_dataset, open_source
+
+    source = open_source(cats_dogs, splits)
+    rows = list(image_dataset(source, "train", 160).take(n).as_numpy_iterator())
+    return np.stack([r[3] for r in rows]), np.asarray([r[2] for r in rows])
+
+
+def test_one_step_from_the_float32_cut_equals_one_end_to_end_step(float32_cut, cats_dogs, weights_path):
+    import keras
+
+    from bottlecache.backbone import load_backbone, resolve_weights
+    from bottlecache.cut import cut_model, full_model
+    from bottlecache.finetune import attach_head, unfreeze
+    from bottlecache.heads import build_head_model, compile_for
+    from bottlecache.store import Cache
+
+    images, labels = _images(cats_dogs, CUT_SPLITS, 16)
+    with Cache(float32_cut.path) as cache:
+        activations, cached_labels = cache.features("train"), cache.labels("train")
+    np.testing.assert_array_equal(labels, cached_labels)
+    weights = resolve_weights(str(weights_path), 160)
+    keras.utils.set_random_seed(0)
+    head_a = build_head_model((5, 5, 1280), 2, dropout=0.0)
+    head_b = build_head_model((5, 5, 1280), 2, dropout=0.0)
+    head_b.set_weights(head_a.get_weights())
+    base_a, base_b = load_backbone(weights, 160), load_backbone(weights, 160)
+    end_to_end = attach_head(base_a, head_a, 160)
+    from_cut = cut_model(base_b, head_b, "block_10_project_BN")
+    for model, base in ((end_to_end, base_a), (from_cut, base_b)):
+        unfreeze(base, 100)
+        compile_for(model, 2, 1e-3)
+    assert len(end_to_end.trainable_weights) == len(from_cut.trainable_weights) > 2
+    before = {w.path: w.numpy() for w in base_a.weights}
+    loss_a = end_to_end.train_on_batch(images, labels)
+    loss_b = from_cut.train_on_batch(activations, labels)
+    np.testing.assert_allclose(loss_a, loss_b, rtol=1e-4)
+    for layer in (layer for layer in base_a.layers if layer.weights):
+        for a, b in zip(layer.weights, base_b.get_layer(layer.name).weights):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5, rtol=0, err_msg=a.path)
+    for a, b in zip(head_a.weights, head_b.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5, rtol=0)
+    # the step moved the trained layers by far more than the tolerance, and left the frozen ones alone
+    changed = {w.path: float(np.max(np.abs(w.numpy() - before[w.path]))) for w in base_a.weights}
+    assert max(changed.values()) > 1e-3
+    frozen = {layer.name for layer in base_a.layers[:100]}
+    assert all(v == 0.0 for path, v in changed.items() if path.split("/")[0] in frozen)
+    # the model saved from a cut run is the usual one: images in, same outputs as the end-to-end model
+    rebuilt = full_model(from_cut, load_backbone(weights, 160), 100, 160)
+    np.testing.assert_allclose(np.asarray(rebuilt(images, training=False)),
+                               np.asarray(end_to_end(images, training=False)), atol=1e-4)
