@@ -109,3 +109,38 @@ def test_one_step_from_the_float32_cut_equals_one_end_to_end_step(float32_cut, c
     rebuilt = full_model(from_cut, load_backbone(weights, 160), 100, 160)
     np.testing.assert_allclose(np.asarray(rebuilt(images, training=False)),
                                np.asarray(end_to_end(images, training=False)), atol=1e-4)
+
+
+def test_finetune_from_cache_builds_the_cut_and_saves_the_usual_model(cats_dogs, weights_path, tmp_path):
+    from bottlecache.finetune import finetune
+    from bottlecache.predict import load_model
+    from bottlecache.store import Cache, list_caches
+
+    cache_dir = tmp_path / "cache"
+    result = finetune(cats_dogs, CUT_SPLITS, weights=weights_path, cache_dir=cache_dir, head_epochs=1, epochs=2,
+                      from_cache=True, dtype="float32", out=tmp_path / "ft", batch_size=8)
+    cuts = []
+    for path in list_caches(cache_dir):
+        with Cache(path) as cache:
+            cuts.append(cache.config.get("cut"))
+    assert {"layer": "block_10_project_BN", "shape": [10, 10, 96]} in cuts and None in cuts  # the head's and the cut's
+    assert result.params["from_cache"] is True and result.epochs_run == 2
+    assert result.metrics["validation"]["n"] == 8 and 0 <= result.metrics["validation"]["accuracy"] <= 1
+    predictor = load_model(result.path)  # checks that model.keras takes 160 px images
+    assert predictor.kind == "model" and predictor.image_size == 160
+    photo = next((cats_dogs / "validation" / "cats").glob("*.jpg"))
+    assert predictor.predict([photo])[0]["label"] in ("cats", "dogs")
+
+
+def test_a_cut_cache_that_holds_another_cut_is_refused_in_one_line(float32_cut, cats_dogs, weights_path, tmp_path):
+    from conftest import error_line, invoke
+
+    args = ["finetune", "run", "--data", str(cats_dogs), "--weights", str(weights_path), "--dtype", "float32",
+            "--cache-dir", str(float32_cut.path.parent), "--out", str(tmp_path / "ft"), "--from-cache",
+            "--fine-tune-at", "120", "--cut-cache", str(float32_cut.path), "--head-epochs", "1"]
+    for split in CUT_SPLITS:
+        args += ["--split", split]
+    result = invoke(args)
+    assert result.exit_code != 0
+    line = error_line(result)
+    assert "block_10_project_BN" in line and "--cut 120" in line, line

@@ -157,6 +157,19 @@ def _evaluate_batches(model, batches, class_names) -> dict:
     return compute_metrics(np.concatenate(labels), probabilities_from_logits(np.concatenate(logits)), class_names)
 
 
+def _resolve_cut(settings: CacheSettings, fine_tune_at: int, cut_cache):
+    """The cut cache's settings (the run's, with the cut below ``fine_tune_at``) resolved; a given
+    ``cut_cache`` that holds another cut is refused here, before any work."""
+    from .cut import open_cut_cache
+
+    if fine_tune_at < 1:
+        raise BottlecacheError("--from-cache needs --fine-tune-at 1 or more: with 0, no layer is frozen to cache.")
+    cut = dataclasses.replace(settings, cut=fine_tune_at).resolve()
+    if cut_cache is not None:
+        open_cut_cache(cut_cache, cut).close()
+    return cut
+
+
 def _cut_data(cut, cut_cache, params: dict, progress):
     """``(train, validation, n_train)`` from the cut cache; the cache is built first if missing."""
     from .build import build_resolved
@@ -246,6 +259,7 @@ def finetune(
             f"Fine-tuning needs 'train' and 'validation' splits; the data has {', '.join(source.splits)}. "
             "Name them with --split train=... --split validation=...."
         )
+    cut = _resolve_cut(settings, fine_tune_at, cut_cache) if from_cache else None
     if out is not None:
         _check_out(Path(out), resume)
         if resume:
@@ -257,9 +271,7 @@ def finetune(
                   "backbone": record, "params": params,
                   "head": {"path": str(head.resolve()),
                            "cache_fingerprint": loaded.record.get("cache", {}).get("fingerprint", "")}}
-    cut = None
-    if from_cache:  # the cut cache's settings: the run's, with the cut below fine_tune_at
-        cut = dataclasses.replace(settings, cut=fine_tune_at).resolve()
+    if cut is not None:
         run_config["cut_cache"] = cut.fingerprint
     if out is None:
         out = ensure_cache_dir(settings.cache_dir) / "models" / f"finetune-{fingerprint(_fixed(run_config))[:12]}"
