@@ -329,6 +329,7 @@ def finetune(run: Run) -> dict:
     ))
     before, after = accuracy(result.head_metrics), accuracy(result.metrics)
     warm_start = "the cached-keras head" if run.keras_head_path else f"a head trained here ({run.epochs} epochs)"
+    run.keras_head_path = run.keras_head_path or result.head_path  # finetune-cached starts from the same head
     return {
         "seconds": seconds,
         "train_seconds": result.train_seconds,
@@ -341,6 +342,46 @@ def finetune(run: Run) -> dict:
         "accuracy_before": before,
         "note": f"warm start from {warm_start}; validation {_percent(before['validation'])} before",
     }
+
+
+def finetune_cached(run: Run) -> dict:
+    """``finetune`` from the cached cut (``--from-cache``): same warm start, same epochs; the cut
+    cache's build (float16) is counted in ``seconds`` and given apart."""
+    from bottlecache.finetune import finetune as run_finetune
+
+    build = run.build(run.engine)
+    result, seconds = _timed(lambda: run_finetune(
+        run.data, run.splits, image_size=run.image_size, weights=run.weights.path, cache_dir=build.cache_dir,
+        head=run.keras_head_path, head_epochs=run.epochs, epochs=run.finetune_epochs, seed=run.seed,
+        out=run.work_dir / "finetune-cached", from_cache=True,
+    ))
+    run.keras_head_path = run.keras_head_path or result.head_path
+    before, after = accuracy(result.head_metrics), accuracy(result.metrics)
+    per_epoch = statistics.median(result.history["seconds"])
+    out = {
+        "seconds": seconds,
+        "cut_build_seconds": seconds - result.train_seconds,  # the cut cache's build, the evaluations, loading
+        "train_seconds": result.train_seconds,
+        "epochs": result.epochs_run,
+        "seconds_per_epoch": per_epoch,
+        "mean_seconds_per_epoch": result.seconds_per_epoch,
+        "epoch_seconds": result.history["seconds"],
+        "best_epoch": result.best_epoch,
+        "accuracy": after,
+        "accuracy_before": before,
+        "note": f"from the cut at block_10_project_BN (float16); build and evaluation "
+                f"{seconds - result.train_seconds:.0f} s",
+    }
+    plain = run.results.get("finetune")
+    if plain and "seconds_per_epoch" in plain:
+        out["speedup_per_epoch"] = plain["seconds_per_epoch"] / per_epoch
+        gap = None
+        if after["validation"] is not None and plain["accuracy"]["validation"] is not None:
+            gap = 100 * (after["validation"] - plain["accuracy"]["validation"])
+        out["validation_gap_points"] = gap
+        out["note"] += f"; {out['speedup_per_epoch']:.2f}x finetune's s/epoch" + (
+            f", validation {gap:+.2f} points" if gap is not None else "")
+    return out
 
 
 def _percent(value) -> str:
@@ -362,4 +403,5 @@ CASES = {
     "cached-keras": cached_keras,
     "tutorial-frozen": tutorial_frozen,
     "finetune": finetune,
+    "finetune-cached": finetune_cached,
 }
