@@ -24,7 +24,8 @@ from .data import describe_failure, image_dataset
 from .files import ensure_cache_dir, write_error
 from .progress import NullProgress
 from .records import DECODE_FAST
-from .store import FEATURE_CHUNK_ROWS, Cache, PartialCache, build_lock, root_attrs
+from .augment import parse_spec, view_features
+from .store import FEATURE_CHUNK_ROWS, VIEWS_SPLIT, Cache, PartialCache, build_lock, root_attrs
 
 
 @dataclass
@@ -88,6 +89,9 @@ def build_cache(
     wait: bool = True,
     fast_decode: bool = False,
     cut: int | None = None,
+    views: int = 0,
+    augment: str | None = None,
+    seed: int = 0,
     progress=None,
 ) -> BuildReport:
     """Build (or find) the cache of ``data`` through the frozen MobileNetV2.
@@ -117,6 +121,10 @@ def build_cache(
     cut : int, optional
         A fine-tune layer index: store the activation at the cut below it instead of the
         bottleneck (``bottlecache.cut``; the cut layer's name is part of the fingerprint).
+    views, augment, seed : int, str, int
+        ``views`` augmented views of each train image, made by the ``augment`` spec (default
+        ``tutorial``; ``bottlecache.augment``) and seeded by key, view and ``seed``; all three
+        are part of the fingerprint.
     progress : bottlecache.progress.Progress, optional
 
     Returns
@@ -124,7 +132,7 @@ def build_cache(
     BuildReport
     """
     settings = CacheSettings(data, None if splits is None else tuple(splits), image_size, weights, dtype,
-                             fast_decode, tfds_data_dir, cache_dir, cut)
+                             fast_decode, tfds_data_dir, cache_dir, cut, views, augment, seed)
     check_build_options(engine, batch_size)
     return build_resolved(settings.resolve(), batch_size=batch_size, engine=engine, wait=wait, progress=progress)
 
@@ -195,7 +203,8 @@ def _build_locked(resolved: ResolvedCache, base, batch_size, engine_name, progre
     }
     attrs = root_attrs(config, fp, versions)
     existed = partial.path.exists()
-    partial.open(attrs, split_attrs, feature_shape_of(config), dtype)
+    views = config.get("views") or {}
+    partial.open(attrs, split_attrs, feature_shape_of(config), dtype, views.get("k", 0))
     if partial.resumed:
         progress.message(f"resuming the partial build in {partial.path.name}")
     elif existed:
@@ -223,8 +232,13 @@ def _build_locked(resolved: ResolvedCache, base, batch_size, engine_name, progre
                     else:
                         features = pooled = None
                     skipped = _skipped(source, name, lo, hi, indices)
+                    augmented = None
+                    if views and name == VIEWS_SPLIT:  # K augmented views of each train image (bottlecache.augment)
+                        augmented = view_features(engine, images, keys, views["k"], parse_spec(views["augment"]),
+                                                  views["seed"], size, dtype)
                     committer.submit(
-                        name, None if features is None else features.astype(dtype), pooled, labels, keys, skipped, hi
+                        name, None if features is None else features.astype(dtype), pooled, labels, keys, skipped, hi,
+                        augmented,
                     )
                     n_processed += hi - lo
                     progress.advance(name, hi - lo)

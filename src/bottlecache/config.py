@@ -120,6 +120,7 @@ def resolve_cache_dir(cache_dir=None) -> Path:
 
 MAX_BATCH_SIZE = 65536
 MAX_EPOCHS = 100_000
+MAX_VIEWS = 64
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,9 @@ class CacheSettings:
     ``weights`` (``"imagenet"``, a weights file, or None: ``$BOTTLECACHE_WEIGHTS`` or imagenet),
     the storage ``dtype``, ``fast_decode``, and where it lives (``cache_dir``). ``cut``: a
     fine-tune layer index; the cache then holds the activation at the cut below it instead of
-    the bottleneck (``bottlecache.cut``). Settings that do not change a cache's content (engine,
+    the bottleneck (``bottlecache.cut``). ``views`` augmented views of each train image, made by
+    ``augment`` (a spec, ``bottlecache.augment``; default ``tutorial``) seeded by the image's key,
+    the view's index and ``view_seed``. Settings that do not change a cache's content (engine,
     batch size) are not here.
 
     ``resolve()`` opens the source and the weights once; everything downstream takes the result.
@@ -146,6 +149,9 @@ class CacheSettings:
     tfds_data_dir: str | None = None
     cache_dir: Path = field(default=None)  # type: ignore[assignment]
     cut: int | None = None
+    views: int = 0
+    augment: str | None = None
+    view_seed: int = 0
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -171,6 +177,14 @@ class CacheSettings:
             from .cut import check_cut
 
             check_cut(self.cut)
+        check_range("views", self.views, 0, MAX_VIEWS, high_open=False)
+        check_seed(self.view_seed)
+        if self.augment is not None and not self.views:
+            raise BottlecacheError("The 'augment' option needs --views K (K augmented views of each train image).")
+        if self.views:
+            from .augment import canonical_spec
+
+            set_(self, "augment", canonical_spec(self.augment or "tutorial"))
 
     def resolve(self) -> "ResolvedCache":
         """Open the source and the weights, and compute the configuration and its fingerprint."""
@@ -194,6 +208,8 @@ class CacheSettings:
             from .cut import cut_record
 
             config["cut"] = cut_record(self.image_size, self.cut)  # the layer's name: --cut 99 and 100 share
+        if self.views:
+            config["views"] = {"k": self.views, "augment": self.augment, "seed": self.view_seed}
         return ResolvedCache(self, source, weights, config, fingerprint(config))
 
 

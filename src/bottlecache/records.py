@@ -60,6 +60,14 @@ class CutRecord(Record):
     shape: Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=3, max_length=3)]
 
 
+class ViewsRecord(Record):
+    """A cache's augmented views of the train split (``bottlecache.augment``): how many, how made, the seed."""
+
+    k: int = Field(gt=0)
+    augment: str = Field(min_length=1)
+    seed: int = Field(ge=0, lt=SEED_LIMIT)
+
+
 class CacheConfig(Record):
     """The cache's configuration: everything that determines its content (see ``fingerprint``)."""
 
@@ -74,6 +82,7 @@ class CacheConfig(Record):
     preprocess_version: int = Field(ge=1)
     dtype: Literal[DTYPES]  # type: ignore[valid-type]
     cut: CutRecord | None = None
+    views: ViewsRecord | None = None
 
     @model_validator(mode="after")
     def _rules(self):

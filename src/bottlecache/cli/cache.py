@@ -48,6 +48,9 @@ def build(
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="If the same cache is being built, wait for it.")] = True,
     fast_decode: Annotated[bool, typer.Option("--fast-decode", help="Decode large JPEGs at 1/2-1/8 scale in the DCT domain (see docs/engines.md).")] = False,
     cut: Annotated[Optional[int], typer.Option(help="Store the activation at the cut below this fine-tune layer instead of the bottleneck (for `finetune run --from-cache`).")] = None,
+    views: Annotated[int, typer.Option(help="Augmented views of each train image to store beside its features (0: none).")] = 0,
+    augment: Annotated[Optional[str], typer.Option(help="How views are made: 'tutorial' (default; flip,rotate=0.2) or e.g. flip,rotate=0.2,zoom=0.1.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the views (with the image key and the view index).")] = 0,
     as_json: JsonOpt = False,
 ):
     """Run the frozen MobileNetV2 once over each split and store the features in an HDF5 cache."""
@@ -57,7 +60,7 @@ def build(
         report = build_cache(
             data, split, image_size=image_size, weights=weights, cache_dir=cache_dir, dtype=dtype,
             batch_size=batch_size, engine=engine, tfds_data_dir=tfds_data_dir, wait=wait, fast_decode=fast_decode,
-            cut=cut, progress=progress,
+            cut=cut, views=views, augment=augment, seed=seed, progress=progress,
         )
     if as_json:
         print_json(report.to_dict())
