@@ -99,3 +99,46 @@ def test_a_resumed_and_a_repeated_build_store_the_same_views(views_cache, cats_d
         np.testing.assert_array_equal(again.view_features(), first.view_features())
         np.testing.assert_array_equal(again.view_pooled(), first.view_pooled())
         np.testing.assert_array_equal(again.keys("train"), first.keys("train"))
+
+
+def test_the_keras_head_draws_one_view_per_image_per_epoch(views_cache):
+    from bottlecache.store import Cache
+    from bottlecache.views import ViewEpochs
+
+    with Cache(views_cache.path) as cache:
+        epochs = ViewEpochs(cache, 16, seed=0)
+        views, labels = cache.view_features(), cache.labels("train")
+        draws = []
+        for _ in range(2):
+            rows = [(x, y) for xb, yb in epochs.batches() for x, y in zip(xb, yb)]
+            assert len(rows) == 40
+            drawn = []
+            for x, y in rows:  # each row is one view of one image, every image once
+                match = np.argwhere(np.all(views == x, axis=(2, 3, 4)))
+                assert len(match) == 1 and labels[match[0][0]] == y
+                drawn.append(tuple(match[0]))
+            assert sorted(i for i, _ in drawn) == list(range(40))
+            draws.append(dict(drawn))
+        assert draws[0] != draws[1]  # a new draw each epoch
+
+
+@pytest.mark.parametrize("kind", ["sklearn", "keras"])
+def test_heads_train_on_views(views_cache, kind, tmp_path):
+    from bottlecache.heads import train_head
+
+    result = train_head(views_cache.path, kind, views=True, epochs=2, out=tmp_path / kind)
+    assert result.params["views"] == 2
+    assert result.metrics["validation"]["n"] == 8
+    if kind == "keras":
+        assert len(result.history["loss"]) == 2
+
+
+def test_train_head_views_on_a_cache_without_views_is_one_line(views_cache, cats_dogs, weights_path, tmp_path):
+    from bottlecache import build_cache
+    from conftest import error_line, invoke
+
+    plain = build_cache(cats_dogs, ["train=train[:8]", "validation=validation[:4]"], weights=weights_path,
+                        cache_dir=tmp_path, engine="keras")
+    result = invoke(["cache", "train-head", str(plain.path), "--views", "--out", str(tmp_path / "h")])
+    assert result.exit_code != 0
+    assert "holds no augmented views" in error_line(result)

@@ -347,6 +347,7 @@ def train_head(
     cache_dir=None,
     max_memory: int | None = None,
     verbose: int = 0,
+    views: bool = False,
 ) -> HeadResult:
     """Fit a head on a cache's ``train`` split and measure it on every other split.
 
@@ -365,6 +366,10 @@ def train_head(
         Folder to save the head in; default ``<cache dir>/heads/<kind>-<fingerprint12>-<time>``.
     max_memory : int, optional
         Bytes of float32 features to load whole; above it the Keras head streams from the file.
+    views : bool
+        Train on the cache's augmented views (``cache build --views K``; ``bottlecache.views``):
+        the Keras head draws one view per image per epoch, scikit-learn fits the clean rows and
+        all views.
 
     Returns
     -------
@@ -395,6 +400,10 @@ def train_head(
     try:
         if train_split not in cache.splits:
             raise BottlecacheError(f"The cache has no {train_split!r} split to train on. It has {', '.join(cache.splits)}.")
+        if views:
+            from .views import check_views
+
+            check_views(cache, train_split)
         eval_splits = [s for s in cache.splits if s != train_split]
         has_validation = "validation" in cache.splits
         n_classes = len(cache.class_names)
@@ -411,14 +420,15 @@ def train_head(
                     "Choosing among several C values needs a 'validation' split, and this cache has none; "
                     "pass one --C or build the cache with a validation split (--split validation=...)."
                 )
-            result = _train_sklearn(cache, Cs, train_split, has_validation)
+            result = _train_sklearn(cache, Cs, train_split, has_validation, views)
         else:
             result = _train_keras(
                 cache, n_classes, train_split, has_validation, epochs=epochs, batch_size=batch_size,
                 learning_rate=learning_rate, optimizer=optimizer, dropout=dropout, seed=seed,
                 early_stopping=early_stopping, shuffle=shuffle, max_memory=max_memory or _memory_budget(),
-                verbose=verbose,
+                verbose=verbose, views=views,
             )
+        result.params["views"] = cache.n_views if views else 0
         for split in eval_splits:
             proba = _predict_split(result.head, cache, split)
             result.metrics[split] = compute_metrics(cache.labels(split), proba, cache.class_names)
@@ -437,8 +447,13 @@ def _predict_split(head, cache, split: str, block: int = 1024) -> np.ndarray:
     return np.concatenate([head.predict_proba(cache.features(split, slice(i, i + block))) for i in range(0, n, block)])
 
 
-def _train_sklearn(cache, Cs, train_split, has_validation) -> HeadResult:
-    x, y = cache.pooled(train_split), cache.labels(train_split)
+def _train_sklearn(cache, Cs, train_split, has_validation, views: bool = False) -> HeadResult:
+    if views:
+        from .views import pooled_rows
+
+        x, y = pooled_rows(cache)
+    else:
+        x, y = cache.pooled(train_split), cache.labels(train_split)
     selection, best = [], None
     started = time.perf_counter()
     for value in sorted(Cs):
@@ -456,7 +471,7 @@ def _train_sklearn(cache, Cs, train_split, has_validation) -> HeadResult:
 
 
 def _train_keras(cache, n_classes, train_split, has_validation, *, epochs, batch_size, learning_rate, optimizer,
-                 dropout, seed, early_stopping, shuffle, max_memory, verbose) -> HeadResult:
+                 dropout, seed, early_stopping, shuffle, max_memory, verbose, views=False) -> HeadResult:
     keras = import_keras()
     keras.utils.set_random_seed(seed)
     model = compile_for(build_head_model(cache.feature_shape, n_classes, dropout), n_classes, learning_rate, optimizer,
@@ -466,7 +481,14 @@ def _train_keras(cache, n_classes, train_split, has_validation, *, epochs, batch
     epoch_seconds = []
     callbacks = [best_weights_callback("val_loss" if has_validation else "loss", early_stopping),
                  epoch_timer(epoch_seconds)]
-    if in_memory:
+    if views:  # one view per image per epoch (bottlecache.views); the views stay in their stored dtype
+        from .views import ViewEpochs
+
+        validation = cache.dataset("validation", batch_size=EVAL_BATCH_SIZE) if has_validation else None
+        started = time.perf_counter()
+        history = model.fit(ViewEpochs(cache, batch_size, seed).dataset(), epochs=epochs, validation_data=validation,
+                            shuffle=False, callbacks=callbacks, verbose=verbose)
+    elif in_memory:
         x, y = cache.features(train_split).astype(np.float32), cache.labels(train_split)
         validation = (cache.features("validation").astype(np.float32), cache.labels("validation")) if has_validation else None
         started = time.perf_counter()

@@ -170,6 +170,7 @@ def train_head_command(
     early_stopping: Annotated[Optional[int], typer.Option(help="keras: stop after this many epochs without a better validation loss.")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Folder for the trained head (default: under the cache dir).")] = None,
     cache_dir: CacheDirOpt = None,
+    views: Annotated[bool, typer.Option("--views", help="Train on the cache's augmented views (cache build --views K).")] = False,
     as_json: JsonOpt = False,
 ):
     """Train a head on a cache's features and report its metrics on the other splits."""
@@ -182,7 +183,7 @@ def train_head_command(
     result = train_head(
         path, kind, C=c or [1.0], epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
         optimizer=optimizer, dropout=dropout, seed=seed, early_stopping=early_stopping, out=out_dir,
-        cache_dir=cache_dir,
+        cache_dir=cache_dir, views=views,
     )
     record = result.to_dict()
     if as_json:
