@@ -662,6 +662,11 @@ BAD_VALUES: dict[str, list[Bad]] = {
     "fine_tune_at": below(0) + [const("100000"), const(str(2**64), id="2**64")],
     "model": MODEL_ARG_BAD,
     "images": IMAGES_BAD,
+    "cut": below(1) + [const("155"), const(str(2**64), id="2**64")],
+    "views": below(0) + [const("65")],
+    "augment": [const(""), const("shear=0.1"), const("rotate=0"), const("zoom=2"), const("flip,flip"),
+                const("rotate=abc")],
+    "cut_cache": CACHE_ARG_BAD,
 }
 
 

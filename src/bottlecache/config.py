@@ -179,12 +179,12 @@ class CacheSettings:
             check_cut(self.cut)
         check_range("views", self.views, 0, MAX_VIEWS, high_open=False)
         check_seed(self.view_seed)
+        from .augment import canonical_spec
+
+        augment = canonical_spec(self.augment if self.augment is not None else "tutorial")  # a bad spec first
         if self.augment is not None and not self.views:
             raise BottlecacheError("The 'augment' option needs --views K (K augmented views of each train image).")
-        if self.views:
-            from .augment import canonical_spec
-
-            set_(self, "augment", canonical_spec(self.augment or "tutorial"))
+        set_(self, "augment", augment if self.views else None)
 
     def resolve(self) -> "ResolvedCache":
         """Open the source and the weights, and compute the configuration and its fingerprint."""
