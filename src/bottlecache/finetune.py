@@ -23,7 +23,7 @@ import numpy as np
 from ._tf import import_keras, import_tf
 from .backbone import backbone_record, load_backbone
 from .config import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_FINE_TUNE_AT, DEFAULT_IMAGE_SIZE, MAX_BATCH_SIZE, MAX_EPOCHS, \
-    N_BASE_LAYERS, CacheSettings, check_folder_option, check_positive, check_range, check_seed
+    MAX_VIEWS, N_BASE_LAYERS, CacheSettings, check_folder_option, check_positive, check_range, check_seed
 from .data import image_dataset, training_dataset
 from .errors import BottlecacheError
 from .files import atomic_save, atomic_write_text, ensure_cache_dir, write_error
@@ -65,6 +65,10 @@ class FinetuneResult:
             "head_metrics": self.head_metrics,
             "metrics": self.metrics,
         }
+
+
+AUGMENT_SPEC = "flip,rotate=0.05"  # augmentation()'s, as a bottlecache.augment spec (for --from-cache views)
+DEFAULT_VIEWS = 8
 
 
 def augmentation():
@@ -157,14 +161,19 @@ def _evaluate_batches(model, batches, class_names) -> dict:
     return compute_metrics(np.concatenate(labels), probabilities_from_logits(np.concatenate(logits)), class_names)
 
 
-def _resolve_cut(settings: CacheSettings, fine_tune_at: int, cut_cache):
-    """The cut cache's settings (the run's, with the cut below ``fine_tune_at``) resolved; a given
-    ``cut_cache`` that holds another cut is refused here, before any work."""
+def _resolve_cut(settings: CacheSettings, params: dict, cut_cache):
+    """The cut cache's settings (the run's, with the cut below ``fine_tune_at``, and with ``--augment``
+    its augmented views) resolved; a given ``cut_cache`` that holds another cut is refused here,
+    before any work."""
     from .cut import open_cut_cache
 
+    fine_tune_at = params["fine_tune_at"]
     if fine_tune_at < 1:
         raise BottlecacheError("--from-cache needs --fine-tune-at 1 or more: with 0, no layer is frozen to cache.")
-    cut = dataclasses.replace(settings, cut=fine_tune_at).resolve()
+    views = {}
+    if params["augment"]:  # the same flip and rotation as augmentation(), drawn per image per epoch among the views
+        views = {"views": params["views"], "augment": AUGMENT_SPEC, "view_seed": params["seed"]}
+    cut = dataclasses.replace(settings, cut=fine_tune_at, **views).resolve()
     if cut_cache is not None:
         open_cut_cache(cut_cache, cut).close()
     return cut
@@ -180,6 +189,10 @@ def _cut_data(cut, cut_cache, params: dict, progress):
         cut_cache = build_resolved(cut, progress=progress).path
     with open_cut_cache(cut_cache, cut) as cache:
         train, validation = cut_datasets(cache, params["batch_size"], params["seed"])
+        if params["augment"]:  # one cached view of each image per epoch (bottlecache.views)
+            from .views import ViewEpochs
+
+            train = ViewEpochs(cache, params["batch_size"], params["seed"]).dataset()
         return train, validation, cache.n_examples("train")
 
 
@@ -203,6 +216,7 @@ def finetune(
     resume: bool = False,
     tfds_data_dir=None,
     from_cache: bool = False,
+    views: int | None = None,
     dtype: str = DEFAULT_DTYPE,
     cut_cache=None,
     progress=None,
@@ -229,7 +243,9 @@ def finetune(
     from_cache : bool
         Train the network above the cut below ``fine_tune_at`` on cached activations
         (``bottlecache.cut``), building that cut cache first if it is missing. The saved model
-        takes images, as without it.
+        takes images, as without it. With ``augment``, the cut cache holds ``views`` (default 8)
+        augmented views of each train image (the same flip and rotation), one drawn per image
+        per epoch.
     dtype : {"float16", "float32"}
         Storage type of the caches this run builds (the head's, the cut's).
     cut_cache : path, optional
@@ -244,12 +260,11 @@ def finetune(
                              tfds_data_dir=tfds_data_dir, cache_dir=cache_dir)
     params = check_params(fine_tune_at=fine_tune_at, epochs=epochs, learning_rate=learning_rate,
                           batch_size=batch_size, seed=seed, augment=augment, early_stopping=early_stopping,
-                          from_cache=from_cache)
+                          from_cache=from_cache, views=views)
     if cut_cache is not None and not from_cache:
         raise BottlecacheError("The 'cut_cache' option needs --from-cache.")
-    if from_cache and augment:
-        raise BottlecacheError("--augment changes the images, and --from-cache trains on activations cached from "
-                               "the unaugmented images; drop one of them.")
+    if views and not (from_cache and augment):
+        raise BottlecacheError("The 'views' option needs --from-cache and --augment (the augmented views of the cut).")
     check_positive("head_epochs", head_epochs, maximum=MAX_EPOCHS)
     progress = progress or NullProgress()
     resolved = settings.resolve()
@@ -259,7 +274,7 @@ def finetune(
             f"Fine-tuning needs 'train' and 'validation' splits; the data has {', '.join(source.splits)}. "
             "Name them with --split train=... --split validation=...."
         )
-    cut = _resolve_cut(settings, fine_tune_at, cut_cache) if from_cache else None
+    cut = _resolve_cut(settings, params, cut_cache) if from_cache else None
     if out is not None:
         _check_out(Path(out), resume)
         if resume:
@@ -295,6 +310,12 @@ def check_params(**params) -> dict:
         check_positive("early_stopping", params["early_stopping"], maximum=MAX_EPOCHS)
     params["augment"] = bool(params["augment"])
     params["from_cache"] = bool(params.get("from_cache", False))
+    if params.get("views") is not None:
+        check_range("views", params["views"], 1, MAX_VIEWS, high_open=False)
+    if params["from_cache"] and params["augment"]:
+        params["views"] = params.get("views") or DEFAULT_VIEWS
+    else:
+        params.pop("views", None)
     return params
 
 
