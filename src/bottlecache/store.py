@@ -33,6 +33,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .chunks import encode_rows, write_chunks
 from .config import resolve_cache_dir
 from .cut import feature_shape_of
 from .errors import BottlecacheError, CacheMismatchError, reason
@@ -259,15 +260,20 @@ class PartialCache:
                 itemsize = 16 if dataset.dtype.kind == "O" else dataset.dtype.itemsize  # a string: its heap reference
                 per_row_chunks = int(np.prod(dataset.shape[1:])) // int(np.prod(dataset.chunks[1:]))  # views: K
                 need += touched * per_row_chunks * int(np.prod(dataset.chunks)) * itemsize
+        # Whole chunks are compressed and checksummed here, with the GIL released (chunks.py);
+        # HDF5 would do it inside the write, holding the GIL the engine's thread needs.
+        columns = [("features", features), ("pooled", pooled), ("labels", labels), ("keys", keys)] if n else []
+        if n and view_keys:
+            if views is None:
+                raise ValueError(f"split {split!r} holds views: a batch without them cannot be appended")
+            columns += list(zip(VIEW_DATASETS, views))
+        encoded = {key: encode_rows(group[key], rows, values) for key, values in columns if key != "keys"}
         self._reserve(need)
-        if n:
-            arrays = [("features", features), ("pooled", pooled), ("labels", labels), ("keys", keys)]
-            if view_keys:
-                if views is None:
-                    raise ValueError(f"split {split!r} holds views: a batch without them cannot be appended")
-                arrays += list(zip(VIEW_DATASETS, views))
-            for key, values in arrays:
-                group[key].resize(rows + n, axis=0)
+        for key, values in columns:
+            group[key].resize(rows + n, axis=0)
+            if encoded.get(key) is not None:
+                write_chunks(group[key], encoded[key])
+            else:
                 group[key][rows:] = values
         if skipped:
             group["skipped"].resize(n_skipped + len(skipped), axis=0)
