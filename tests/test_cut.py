@@ -144,3 +144,11 @@ def test_a_cut_cache_that_holds_another_cut_is_refused_in_one_line(float32_cut, 
     assert result.exit_code != 0
     line = error_line(result)
     assert "block_10_project_BN" in line and "--cut 120" in line, line
+
+
+def test_a_head_on_a_cut_cache_is_refused_in_one_line(float32_cut, tmp_path):
+    from conftest import error_line, invoke
+
+    result = invoke(["cache", "train-head", str(float32_cut.path), "--out", str(tmp_path / "h")])
+    assert result.exit_code != 0
+    assert "block_10_project_BN" in error_line(result)

@@ -400,6 +400,11 @@ def train_head(
     try:
         if train_split not in cache.splits:
             raise BottlecacheError(f"The cache has no {train_split!r} split to train on. It has {', '.join(cache.splits)}.")
+        if cache.config.get("cut"):
+            raise BottlecacheError(
+                f"{cache.path.name} holds the activations at the cut {cache.config['cut']['layer']} (for "
+                "`finetune run --from-cache`); heads train on a bottleneck cache (cache build without --cut)."
+            )
         if views:
             from .views import check_views
 
