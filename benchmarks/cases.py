@@ -8,10 +8,14 @@ short ``note`` for the Markdown table.
 
 from __future__ import annotations
 
+import shutil
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
+
+from bottlecache.config import usable_cores
 
 from .context import Run
 
@@ -112,7 +116,9 @@ def _cache_build(run: Run, engine: str) -> dict:
     limit_case = "forward-limit-litert" if report.engine == "litert" else "forward-limit"
     limit = run.results.get(limit_case, {}).get("images_per_second")
     with Cache(report.path) as cache:
-        max_abs_diff = cache.build_info.get("engine_max_abs_diff")
+        info = cache.build_info
+    max_abs_diff = info.get("engine_max_abs_diff")
+    usable = usable_cores()
     head = train_head(report.path, "sklearn", save=False)
     ratio = rate / limit if limit else None
     # The build must also decode every image, on the same cores: at best it takes the forward
@@ -130,6 +136,15 @@ def _cache_build(run: Run, engine: str) -> dict:
         "forward_limit_ratio": ratio,
         "forward_plus_decode_bound": bound,
         "bound_ratio": rate / bound if bound else None,
+        # start-up: from the build_cache call to its first decoded images (engine check, lock, pipeline)
+        "startup_seconds": report.startup_seconds,
+        "engine_check": info.get("engine_check"),
+        "batch_size": info.get("batch_size"),
+        "threads": info.get("threads"),
+        # CPU use of the whole call: 1.0 would be every usable core busy for the whole wall time
+        "cpu_seconds": build.cpu_seconds,
+        "cpu_use": build.cpu_seconds / (build.seconds * usable) if build.seconds else None,
+        "usable_cores": usable,
         "file_bytes": report.file_size,
         "bytes_per_image": report.file_size / n_images,
         "splits": {
@@ -141,6 +156,8 @@ def _cache_build(run: Run, engine: str) -> dict:
         "note": f"engine {report.engine}; "
                 + (f"{ratio:.2f} of {limit_case}; " if ratio else "")
                 + (f"{rate / bound:.2f} of the {bound:.0f} img/s that forward + decode-only allow; " if bound else "")
+                + f"CPU use {build.cpu_seconds / (build.seconds * usable):.2f} of {usable} cores; "
+                + f"start-up {report.startup_seconds:.1f} s; "
                 + f"{report.file_size / n_images / 1024:.1f} KiB/image on disk",
     }
 
@@ -156,6 +173,56 @@ def cache_build_keras(run: Run) -> dict:
 
 def cache_build_litert(run: Run) -> dict:
     return _cache_build(run, "litert")
+
+
+def build_startup(run: Run) -> dict:
+    """What a user waits for before the first image, in a fresh ``bottlecache cache build`` process.
+
+    Two real builds of a small slice (first 64 images of the first split) in one new folder: the
+    first converts nothing (the run's flatbuffer is given, as to every build here) but checks it
+    against Keras on a probe batch; the second, on another slice, finds that check recorded beside
+    the flatbuffer and needs neither the Keras base nor a probe. Each reports its own start-up
+    (from the library call to the first decoded images); the import of the CLI and TensorFlow is
+    timed in its own process.
+    """
+    import json
+    import subprocess
+    import sys
+
+    from bottlecache.engines import flatbuffer_path, litert_available
+
+    import_seconds = _timed_process([sys.executable, "-c", "from bottlecache._tf import import_tf; import_tf()"])
+    cache_dir = run.work_dir / "cache-startup"
+    if litert_available() and run.engine != "keras":
+        converted, target = run.flatbuffer(), flatbuffer_path(cache_dir, run.weights.sha256, run.image_size)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(converted, target)
+        shutil.copy2(converted.with_suffix(".json"), target.with_suffix(".json"))
+    first = next(iter(run.source().splits.values())).spec.base
+    out = {"import_seconds": import_seconds}
+    for label, part in (("first", f"startup={first}[:64]"), ("later", f"startup={first}[64:128]")):
+        command = [sys.executable, "-m", "bottlecache", "cache", "build", "--data", run.data, "--split", part,
+                   "--image-size", str(run.image_size), "--weights", str(run.weights.path), "--engine", run.engine,
+                   "--cache-dir", str(cache_dir), "--json"]
+        started = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        wall = time.perf_counter() - started
+        report = json.loads(done.stdout)
+        out[label] = {"process_seconds": wall, "startup_seconds": report["startup_seconds"],
+                      "inference_seconds": sum(s["seconds"] for s in report["splits"])}
+    out["seconds"] = out["later"]["process_seconds"]
+    out["note"] = (f"first images after {out['first']['startup_seconds']:.1f} s (engine checked against Keras), "
+                   f"{out['later']['startup_seconds']:.1f} s once that check is recorded; "
+                   f"importing TensorFlow {import_seconds:.1f} s more")
+    return out
+
+
+def _timed_process(command) -> float:
+    import subprocess
+
+    started = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True)
+    return time.perf_counter() - started
 
 
 def fast_decode(run: Run) -> dict:
@@ -223,6 +290,25 @@ def cache_read(run: Run) -> dict:
         **out,
         "note": f"train features {features['megabytes_per_second']:.0f} MB/s, "
                 f"pooled {out['pooled']['megabytes_per_second']:.0f} MB/s (page cache warm)",
+    }
+
+
+def duplicates(run: Run) -> dict:
+    """``cache duplicates`` at its default threshold over every split of the built cache."""
+    from bottlecache.embeddings import DEFAULT_THRESHOLD
+    from bottlecache.embeddings import duplicates as find_duplicates
+
+    build = run.build(run.engine)
+    result = find_duplicates(build.report.path, DEFAULT_THRESHOLD)  # seconds: the search, not the read
+    return {
+        "seconds": result.seconds,
+        "images_per_second": result.n_images / result.seconds,
+        "n_images": result.n_images,
+        "n_pairs": len(result.pairs),
+        "n_leakage": len(result.leakage),
+        "counts": result.counts,
+        "note": f"{len(result.pairs)} pair(s) at cosine >= {DEFAULT_THRESHOLD:g} among {result.n_images} images, "
+                f"{len(result.leakage)} across splits (leakage); scikit-learn brute force, cosine",
     }
 
 
@@ -449,8 +535,61 @@ def _percent(value) -> str:
     return "–" if value is None else f"{100 * value:.2f} %"
 
 
+# ---------------------------------------------------------------------------------------------
+# 8. Sweep: every configuration × head, chosen on validation
+
+
+SWEEP_SIZES = {"full": (160, 192, 224), "quick": (96, 128)}
+# A folder without a test split (cats_and_dogs_filtered) lends half its validation split as one:
+# the sweep chooses on the first half and measures only its winner on the second.
+SWEEP_SPLITS = ["train", "validation=validation[:50%]", "test=validation[50%:]"]
+QUICK_SWEEP_SPLITS = ["train=train[:64]", "validation=validation[:32]", "test=validation[32:64]"]
+
+
+def sweep(run: Run) -> dict:
+    """``bottlecache sweep`` from nothing over image sizes × sklearn/keras heads (builds timed in it), and
+    after it, for comparison only, the test accuracy of the smallest size's sklearn head."""
+    from bottlecache.heads import _predict_split, compute_metrics, load_head
+    from bottlecache.store import Cache
+    from bottlecache.sweep import sweep as run_sweep
+
+    sizes = SWEEP_SIZES["quick" if run.quick else "full"]
+    splits = run.splits
+    if Path(str(run.data)).expanduser().is_dir() and "test" not in run.source().splits:
+        splits = QUICK_SWEEP_SPLITS if run.quick else SWEEP_SPLITS
+    board, seconds = _timed(lambda: run_sweep(
+        run.data, splits, image_sizes=sizes, kinds=("sklearn", "keras"), epochs=run.epochs, seed=run.seed,
+        weights=run.weights.path, cache_dir=run.work_dir / "cache-sweep", engine=run.engine, plot=True,
+    ))
+    if board.winner is None:
+        raise RuntimeError(f"no configuration finished: {[r.error for r in board.rows]}")
+    reference = next((r for r in board.rows if r.done and r.head.kind == "sklearn"
+                      and r.configuration.image_size == sizes[0]), None)
+    reference_test = None
+    if reference is not None and board.test is not None:
+        with Cache(reference.cache_path) as cache:
+            head = load_head(reference.head_path).head
+            reference_test = compute_metrics(cache.labels("test"), _predict_split(head, cache, "test"),
+                                             cache.class_names)["accuracy"]
+    winner = board.winner
+    test = board.test["accuracy"] if board.test else None
+    return {
+        "seconds": seconds,
+        "accuracy": {"validation": winner.validation_accuracy, "test": test},
+        "winner": f"{winner.configuration.label}, {winner.head.label}",
+        "reference": f"{sizes[0]} px, sklearn C=1",
+        "reference_test_accuracy": reference_test,
+        "n_built": board.n_built,
+        "n_trained": board.n_trained,
+        "leaderboard": [row.to_dict() for row in board.rows],
+        "note": f"{len(sizes)} sizes × sklearn/keras from nothing, {board.n_built} builds; winner {winner.configuration.label}"
+                f" {winner.head.label}" + (f"; test {_percent(test)} vs {_percent(reference_test)} for {sizes[0]} px sklearn"
+                                           if test is not None else ""),
+    }
+
+
 # The order cases run in: each may use what an earlier one left in the Run (a build, a head, a
-# forward limit to compare with); fine-tuning, the longest, comes last.
+# forward limit to compare with); fine-tuning, the longest single case, then the sweep, which builds its own caches.
 CASES = {
     "forward-limit": forward_limit,
     "forward-limit-litert": forward_limit_litert,
@@ -458,8 +597,10 @@ CASES = {
     "cache-build": cache_build,
     "cache-build-keras": cache_build_keras,
     "cache-build-litert": cache_build_litert,
+    "build-startup": build_startup,
     "fast-decode": fast_decode,
     "cache-read": cache_read,
+    "duplicates": duplicates,
     "cached-sklearn": cached_sklearn,
     "cached-keras": cached_keras,
     "tutorial-frozen": tutorial_frozen,
@@ -469,4 +610,5 @@ CASES = {
     "finetune-cached": finetune_cached,
     "finetune-augment": finetune_augment,
     "finetune-cached-views": finetune_cached_views,
+    "sweep": sweep,
 }

@@ -16,6 +16,14 @@ from pathlib import Path
 from bottlecache.backbone import WeightsRef
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far, every thread counted."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 @dataclass
 class Build:
     """One real cache build: its report, the wall seconds of ``build_cache``, and its folder."""
@@ -23,6 +31,7 @@ class Build:
     report: object  # bottlecache.build.BuildReport
     seconds: float
     cache_dir: Path
+    cpu_seconds: float = 0.0  # user + system time of this process (every thread) during the build
 
 
 @dataclass
@@ -89,11 +98,11 @@ class Run:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(converted, target)
                 shutil.copy2(converted.with_suffix(".json"), target.with_suffix(".json"))
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), cpu_seconds()
             report = build_cache(self.data, self.splits, image_size=self.image_size, weights=self.weights.path,
                                  cache_dir=cache_dir, engine=engine, fast_decode=fast_decode)
             seconds = time.perf_counter() - started
             if report.hit:
                 raise RuntimeError(f"the {engine} build in the fresh folder {cache_dir} was a cache hit")
-            self._builds[key] = Build(report, seconds, cache_dir)
+            self._builds[key] = Build(report, seconds, cache_dir, cpu_seconds() - cpu_started)
         return self._builds[key]

@@ -36,6 +36,9 @@ CLAIMS = (
      "cache-build-litert images/s / forward-limit-litert images/s",
      lambda c: c["cache-build-litert"]["images_per_second"] / c["forward-limit-litert"]["images_per_second"],
      ">=", 0.85),
+    ("cache_build_vs_forward_plus_decode",
+     "cache-build images/s / the bound forward-limit and decode-only allow together (same run)",
+     lambda c: c["cache-build"]["bound_ratio"], ">=", 0.85),
     ("litert_sklearn_accuracy_gap_points",
      "distance between the sklearn validation accuracies on the litert- and keras-built caches, in points",
      lambda c: 100 * abs(c["cache-build-litert"]["sklearn_accuracy"]["validation"]

@@ -110,12 +110,14 @@ def run_cases(run, names: list[str]) -> dict:
 
     for i, name in enumerate(names, 1):
         print(f"[{i}/{len(names)}] {name} …", file=sys.stderr, flush=True)
-        started = time.perf_counter()
+        started, load = time.perf_counter(), report.load_average()
         try:
             result = CASES[name](run)
         except Exception as error:  # recorded in the results and the exit code, never hidden
             traceback.print_exc()
             result = {"seconds": time.perf_counter() - started, "error": f"{type(error).__name__}: {error}"[:500]}
+        # the machine's 1-minute load around this case: how busy it was when these figures were taken
+        result["load_average"] = {"start": load[0] if load else None, "end": (report.load_average() or [None])[0]}
         run.results[name] = result
         print(f"[{i}/{len(names)}] {name}: {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     return run.results

@@ -667,6 +667,28 @@ BAD_VALUES: dict[str, list[Bad]] = {
     "augment": [const(""), const("shear=0.1"), const("rotate=0"), const("zoom=2"), const("flip,flip"),
                 const("rotate=abc")],
     "cut_cache": CACHE_ARG_BAD,
+    "class_weight": [const("auto"), const("")],
+    "report split": [const("test", id="no such split"), const(""), const("train=train[:8]", id="a split spec")],
+    "report out_file": paths("folder", "under a file") + [Bad("in a missing folder", lambda c: [c.missing("gone") / "r.html"])],
+    "top": below(1) + [const("1001")],
+    "bins": [const("1"), const("0"), const("101")],
+    "query": paths("missing", "folder", "empty file", suffix=".jpg") + [
+        const("no/such/key.jpg", id="unknown key"),
+        Bad("text named .jpg", lambda c: [c.file("text.jpg", b"not an image at all")]),
+    ],
+    "k": below(1) + [const("10001")],
+    "threshold": [const("-0.1"), const("1.5")],
+    # sweep: comma-separated lists; what every configuration shares is refused before any work
+    "sweep image_size": [const("0"), const("-96"), const("150"), const(str(2**64), id="2**64"), const("96,abc"),
+                         const("96,,128"), const("")],
+    "sweep model": [const("resnet9000"), const(""), const("mobilenet_v2,")],
+    "sweep views": [const("-1"), const("abc"), const("1.5"), const("")],
+    "sweep c": [const("0"), const("-1"), const("1,-1"), const("1,abc"), const("nan"), const("inf"), const("")],
+    "sweep kind": [const("forest"), const(""), const("sklearn,forest")],
+    "sweep budget": [const("0"), const("-1m"), const("ten minutes"), const("1e400"), const("m")],
+    "sweep weights": [Bad(b.id, b.make) for b in WEIGHTS_BAD if b.id != "an HDF5 file of something else"] + [
+        const("=path", id="MODEL=PATH without a model")],
+    "sweep out_dir": paths("file", "under a file", "dangling symlink"),
 }
 
 
@@ -781,6 +803,16 @@ def base_values(command: tuple, param: str, c: Ctx) -> dict[str, list]:
                 "out_dir": [c.tmp / "ft-out"]}
     if name == "predict":
         return {"model": [w.sk_head], "images": [w.images[0]]}
+    if name == "report":  # the --bins cases (refused up front) run on the fine-tuned model: its control too
+        model = w.model if param == "bins" else w.sk_head
+        return {"model": [model], "data": [w.data], "out_file": [c.tmp / "report.html"]}
+    if name == "cache neighbors":
+        return {"cache": [w.cache], "query": [w.images[0]], "cache_dir": [c.folder("cache-dir")]}
+    if name == "cache duplicates":
+        return {"cache": [w.cache], "cache_dir": [c.folder("cache-dir")]}
+    if name == "sweep":
+        return {"data": [w.data], "image_size": [SIZE], "weights": [w.weights], "cache_dir": [c.folder("cache-dir")],
+                "engine": ["keras"], "kind": ["sklearn"]}
     raise AssertionError(f"no good values (BASE) for the command {name!r}: add them to base_values")
 
 
@@ -811,15 +843,19 @@ def build_argv(case: OptionCase, c: Ctx) -> list:
 BASE_CONTROLS = [OptionCase(command, param, None, None) for command, param in [
     (("cache", "build"), ""), (("cache", "ls"), ""), (("cache", "info"), ""), (("cache", "verify"), ""),
     (("cache", "train-head"), ""), (("cache", "train-head"), "dropout"), (("cache", "heads"), ""),
-    (("finetune", "run"), ""), (("predict",), "")]]
+    (("finetune", "run"), ""), (("predict",), ""), (("sweep",), ""), (("report",), ""), (("report",), "bins"),
+    (("cache", "neighbors"), ""), (("cache", "duplicates"), "")]]
 
 
-@pytest.mark.parametrize("case", BASE_CONTROLS, ids=[" ".join(c.command) + (" (keras)" if c.param else "")
+CONTROL_VARIANTS = {"dropout": " (keras)", "bins": " (fine-tuned model)"}
+
+
+@pytest.mark.parametrize("case", BASE_CONTROLS, ids=[" ".join(c.command) + CONTROL_VARIANTS.get(c.param, "")
                                                      for c in BASE_CONTROLS])
 def test_control_base_command_lines(case: OptionCase, ctx: Ctx, monkeypatch):
     """The good command lines every bad value is put into work: else every case could pass by them."""
     argv = build_argv(case, ctx)
-    if case.command in (("finetune", "run"), ("cache", "build")):
+    if case.command in (("finetune", "run"), ("cache", "build"), ("sweep",)):
         forbid_backbone(monkeypatch)  # a whole build and fine-tuning run are the world's controls
         outcome = run_case(ctx, argv)
         assert isinstance(outcome.stopped, NotRejected), report(outcome, ["refused the good values"], "CONTROL")
@@ -834,7 +870,7 @@ def test_every_parameter_has_bad_values():
     assert not missing, "parameters without a bad-value generator (add them to BAD_VALUES): " + ", ".join(missing)
     commands = {case.command for case in OPTION_CASES}
     assert {("cache", "build"), ("cache", "ls"), ("cache", "info"), ("cache", "verify"), ("cache", "train-head"),
-            ("cache", "heads"), ("finetune", "run"), ("predict",)} <= commands
+            ("cache", "heads"), ("finetune", "run"), ("predict",), ("sweep",)} <= commands
 
 
 @pytest.mark.parametrize("case", OPTION_CASES, ids=[case.id for case in OPTION_CASES])

@@ -117,3 +117,48 @@ def test_fast_decode_is_part_of_the_fingerprint_and_close_to_full_decode(weights
         # the same images, decoded a little differently (on the 1,000 validation photos: mean 0.98, min 0.88)
         assert cosine.mean() > 0.95 and cosine.min() > 0.8
         assert not np.array_equal(pa, pb)
+
+
+def test_a_checked_flatbuffer_starts_the_next_build_without_keras(weights_path, cats_dogs, tmp_path, engines_dir,
+                                                                   monkeypatch):
+    """The first build checks the flatbuffer against Keras and records it; the next build reuses
+    that check and never loads the Keras base; a changed flatbuffer or record is checked again."""
+    import bottlecache.build as build_module
+    from bottlecache import build_cache
+    from bottlecache.backbone import resolve_weights
+    from bottlecache.engines import flatbuffer_path
+    from bottlecache.store import Cache
+
+    _copy_engines(engines_dir, tmp_path)
+    first = build_cache(cats_dogs, ["validation=validation[:8]"], weights=weights_path, cache_dir=tmp_path)
+    path = flatbuffer_path(tmp_path, resolve_weights(weights_path, 160).sha256, 160)
+    record = json.loads(path.with_suffix(".json").read_text())
+    with Cache(first.path) as cache:
+        assert cache.build_info["engine_check"] == "probe"
+        assert record["check"]["max_abs_diff"] == cache.build_info["engine_max_abs_diff"]
+    assert record["check"]["images"] == 8 and first.startup_seconds > 0
+
+    loads = []
+    real_load = build_module.load_backbone
+    monkeypatch.setattr(build_module, "load_backbone", lambda *a: loads.append(a) or real_load(*a))
+    second = build_cache(cats_dogs, ["validation=validation[8:16]"], weights=weights_path, cache_dir=tmp_path)
+    with Cache(second.path) as cache:
+        assert cache.build_info["engine"] == "litert" and cache.build_info["engine_check"] == "recorded"
+        assert cache.build_info["engine_max_abs_diff"] == record["check"]["max_abs_diff"]
+    assert loads == [], "the Keras base was loaded although the flatbuffer's check was recorded"
+
+    # a record from another LiteRT version is not trusted: the next build checks again
+    record["check"]["litert"] = "0.0"
+    path.with_suffix(".json").write_text(json.dumps(record))
+    third = build_cache(cats_dogs, ["validation=validation[16:24]"], weights=weights_path, cache_dir=tmp_path)
+    with Cache(third.path) as cache:
+        assert cache.build_info["engine_check"] == "probe"
+    assert len(loads) == 1
+    # a flatbuffer whose bytes no longer match its record is converted and checked again
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    fourth = build_cache(cats_dogs, ["validation=validation[24:32]"], weights=weights_path, cache_dir=tmp_path)
+    with Cache(fourth.path) as cache:
+        assert cache.build_info["engine_check"] == "probe"
+    assert path.read_bytes() != bytes(data)

@@ -14,6 +14,7 @@ from bottlecache.heads import (
     BACKBONE_KEYS,
     best_weights_callback,
     build_head_model,
+    class_weights,
     compile_for,
     load_head,
     train_head,
@@ -58,6 +59,8 @@ def _check_metrics(m: dict, n: int, class_names: list[str]) -> None:
     cm = np.array(m["confusion_matrix"])
     assert cm.shape == (k, k) and cm.sum() == n
     assert m["accuracy"] == pytest.approx(np.trace(cm) / n)
+    present = cm.sum(axis=1) > 0
+    assert m["balanced_accuracy"] == pytest.approx((np.diag(cm)[present] / cm.sum(axis=1)[present]).mean())
     assert [v["support"] for v in m["per_class"].values()] == cm.sum(axis=1).tolist()
     if k == 2:
         assert 0.0 <= m["roc_auc"] <= 1.0
@@ -301,3 +304,46 @@ def test_train_head_errors(small_cache, float32_train_cache, tmp_path):
     # one C without a validation split is fine: nothing to evaluate on, so no metrics
     result = train_head(float32_train_cache.path, "sklearn", C=0.5, save=False)
     assert result.metrics == {} and result.params["C"] == 0.5 and result.path is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Imbalanced classes: --class-weight balanced
+
+
+def test_balanced_class_weights():
+    assert class_weights(np.array([0] * 6 + [1] * 2), 2) == {0: pytest.approx(8 / 12), 1: pytest.approx(8 / 4)}
+    assert class_weights(np.array([0, 0, 2]), 3) == {0: pytest.approx(0.75), 2: pytest.approx(1.5)}  # 1 is absent
+
+
+@pytest.fixture(scope="module")
+def imbalanced(tmp_path_factory, weights_path, cats_dogs):
+    """Real photos, 32 cats and 4 dogs to train on, 8 + 8 to validate: built at 96 px."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("imbalanced")
+    for split, counts in (("train", {"cats": 32, "dogs": 4}), ("validation", {"cats": 8, "dogs": 8})):
+        for name, n in counts.items():
+            (root / "data" / split / name).mkdir(parents=True)
+            for photo in sorted((cats_dogs / split / name).iterdir())[:n]:
+                shutil.copy(photo, root / "data" / split / name / photo.name)
+    return build_cache(root / "data", image_size=96, weights=weights_path, cache_dir=root / "cache", engine="keras")
+
+
+@pytest.mark.parametrize("kind", ["sklearn", "keras"])
+def test_balanced_class_weight_favours_the_rare_class(kind, imbalanced):
+    """Weighting the 4 dogs 8 times the 32 cats moves probability towards dogs on the validation split."""
+    settings = dict(epochs=5, learning_rate=1e-3, seed=1, save=False)
+    plain = train_head(imbalanced.path, kind, **settings)
+    balanced = train_head(imbalanced.path, kind, class_weight="balanced", **settings)
+    assert plain.params["class_weight"] == "none" and balanced.params["class_weight"] == "balanced"
+    with open_cache(imbalanced.path) as cache:
+        x = cache.pooled("validation") if kind == "sklearn" else cache.features("validation")
+    p_dog = [r.head.predict_proba(x)[:, 1].mean() for r in (plain, balanced)]
+    assert p_dog[1] > p_dog[0] + 0.01, p_dog
+    for result in (plain, balanced):
+        _check_metrics(result.metrics["validation"], 16, ["cats", "dogs"])
+
+
+def test_class_weight_is_checked(small_cache):
+    with pytest.raises(BottlecacheError, match="'class_weight'.*balanced"):
+        train_head(small_cache.path, "sklearn", class_weight="auto", save=False)

@@ -38,6 +38,8 @@ _API = {
     "load_model": "predict",
     "Predictor": "predict",
     "CacheSettings": "config",
+    "sweep": "sweep",
+    "Leaderboard": "sweep",
     "BottlecacheError": "errors",
     "CacheMismatchError": "errors",
 }

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .backbone import load_backbone
+from .engines import checked_engine
 from .config import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE, ENGINES, MAX_BATCH_SIZE, \
     CacheSettings, ResolvedCache, check_choice, check_positive
 from .cut import check_engine, feature_shape_of, lower_model
@@ -53,6 +54,7 @@ class BuildReport:
     engine: str
     file_size: int
     config: dict
+    startup_seconds: float | None = None  # from the call to the first decoded images (None on a hit)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -148,12 +150,18 @@ def build_resolved(resolved: ResolvedCache, *, batch_size: int | None = None, en
     """``build_cache`` for settings already resolved (``CacheSettings.resolve()``)."""
     check_build_options(engine, batch_size)
     progress = progress or NullProgress()
+    called = time.perf_counter()
     final_path = resolved.path
     if final_path.exists():
         return hit_report(resolved, final_path)
-    # The weights load before anything is written: a file that does not load leaves nothing behind.
-    base = load_backbone(resolved.weights, resolved.settings.image_size)
-    if resolved.settings.cut is not None:  # a cut cache: the base up to the cut (bottlecache.cut)
+    # A flatbuffer an earlier build converted and checked needs no Keras base; otherwise the
+    # weights load before anything is written: a file that does not load leaves nothing behind.
+    # A cut cache runs the Keras base up to the cut (bottlecache.cut), never a whole-base flatbuffer.
+    cut = resolved.settings.cut is not None
+    ready = None if cut else checked_engine(engine, resolved.weights, resolved.settings.image_size,
+                                            cache_dir=final_path.parent)
+    base = None if ready else load_backbone(resolved.weights, resolved.settings.image_size)
+    if cut:
         base = lower_model(base, resolved.config["cut"]["layer"])
     ensure_cache_dir(final_path.parent)
     with build_lock(final_path, wait=wait, on_wait=lambda pid: progress.message(
@@ -161,7 +169,7 @@ def build_resolved(resolved: ResolvedCache, *, batch_size: int | None = None, en
     )):
         if final_path.exists():  # the other build finished it while we waited
             return hit_report(resolved, final_path)
-        return _build_locked(resolved, base, batch_size, engine, progress)
+        return _build_locked(resolved, base, ready, batch_size, engine, progress, called)
 
 
 def split_reports(file, processed: dict[str, tuple[int, float]] | None = None) -> list[SplitReport]:
@@ -187,7 +195,7 @@ def hit_report(resolved: ResolvedCache, path: Path) -> BuildReport:
                        resolved.config)
 
 
-def _build_locked(resolved: ResolvedCache, base, batch_size, engine_name, progress):
+def _build_locked(resolved: ResolvedCache, base, engine, batch_size, engine_name, progress, called):
     from .engines import make_engine
 
     source, weights_ref, config, fp = resolved.source, resolved.weights, resolved.config, resolved.fingerprint
@@ -195,8 +203,10 @@ def _build_locked(resolved: ResolvedCache, base, batch_size, engine_name, progre
     versions = library_versions()
     # Check the engine before the partial file is written: an engine that fails must not leave a
     # .partial behind (the next run would "resume" it).
-    engine = make_engine(check_engine(config, engine_name), base, weights_ref, image_size,
-                         cache_dir=final_path.parent, probe=(source, next(iter(source.splits))))
+    if engine is None:
+        engine = make_engine(check_engine(config, engine_name), base, weights_ref, image_size,
+                             cache_dir=final_path.parent, probe=(source, next(iter(source.splits))))
+    startup_seconds = None
     partial = PartialCache(final_path, fp)
     split_attrs = {
         name: {"spec": str(split.spec), "n_examples": split.n_examples} for name, split in source.splits.items()
@@ -225,6 +235,8 @@ def _build_locked(resolved: ResolvedCache, base, batch_size, engine_name, progre
                 progress.start_split(name, split.n_examples, done)
                 fast = config["decode"] == DECODE_FAST
                 for window in _windows(source, name, image_size, done, split.n_examples, window_size, fast):
+                    if startup_seconds is None:  # the first decoded images are here: start-up is over
+                        startup_seconds = time.perf_counter() - called
                     lo, hi, indices, keys, labels, images = window
                     if len(images):
                         features = np.concatenate([engine(images[i : i + size]) for i in range(0, len(images), size)])
@@ -250,7 +262,10 @@ def _build_locked(resolved: ResolvedCache, base, batch_size, engine_name, progre
         build_info = {
             "engine": engine.name,
             "engine_max_abs_diff": getattr(engine, "max_abs_diff", 0.0),
+            "engine_check": getattr(engine, "checked", ""),
             "batch_size": batch_size or engine.batch_size,
+            "threads": getattr(engine, "threads", None),
+            "startup_seconds": None if startup_seconds is None else round(startup_seconds, 3),
             "weights": weights_ref.spec,
             "machine": platform.machine(),
         }
@@ -261,7 +276,8 @@ def _build_locked(resolved: ResolvedCache, base, batch_size, engine_name, progre
     finally:
         committer.close()  # a commit under way finishes before the file is closed
         partial.close()
-    return BuildReport(path, fp, False, partial.resumed, reports, build_info["engine"], path.stat().st_size, config)
+    return BuildReport(path, fp, False, partial.resumed, reports, build_info["engine"], path.stat().st_size, config,
+                       startup_seconds)
 
 
 class _Committer:

@@ -17,6 +17,7 @@ import numpy as np
 from ._tf import import_tf
 from .config import usable_cores
 from .errors import BottlecacheError, reason
+from .files import atomic_write_text
 from .fingerprint import sha256_file
 
 MAX_ABS_DIFF = 1e-3
@@ -60,12 +61,8 @@ def convert_to_flatbuffer(model, path: Path) -> Path:
     """
     path = Path(path)
     record = path.with_suffix(".json")
-    if path.is_file() and record.is_file():
-        try:
-            if json.loads(record.read_text())["sha256"] == sha256_file(path):
-                return path
-        except (ValueError, KeyError, OSError):
-            pass
+    if _record(path) is not None:
+        return path
     tf = import_tf()
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
@@ -76,8 +73,59 @@ def convert_to_flatbuffer(model, path: Path) -> Path:
         os.replace(staged, path)
     import hashlib
 
-    record.write_text(json.dumps({"sha256": hashlib.sha256(flatbuffer).hexdigest(), "tensorflow": tf.__version__}))
+    atomic_write_text(record, json.dumps({"sha256": hashlib.sha256(flatbuffer).hexdigest(),
+                                          "tensorflow": tf.__version__}))
     return path
+
+
+def _record(path: Path) -> dict | None:
+    """The flatbuffer's record if it still describes the file beside it (same sha256), else None."""
+    record = Path(path).with_suffix(".json")
+    try:
+        data = json.loads(record.read_text())
+        return data if path.is_file() and data["sha256"] == sha256_file(path) else None
+    except (ValueError, KeyError, TypeError, OSError):
+        return None
+
+
+def record_check(path: Path, max_abs_diff: float, n_images: int) -> None:
+    """Keep the probe check's result beside the flatbuffer it checked."""
+    data = _record(path)
+    if data is not None:
+        data["check"] = {"max_abs_diff": max_abs_diff, "images": n_images, "litert": _litert_version()}
+        atomic_write_text(Path(path).with_suffix(".json"), json.dumps(data))
+
+
+def checked_engine(name: str, weights, image_size: int, *, cache_dir) -> "LiteRTEngine | None":
+    """The LiteRT engine, ready, when an earlier build converted and checked this very flatbuffer.
+
+    A flatbuffer is named by image size, weights sha256 and TensorFlow version and carries its
+    own sha256; when its record also holds a passed probe check (from the same LiteRT version),
+    checking it again would only repeat that result. The build then needs neither the Keras base
+    nor a probe batch: it starts on the first image seconds sooner (docs/engines.md).
+    """
+    if name not in ("auto", "litert") or not litert_available():
+        return None
+    path = flatbuffer_path(cache_dir, weights.sha256, image_size)
+    check = (_record(path) or {}).get("check")
+    if not isinstance(check, dict) or check.get("litert") != _litert_version():
+        return None
+    diff = check.get("max_abs_diff")
+    if not isinstance(diff, (int, float)) or not diff <= MAX_ABS_DIFF:
+        return None
+    engine = LiteRTEngine(path)
+    engine.max_abs_diff = float(diff)
+    engine.checked = "recorded"
+    return engine
+
+
+def _litert_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ai-edge-litert")
+    except PackageNotFoundError:
+        return ""
 
 
 class LiteRTEngine:
@@ -90,7 +138,8 @@ class LiteRTEngine:
         from ai_edge_litert.interpreter import Interpreter
 
         try:
-            self.interpreter = Interpreter(model_path=str(flatbuffer), num_threads=threads or usable_cores())
+            self.threads = threads or usable_cores()
+            self.interpreter = Interpreter(model_path=str(flatbuffer), num_threads=self.threads)
         except (ValueError, RuntimeError) as error:
             raise BottlecacheError(
                 f"LiteRT could not load {flatbuffer} ({reason(error)}); delete it to convert again, or use --engine keras."
@@ -99,6 +148,7 @@ class LiteRTEngine:
         self._output = self.interpreter.get_output_details()[0]["index"]
         self._shape = None
         self.max_abs_diff = 0.0
+        self.checked = ""  # "probe": checked against Keras in this build; "recorded": by the build that converted it
 
     def __call__(self, images) -> np.ndarray:
         images = np.ascontiguousarray(images, dtype=np.float32)
@@ -131,11 +181,14 @@ def make_engine(name: str, model, weights, image_size: int, *, cache_dir, probe=
         return keras_engine
     if not litert_available():
         raise BottlecacheError("The 'litert' engine needs the package ai-edge-litert: pip install ai-edge-litert.")
-    engine = LiteRTEngine(convert_to_flatbuffer(model, flatbuffer_path(cache_dir, weights.sha256, image_size)))
+    path = convert_to_flatbuffer(model, flatbuffer_path(cache_dir, weights.sha256, image_size))
+    engine = LiteRTEngine(path)
     if images is None:
         images = probe_images(*probe, image_size)
     diff = float(np.max(np.abs(engine(images) - keras_engine(images))))
     engine.max_abs_diff = diff
+    engine.checked = "probe"
+    record_check(path, diff, len(images))
     if not diff <= MAX_ABS_DIFF:
         if name == "auto":
             return keras_engine

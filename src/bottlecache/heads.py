@@ -23,6 +23,7 @@ from .files import ensure_cache_dir, write_error
 from .records import HEAD_FORMAT, RECORD_VERSION, HeadRecord, MetricsRecord, differences, read_json, to_json
 
 KINDS = ("sklearn", "keras")
+CLASS_WEIGHTS = ("none", "balanced")  # balanced: each class weighted n / (k * its count), as scikit-learn's
 OPTIMIZERS = ("rmsprop", "adam")
 BACKBONE_KEYS = ("model", "alpha", "image_size", "weights_sha256", "preprocess_version")
 MAX_C = 1e12
@@ -46,7 +47,8 @@ def probabilities_from_logits(logits: np.ndarray) -> np.ndarray:
 
 
 def compute_metrics(labels: np.ndarray, proba: np.ndarray, class_names: list[str]) -> dict:
-    """Accuracy, log loss, per-class precision / recall / F1, confusion matrix, ROC AUC (2 classes)."""
+    """Accuracy, balanced accuracy (the mean recall over the classes present), log loss, per-class
+    precision / recall / F1, confusion matrix, ROC AUC (2 classes)."""
     from sklearn import metrics
 
     k = len(class_names)
@@ -57,6 +59,7 @@ def compute_metrics(labels: np.ndarray, proba: np.ndarray, class_names: list[str
     out = {
         "n": int(len(labels)),
         "accuracy": float(metrics.accuracy_score(labels, predicted)),
+        "balanced_accuracy": balanced_accuracy(labels, predicted),
         "log_loss": float(metrics.log_loss(labels, np.clip(proba, 1e-15, 1.0), labels=range(k))),
         "per_class": {
             name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
@@ -67,6 +70,24 @@ def compute_metrics(labels: np.ndarray, proba: np.ndarray, class_names: list[str
     if k == 2 and len(set(labels.tolist())) == 2:
         out["roc_auc"] = float(metrics.roc_auc_score(labels, proba[:, 1]))
     return out
+
+
+def balanced_accuracy(labels: np.ndarray, predicted: np.ndarray) -> float:
+    """The mean over the classes present in ``labels`` of their recall (scikit-learn's definition)."""
+    import warnings
+
+    from sklearn import metrics
+
+    with warnings.catch_warnings():  # a predicted class absent from labels: its recall is not counted
+        warnings.simplefilter("ignore")
+        return float(metrics.balanced_accuracy_score(labels, predicted)) if len(labels) else 0.0
+
+
+def class_weights(labels: np.ndarray, n_classes: int) -> dict[int, float]:
+    """``balanced`` weights: class i gets n / (classes present * count of i); an absent class none."""
+    counts = np.bincount(labels, minlength=n_classes)
+    present = int((counts > 0).sum())
+    return {i: float(len(labels) / (present * c)) for i, c in enumerate(counts) if c > 0}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,20 +102,24 @@ class SklearnHead:
     C : float
         Inverse regularisation strength (positive).
     max_iter : int
+    class_weight : {"none", "balanced"}
+        ``balanced`` weighs each class by the inverse of its frequency in the training labels.
     """
 
     kind = "sklearn"
 
-    def __init__(self, C: float = 1.0, max_iter: int = 2000):
+    def __init__(self, C: float = 1.0, max_iter: int = 2000, class_weight: str = "none"):
         self.C = C
         self.max_iter = max_iter
+        self.class_weight = class_weight
 
     def fit(self, pooled: np.ndarray, labels: np.ndarray, n_classes: int | None = None) -> "SklearnHead":
         """``n_classes``: the number of columns of ``predict_proba`` (a class absent from ``labels``
         gets probability 0); default the largest label + 1."""
         from sklearn.linear_model import LogisticRegression
 
-        model = LogisticRegression(C=self.C, max_iter=self.max_iter)
+        weights = None if self.class_weight == "none" else self.class_weight
+        model = LogisticRegression(C=self.C, max_iter=self.max_iter, class_weight=weights)
         model.fit(pooled, labels)
         self.coef_, self.intercept_, self.classes_ = model.coef_, model.intercept_, model.classes_
         self.n_classes_ = int(n_classes or self.classes_.max() + 1)
@@ -341,7 +366,9 @@ def train_head(
     seed: int = 0,
     early_stopping: int | None = None,
     shuffle: bool = True,
+    class_weight: str = "none",
     train_split: str = "train",
+    evaluate=None,
     out=None,
     save: bool = True,
     cache_dir=None,
@@ -362,6 +389,12 @@ def train_head(
     epochs, batch_size, learning_rate, optimizer, dropout, seed, early_stopping, shuffle
         Keras head settings (``early_stopping`` is a patience in epochs; the best epoch by
         validation loss is kept either way).
+    class_weight : {"none", "balanced"}
+        ``balanced`` weighs each class by n / (k * its count) in the train split, for both kinds
+        (imbalanced data); every metrics table also shows the balanced accuracy.
+    evaluate : sequence of str, optional
+        The splits to measure the head on; default every split but ``train_split``. (``sweep``
+        measures its candidates on validation only, so that no test figure can sway the choice.)
     out : path, optional
         Folder to save the head in; default ``<cache dir>/heads/<kind>-<fingerprint12>-<time>``.
     max_memory : int, optional
@@ -379,6 +412,7 @@ def train_head(
 
     check_choice("kind", kind, KINDS)
     check_choice("optimizer", optimizer, OPTIMIZERS)
+    check_choice("class_weight", class_weight, CLASS_WEIGHTS)
     Cs = [C] if isinstance(C, (int, float)) else list(C)
     if not Cs:
         raise BottlecacheError("The 'C' option needs at least one value. Got none.")
@@ -409,7 +443,11 @@ def train_head(
             from .views import check_views
 
             check_views(cache, train_split)
-        eval_splits = [s for s in cache.splits if s != train_split]
+        eval_splits = [s for s in cache.splits if s != train_split] if evaluate is None else list(evaluate)
+        unknown = [s for s in eval_splits if s not in cache.splits or s == train_split]
+        if unknown:
+            raise BottlecacheError(f"The 'evaluate' option names splits other than {train_split!r} of the cache "
+                                   f"({', '.join(s for s in cache.splits if s != train_split)}). Got {unknown[0]!r}.")
         has_validation = "validation" in cache.splits
         n_classes = len(cache.class_names)
         present = np.unique(cache.labels(train_split)).tolist()
@@ -425,13 +463,13 @@ def train_head(
                     "Choosing among several C values needs a 'validation' split, and this cache has none; "
                     "pass one --C or build the cache with a validation split (--split validation=...)."
                 )
-            result = _train_sklearn(cache, Cs, train_split, has_validation, views)
+            result = _train_sklearn(cache, Cs, train_split, has_validation, class_weight, views)
         else:
             result = _train_keras(
                 cache, n_classes, train_split, has_validation, epochs=epochs, batch_size=batch_size,
                 learning_rate=learning_rate, optimizer=optimizer, dropout=dropout, seed=seed,
                 early_stopping=early_stopping, shuffle=shuffle, max_memory=max_memory or _memory_budget(),
-                verbose=verbose, views=views,
+                verbose=verbose, class_weight=class_weight, views=views,
             )
         result.params["views"] = cache.n_views if views else 0
         for split in eval_splits:
@@ -452,7 +490,7 @@ def _predict_split(head, cache, split: str, block: int = 1024) -> np.ndarray:
     return np.concatenate([head.predict_proba(cache.features(split, slice(i, i + block))) for i in range(0, n, block)])
 
 
-def _train_sklearn(cache, Cs, train_split, has_validation, views: bool = False) -> HeadResult:
+def _train_sklearn(cache, Cs, train_split, has_validation, class_weight="none", views: bool = False) -> HeadResult:
     if views:
         from .views import pooled_rows
 
@@ -462,7 +500,7 @@ def _train_sklearn(cache, Cs, train_split, has_validation, views: bool = False) 
     selection, best = [], None
     started = time.perf_counter()
     for value in sorted(Cs):
-        head = SklearnHead(C=float(value)).fit(x, y, n_classes=len(cache.class_names))
+        head = SklearnHead(C=float(value), class_weight=class_weight).fit(x, y, n_classes=len(cache.class_names))
         score = None
         if has_validation and len(Cs) > 1:
             proba = head.predict_proba(cache.pooled("validation"))
@@ -471,12 +509,13 @@ def _train_sklearn(cache, Cs, train_split, has_validation, views: bool = False) 
         if best is None or (score is not None and score > best[0]):  # ties keep the smaller C
             best = (score, head)
     seconds = time.perf_counter() - started
-    return HeadResult(best[1], "sklearn", {}, seconds, {"C": best[1].C, "Cs": [float(c) for c in sorted(Cs)]},
-                      selection=selection)
+    params = {"C": best[1].C, "Cs": [float(c) for c in sorted(Cs)], "class_weight": class_weight}
+    return HeadResult(best[1], "sklearn", {}, seconds, params, selection=selection)
 
 
 def _train_keras(cache, n_classes, train_split, has_validation, *, epochs, batch_size, learning_rate, optimizer,
-                 dropout, seed, early_stopping, shuffle, max_memory, verbose, views=False) -> HeadResult:
+                 dropout, seed, early_stopping, shuffle, max_memory, verbose, class_weight="none",
+                 views=False) -> HeadResult:
     keras = import_keras()
     keras.utils.set_random_seed(seed)
     model = compile_for(build_head_model(cache.feature_shape, n_classes, dropout), n_classes, learning_rate, optimizer,
@@ -484,6 +523,7 @@ def _train_keras(cache, n_classes, train_split, has_validation, *, epochs, batch
     n_values = sum(cache.n_examples(s) for s in cache.splits) * int(np.prod(cache.feature_shape))
     in_memory = n_values * 4 <= max_memory
     epoch_seconds = []
+    weights = None if class_weight == "none" else class_weights(cache.labels(train_split), n_classes)
     callbacks = [best_weights_callback("val_loss" if has_validation else "loss", early_stopping),
                  epoch_timer(epoch_seconds)]
     if views:  # one view per image per epoch (bottlecache.views); the views stay in their stored dtype
@@ -498,7 +538,8 @@ def _train_keras(cache, n_classes, train_split, has_validation, *, epochs, batch
         validation = (cache.features("validation").astype(np.float32), cache.labels("validation")) if has_validation else None
         started = time.perf_counter()
         history = model.fit(x, y, batch_size=batch_size, epochs=epochs, validation_data=validation, shuffle=shuffle,
-                            validation_batch_size=EVAL_BATCH_SIZE, callbacks=callbacks, verbose=verbose)
+                            validation_batch_size=EVAL_BATCH_SIZE, callbacks=callbacks, verbose=verbose,
+                            class_weight=weights)
     else:
         train = cache.dataset(train_split)
         if shuffle:
@@ -506,10 +547,12 @@ def _train_keras(cache, n_classes, train_split, has_validation, *, epochs, batch
         validation = cache.dataset("validation", batch_size=EVAL_BATCH_SIZE) if has_validation else None
         started = time.perf_counter()
         history = model.fit(train.batch(batch_size).prefetch(2), epochs=epochs, validation_data=validation,
-                            shuffle=False, callbacks=callbacks, verbose=verbose)  # shuffled above, if asked
+                            shuffle=False, callbacks=callbacks, verbose=verbose,  # shuffled above, if asked
+                            class_weight=weights)
     seconds = time.perf_counter() - started
     params = {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "optimizer": optimizer,
-              "dropout": dropout, "seed": seed, "early_stopping": early_stopping, "in_memory": in_memory,
+              "dropout": dropout, "seed": seed, "early_stopping": early_stopping, "class_weight": class_weight,
+              "in_memory": in_memory,
               "epochs_run": len(history.history.get("loss", []))}
     hist = {k: [float(v) for v in values] for k, values in history.history.items()}
     hist["seconds"] = epoch_seconds  # the first epoch includes tracing the training step

@@ -184,6 +184,7 @@ class ModelRecord(Record):
 class SplitMetrics(Record):
     n: Count
     accuracy: float = Field(ge=0, le=1)
+    balanced_accuracy: float | None = Field(default=None, ge=0, le=1)  # absent in metrics written before it
     log_loss: float = Field(ge=0)
     per_class: dict[str, dict[str, Any]] = Field(default_factory=dict)
     confusion_matrix: list[list[Count]] = Field(default_factory=list)

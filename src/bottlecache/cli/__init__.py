@@ -9,8 +9,11 @@ import typer
 
 from ._common import OneLineGroup
 from .cache import app as cache_app
+from .embeddings import duplicates, neighbors
 from .finetune import app as finetune_app
 from .predict import predict
+from .report import report
+from .sweep import sweep
 
 app = typer.Typer(
     cls=OneLineGroup,
@@ -38,9 +41,13 @@ def root(
     set_verbose(verbose)
 
 
+cache_app.command("neighbors")(neighbors)
+cache_app.command("duplicates")(duplicates)
 app.add_typer(cache_app, name="cache")
 app.add_typer(finetune_app, name="finetune")
 app.command("predict")(predict)
+app.command("report")(report)
+app.command("sweep")(sweep)
 
 
 def main() -> None:

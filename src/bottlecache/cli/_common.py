@@ -130,8 +130,10 @@ def render_metrics(title: str, result: dict) -> None:
             f"{name} {v['precision']:.3f}/{v['recall']:.3f}/{v['f1']:.3f}" for name, v in m["per_class"].items()
         )
         auc = f"{m['roc_auc']:.4f}" if "roc_auc" in m else "-"
-        rows.append([split, m["n"], f"{m['accuracy']:.4f}", f"{m['log_loss']:.4f}", auc, per_class])
-    out.print(table(title, ["split", "n", "accuracy", "log loss", "ROC AUC", "per class precision/recall/F1"], rows))
+        balanced = f"{m['balanced_accuracy']:.4f}" if m.get("balanced_accuracy") is not None else "-"
+        rows.append([split, m["n"], f"{m['accuracy']:.4f}", balanced, f"{m['log_loss']:.4f}", auc, per_class])
+    columns = ["split", "n", "accuracy", "balanced acc.", "log loss", "ROC AUC", "per class precision/recall/F1"]
+    out.print(table(title, columns, rows))
     for split, m in result["metrics"].items():
         out.print(f"{split} confusion matrix (rows: true, columns: predicted): {m['confusion_matrix']}")
 

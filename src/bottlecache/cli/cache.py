@@ -73,6 +73,8 @@ def build(
     out.print(table(f"{report.path} ({state})", ["split", "images", "skipped", "seconds", "images/s", "size"], rows))
     n_skipped = sum(s.n_skipped for s in report.splits)
     engine_text = f", engine {report.engine}" if report.engine else ""
+    if report.startup_seconds is not None:
+        engine_text += f", first images after {report.startup_seconds:.1f} s"
     out.print(f"fingerprint {report.fingerprint[:12]}, {human_bytes(report.file_size)}{engine_text}, {n_skipped} skipped")
     for s in report.splits:
         for key, why in s.skipped[:20]:
@@ -168,6 +170,7 @@ def train_head_command(
     dropout: Annotated[float, typer.Option(help="keras: dropout rate before the Dense layer.")] = 0.2,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     early_stopping: Annotated[Optional[int], typer.Option(help="keras: stop after this many epochs without a better validation loss.")] = None,
+    class_weight: Annotated[str, typer.Option(help="none, or balanced: weigh each class by the inverse of its train frequency (both kinds).")] = "none",
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Folder for the trained head (default: under the cache dir).")] = None,
     cache_dir: CacheDirOpt = None,
     views: Annotated[bool, typer.Option("--views", help="Train on the cache's augmented views (cache build --views K).")] = False,
@@ -182,8 +185,8 @@ def train_head_command(
         err.print(f"using the newest cache: {path}", markup=False)
     result = train_head(
         path, kind, C=c or [1.0], epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-        optimizer=optimizer, dropout=dropout, seed=seed, early_stopping=early_stopping, out=out_dir,
-        cache_dir=cache_dir, views=views,
+        optimizer=optimizer, dropout=dropout, seed=seed, early_stopping=early_stopping, class_weight=class_weight,
+        out=out_dir, cache_dir=cache_dir, views=views,
     )
     record = result.to_dict()
     if as_json:

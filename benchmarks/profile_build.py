@@ -1,0 +1,143 @@
+"""Where a cache build's time goes: ``python -m benchmarks.profile_build``.
+
+Two measurements, both rerunnable on any machine (figures in docs/benchmarks.md):
+
+``--py-spy`` (default): one real ``bottlecache cache build`` of the data in a fresh folder, sampled
+by py-spy (``pip install py-spy``; a developer tool, not a dependency) with idle samples kept, so
+waiting shows up as well as work. Writes ``profile.svg`` (a flame graph) and ``profile.txt``
+(collapsed stacks) to ``--out``, and prints, per thread, the share of samples in each phase of
+the build: the engine's forward pass, waiting for decoded images, waiting for the previous
+commit, encoding chunks, HDF5 writes, fsync. ``--native`` adds C/C++ frames.
+
+``--engine-grid``: the LiteRT forward rate on random input for each batch size and thread count
+(``--batch-sizes``, ``--threads``), the best of three rounds each; how the engine's default batch
+size and threads were chosen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from .suite import default_data, default_weights
+
+# (phase, the frames that mark it, first match wins; order matters)
+PHASES = (
+    ("forward pass (engine)", ("invoke", "__call__ (bottlecache/engines.py")),
+    ("encode chunks (deflate, fletcher32)", ("encode_chunk", "fletcher32", "encode_rows")),
+    ("fsync / flush", ("_sync", "fsync")),
+    ("HDF5 writes", ("write_chunks", "append (bottlecache/store.py")),
+    ("wait for the previous commit", ("wait (bottlecache/build.py",)),
+    ("wait for decoded images", ("_windows", "as_numpy_iterator", "__next__")),
+    ("start-up (imports, resolve, engine)", ("<module>", "resolve", "make_engine", "checked_engine", "load_backbone")),
+)
+
+
+def phase_of(stack: str) -> str:
+    for phase, marks in PHASES:
+        if any(mark in stack for mark in marks):
+            return phase
+    return "other"
+
+
+def summarize(collapsed: Path) -> str:
+    """Per thread: samples and the share of each phase, from py-spy's collapsed stacks."""
+    threads: dict[str, Counter] = {}
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        thread = stack.split(";", 1)[0]
+        threads.setdefault(thread, Counter())[phase_of(stack)] += int(count)
+    lines = []
+    for thread, phases in sorted(threads.items(), key=lambda item: -sum(item[1].values())):
+        total = sum(phases.values())
+        lines.append(f"{thread}: {total} samples")
+        for phase, n in phases.most_common():
+            lines.append(f"  {100 * n / total:5.1f} %  {phase}")
+    return "\n".join(lines)
+
+
+def profile(args) -> int:
+    if shutil.which("py-spy") is None and not (Path(sys.executable).parent / "py-spy").exists():
+        print("error: py-spy is not installed: pip install py-spy", file=sys.stderr)
+        return 2
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bottlecache-profile-") as cache_dir:
+        if args.engines_from:  # a folder's converted, checked flatbuffers: profile the build, not the conversion
+            shutil.copytree(args.engines_from, Path(cache_dir) / "engines")
+        build = [sys.executable, "-m", "bottlecache", "cache", "build", "--data", args.data, "--weights",
+                 args.weights, "--engine", args.engine, "--cache-dir", cache_dir, "--image-size", str(args.image_size)]
+        for kind, name in (("flamegraph", "profile.svg"), ("raw", "profile.txt")):
+            if kind == "raw" or args.flamegraph:
+                command = [py_spy, "record", "--idle", "--threads", "--rate", str(args.rate), "--format", kind,
+                           "-o", str(args.out / name), *(["--native"] if args.native else []), "--", *build]
+                started = time.perf_counter()
+                subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+                print(f"{name}: {time.perf_counter() - started:.1f} s build under py-spy", file=sys.stderr)
+                for cache in Path(cache_dir).glob("*.h5"):
+                    cache.unlink()  # the second recording builds again, not a hit
+    print(summarize(args.out / "profile.txt"))
+    return 0
+
+
+def engine_grid(args) -> int:
+    import numpy as np
+
+    from bottlecache.backbone import load_backbone, resolve_weights
+    from bottlecache.engines import LiteRTEngine, convert_to_flatbuffer, flatbuffer_path
+
+    weights = resolve_weights(args.weights, args.image_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        flatbuffer = convert_to_flatbuffer(load_backbone(weights, args.image_size),
+                                           flatbuffer_path(Path(tmp), weights.sha256, args.image_size))
+        print("threads  batch  images/s (best of 3)")
+        for threads in args.threads:
+            engine = LiteRTEngine(flatbuffer, threads=threads)
+            for batch in args.batch_sizes:
+                images = np.random.default_rng(0).uniform(-1, 1, (batch, args.image_size, args.image_size, 3))
+                engine(images)  # allocation and warm-up
+                n = max(64, 4 * batch)
+                rates = []
+                for _ in range(3):
+                    started = time.perf_counter()
+                    for _ in range(n // batch):
+                        engine(images)
+                    rates.append((n // batch) * batch / (time.perf_counter() - started))
+                print(f"{threads:7d}  {batch:5d}  {max(rates):9.1f}", flush=True)
+    return 0
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_build", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=default_data())
+    parser.add_argument("--weights", default=default_weights())
+    parser.add_argument("--image-size", type=int, default=160)
+    parser.add_argument("--engine", default="auto", choices=("auto", "keras", "litert"))
+    parser.add_argument("--out", type=Path, default=Path("profile"))
+    parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
+    parser.add_argument("--native", action="store_true", help="py-spy --native: C/C++ frames too")
+    parser.add_argument("--flamegraph", action="store_true", help="also record a flame graph (a second build)")
+    parser.add_argument("--engines-from", type=Path,
+                        help="copy this engines/ folder (converted, checked flatbuffers) into the fresh cache folder")
+    parser.add_argument("--engine-grid", action="store_true", help="LiteRT images/s per batch size and threads")
+    parser.add_argument("--batch-sizes", type=_ints, default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--threads", type=_ints, default=sorted({1, os.cpu_count() or 1}))
+    args = parser.parse_args(argv)
+    return engine_grid(args) if args.engine_grid else profile(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

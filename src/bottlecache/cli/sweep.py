@@ -1,0 +1,118 @@
+"""``bottlecache sweep``: try every cache configuration × head, rank on validation, test only the winner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..config import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_ENGINE
+from ..errors import BottlecacheError
+from ._common import CacheDirOpt, DataOpt, JsonOpt, RichProgress, SplitOpt, TfdsDirOpt, fail, handle_errors, \
+    out, print_json, table
+
+
+def _csv(name: str, text: str | None, convert, what: str):
+    """``"160,192"`` → ``[160, 192]``; None → None. A bad item names the option and what is allowed."""
+    if text is None:
+        return None
+    items = [item.strip() for item in text.split(",")]
+    if not all(items):
+        raise BottlecacheError(f"The '{name}' option must be a comma-separated list of {what}. Got {text!r} instead.")
+    try:
+        return [convert(item) for item in items]
+    except ValueError:
+        raise BottlecacheError(f"The '{name}' option must be a comma-separated list of {what}. Got {text!r} instead.") from None
+
+
+def _weights(values: list[str] | None):
+    """``--weights PATH`` (the one model) or ``--weights MODEL=PATH`` (repeat per model)."""
+    if not values:
+        return None
+    if len(values) == 1 and "=" not in values[0]:
+        return values[0]
+    mapping = {}
+    for value in values:
+        model, sep, path = value.partition("=")
+        if not sep or not model.strip() or not path.strip():
+            raise BottlecacheError(f"The 'weights' option, given more than once, must be MODEL=PATH each time. "
+                                   f"Got {value!r} instead.")
+        mapping[model.strip()] = path.strip()
+    return mapping
+
+
+@handle_errors(interrupted="interrupted; every finished cache and head is kept; run the same command again to resume")
+def sweep(
+    data: DataOpt = DEFAULT_DATA,
+    split: SplitOpt = None,
+    image_size: Annotated[str, typer.Option("--image-size", help="Image sizes to try, comma-separated (96, 128, 160, 192, 224).")] = "160,192,224",
+    model: Annotated[Optional[str], typer.Option("--model", help="Backbones to try, comma-separated (default: the default backbone).")] = None,
+    kind: Annotated[str, typer.Option("--kind", help="Heads to train on every cache, comma-separated: sklearn, keras.")] = "sklearn,keras",
+    c: Annotated[str, typer.Option("--C", help="sklearn: values of C to try, comma-separated (one head each).")] = "1",
+    views: Annotated[Optional[str], typer.Option("--views", help="Views per image to try, comma-separated (default: the cache default).")] = None,
+    epochs: Annotated[int, typer.Option(help="keras: epochs of each Keras head.")] = 10,
+    seed: Annotated[int, typer.Option(help="Random seed of the heads.")] = 0,
+    budget: Annotated[Optional[str], typer.Option("--budget", help="Start no build that would end after this long, e.g. 90s, 10m, 1h (cheapest first).")] = None,
+    weights: Annotated[Optional[list[str]], typer.Option("--weights", help="A weights file, or MODEL=PATH once per model. Default: $BOTTLECACHE_WEIGHTS or imagenet.")] = None,
+    cache_dir: CacheDirOpt = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Folder for leaderboard.json and leaderboard.png (default: <cache dir>/sweep).")] = None,
+    dtype: Annotated[str, typer.Option(help="Storage type of the features: float16 or float32.")] = DEFAULT_DTYPE,
+    engine: Annotated[str, typer.Option(help="auto, keras or litert (what runs the base during builds).")] = DEFAULT_ENGINE,
+    tfds_data_dir: TfdsDirOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Find the best configuration for your data: build (or reuse) a cache per configuration, train every
+    head on each, rank by validation accuracy; only the winner is measured on the test split and saved."""
+    from ..sweep import sweep as run_sweep
+
+    options = dict(
+        image_sizes=_csv("image_size", image_size, int, "image sizes (96, 128, 160, 192, 224)"),
+        models=_csv("model", model, str, "model names"),
+        views=_csv("views", views, int, "whole numbers of views"),
+        kinds=_csv("kind", kind, str, "head kinds (sklearn, keras)"),
+        Cs=_csv("C", c, float, "positive numbers"),
+    )
+    with RichProgress(quiet=False) as progress:
+        board = run_sweep(data, split, **options, epochs=epochs, seed=seed, weights=_weights(weights),
+                          cache_dir=cache_dir, dtype=dtype, engine=engine, tfds_data_dir=tfds_data_dir,
+                          budget=budget, out=out_dir, progress=progress)
+    if as_json:
+        print_json(board.to_dict())
+    else:
+        render(board)
+    if board.winner is None:
+        fail("no configuration finished; each row says why", 1)
+
+
+def render(board) -> None:
+    rows = []
+    for i, row in enumerate(board.rows, 1):
+        note = row.error or f"{row.cache}, {row.status}"
+        rows.append([
+            i if row.done else "-", row.configuration.label, row.head.label if row.head else "-",
+            _f(row.validation_accuracy, ".4f"), _f(row.validation_log_loss, ".4f"),
+            _f(None if row.build_seconds_per_image is None else row.build_seconds_per_image * 1000, ".1f"),
+            _f(row.head_seconds, ".2f"), _f(None if row.bytes_per_image is None else row.bytes_per_image / 1024, ".1f"), note,
+        ])
+    title = f"sweep: {board.n_built} cache(s) built, {board.n_trained} head(s) trained in {board.seconds:.0f} s; ranked by validation"
+    out.print(table(title, ["#", "configuration", "head", "val acc", "val loss", "build ms/img", "head s", "KiB/img",
+                            "cache, head"], rows))
+    for row in board.skipped:
+        out.print(f"skipped {row.configuration.label}: {row.error}", markup=False)
+    if board.winner is not None:
+        w = board.winner
+        out.print(f"winner: {w.configuration.label}, {w.head.label}: validation accuracy {w.validation_accuracy:.4f}, "
+                  f"log loss {w.validation_log_loss:.4f}", markup=False)
+        if board.test is not None:
+            out.print(f"test accuracy of the winner only: {board.test['accuracy']:.4f} (n {board.test['n']}); "
+                      "the choice looked at validation only", markup=False)
+        else:
+            out.print("no test split: the winner's accuracy on unseen data is not measured (pass --split test=...)",
+                      markup=False)
+        out.print(f"saved to {board.winner_path}", markup=False)
+    out.print(f"leaderboard: {board.json_path}" + (f", plot: {board.plot_path}" if board.plot_path else ""), markup=False)
+
+
+def _f(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)

@@ -1,0 +1,153 @@
+"""The error report (issue 15): the numbers it is drawn from, and the page itself opened in headless
+Chromium (Debian's ``chromium``): it renders, every image loads, the console stays empty. The
+screenshot's path is printed in the test output (a CI artifact; ``$BOTTLECACHE_ARTIFACTS`` names
+the folder it is kept in)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bottlecache.heads import train_head
+from bottlecache.report import calibration, confident_mistakes, threshold_curve, write_report
+
+from conftest import IN_CI, error_line, invoke
+
+CHROMIUM_SECONDS = 120  # a hung browser fails the test instead of hanging the suite
+CHECK_SCRIPT = """<script>
+(function () {
+  var errors = [];
+  window.addEventListener('error', function (e) {
+    errors.push(e.target && e.target.tagName ? 'failed to load ' + e.target.tagName : String(e.message));
+  }, true);
+  window.addEventListener('load', function () {
+    var images = Array.prototype.map.call(document.images, function (i) {
+      return {alt: i.alt, loaded: i.complete && i.naturalWidth > 0, width: i.naturalWidth};
+    });
+    var out = document.createElement('pre');
+    out.id = 'bottlecache-check';
+    out.textContent = JSON.stringify({images: images, errors: errors,
+      headings: Array.prototype.map.call(document.querySelectorAll('h1, h2'), function (h) { return h.textContent; }),
+      height: document.body.scrollHeight});
+    document.body.appendChild(out);
+  });
+})();
+</script>"""
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        message = "headless Chromium is missing (Debian: apt-get install chromium; .ci/run installs it)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message + "; skipped outside CI only")
+    return path
+
+
+def _run_chromium(browser: str, profile: Path, *args) -> subprocess.CompletedProcess:
+    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+               f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=CHROMIUM_SECONDS)
+
+
+def open_in_browser(page: Path, work: Path) -> tuple[dict, list[str], Path]:
+    """The page's check (images loaded, load errors, headings), its console lines and a screenshot."""
+    browser = _chromium()
+    checked = work / "checked.html"  # the page with the check script first in <head>: it sees every load
+    checked.write_text(page.read_text(encoding="utf-8").replace("<head>", "<head>" + CHECK_SCRIPT, 1), encoding="utf-8")
+    dom = _run_chromium(browser, work / "profile-dom", "--virtual-time-budget=10000", "--dump-dom", checked.as_uri())
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    found = re.search(r'<pre id="bottlecache-check">(.*?)</pre>', dom.stdout, re.S)
+    assert found, "the check script did not run (the page did not finish loading):\n" + dom.stdout[-2000:]
+    import html
+
+    check = json.loads(html.unescape(found.group(1)))
+    screenshot = Path(os.environ.get("BOTTLECACHE_ARTIFACTS") or work) / "report-screenshot.png"
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    shot = _run_chromium(browser, work / "profile-shot", "--window-size=1200,2400", f"--screenshot={screenshot}",
+                         page.as_uri())
+    assert shot.returncode == 0 and screenshot.is_file(), shot.stderr[-2000:]
+    console = [line for text in (dom.stderr, shot.stderr) for line in text.splitlines() if ":CONSOLE" in line]
+    return check, console, screenshot
+
+
+@pytest.fixture(scope="module")
+def weak_head(small_cache, tmp_path_factory):
+    """A scikit-learn head regularised so hard that it makes mistakes on the 48 validation photos
+    (at C=1e-5 it calls every photo a cat)."""
+    return train_head(small_cache.path, "sklearn", C=1e-5, out=tmp_path_factory.mktemp("heads") / "weak").path
+
+
+def test_report_opens_in_chromium(weak_head, cats_dogs, tmp_path, capsys):
+    page = tmp_path / "report.html"
+    result = invoke(["report", weak_head, "--data", cats_dogs, "--out", page, "--top", "6", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["split"] == "validation" and summary["n"] == 48  # no test split: validation
+    assert summary["n_wrong"] >= 6 and summary["n_thumbnails"] == 6
+    text = page.read_text(encoding="utf-8")
+    sources = re.findall(r"<img[^>]* src='([^']*)'", text)
+    assert sources and all(s.startswith(("data:image/png;base64,", "data:image/jpeg;base64,")) for s in sources)
+    assert not re.search(r"(href|src)=['\"](https?:|file:|/)", text)  # self-contained: nothing fetched
+
+    check, console, screenshot = open_in_browser(page, tmp_path)
+    with capsys.disabled():
+        print(f"\nreport screenshot (CI artifact): {screenshot}")
+    assert console == [], console
+    assert check["errors"] == [], check["errors"]
+    assert len(check["images"]) == 3 + 6  # confusion matrix, reliability, threshold; 6 thumbnails
+    assert all(image["loaded"] and image["width"] > 0 for image in check["images"]), check["images"]
+    assert check["headings"][0].startswith("Error report") and "Per class" in check["headings"]
+    assert any(h.startswith("Most confidently wrong (6 of") for h in check["headings"])
+    assert check["height"] > 1000  # the page laid out its sections, not an empty body
+
+    from PIL import Image
+
+    with Image.open(screenshot) as shot:
+        assert shot.size == (1200, 2400)
+        pixels = np.asarray(shot.convert("L"), dtype=np.float32)
+    assert pixels.std() > 10 and (pixels < 128).mean() > 0.01  # not a blank page: text and plots drawn
+
+
+def test_report_numbers(weak_head, small_cache, tmp_path):
+    """The page's figures agree with the head's own metrics and with hand-computed calibration."""
+    result = write_report(weak_head, "validation", tmp_path / "r.html", top=4)
+    metrics = json.loads((weak_head / "metrics.json").read_text())["metrics"]["validation"]
+    assert result.metrics["accuracy"] == pytest.approx(metrics["accuracy"])
+    assert result.metrics["balanced_accuracy"] == pytest.approx(metrics["balanced_accuracy"])
+    assert result.n_thumbnails == 0  # no --data: keys and probabilities only, and a note saying so
+    text = (tmp_path / "r.html").read_text()
+    assert "pass --data" in text and f"<td>{result.ece:.4f}</td>" in text
+
+
+def test_calibration_and_threshold_by_hand():
+    labels = np.array([0, 0, 1, 1, 1])
+    proba = np.array([[0.95, 0.05], [0.3, 0.7], [0.4, 0.6], [0.1, 0.9], [0.55, 0.45]])
+    cal = calibration(labels, proba, bins=2)  # bins [0, 0.5], (0.5, 1]: every confidence is in the upper one
+    upper = cal["bins"][1]
+    assert cal["bins"][0]["count"] == 0 and upper["count"] == 5
+    assert upper["confidence"] == pytest.approx((0.95 + 0.7 + 0.6 + 0.9 + 0.55) / 5)
+    assert upper["accuracy"] == pytest.approx(3 / 5)
+    assert cal["ece"] == pytest.approx(abs(3 / 5 - 0.74))
+    curve = threshold_curve(labels, proba)
+    at = dict(zip(np.round(curve["thresholds"], 2), curve["accuracy"]))
+    assert at[0.5] == pytest.approx(3 / 5) and at[0.0] == pytest.approx(3 / 5) and at[0.95] == pytest.approx(2 / 5)
+    assert curve["best_accuracy"] == pytest.approx(4 / 5)  # 0.05 < t <= 0.45: only the 0.7 cat is wrong
+    assert confident_mistakes(labels, proba, 5) == [1, 4]  # the 0.7 mistake first, then the 0.55 one
+
+
+def test_report_bad_input_is_one_line(weak_head, tmp_path):
+    assert "'split'" in error_line(invoke(["report", weak_head, "--split", "test", "--out", tmp_path / "a.html"]))
+    assert "'top'" in error_line(invoke(["report", weak_head, "--top", "0", "--out", tmp_path / "a.html"]))
+    assert "'bins'" in error_line(invoke(["report", weak_head, "--bins", "1", "--out", tmp_path / "a.html"]))
+    assert "neither" in error_line(invoke(["report", tmp_path, "--out", tmp_path / "a.html"]))
+    assert "folder" in error_line(invoke(["report", weak_head, "--out", tmp_path]))
+    assert not (tmp_path / "a.html").exists()
