@@ -39,7 +39,8 @@ def _forward_case(run: Run, engine) -> dict:
     n_images = 128 if run.quick else 640
     n_batches = max(1, n_images // (FORWARD_ROUNDS * engine.batch_size))
     rng = np.random.default_rng(run.seed)
-    batch = rng.uniform(-1.0, 1.0, (engine.batch_size, run.image_size, run.image_size, 3)).astype(np.float32)
+    pixels = rng.uniform(0.0, 255.0, (engine.batch_size, run.image_size, run.image_size, 3)).astype(np.float32)
+    batch = np.asarray(run.weights.backbone.preprocess(pixels), dtype=np.float32)  # the model's own input range
     for _ in range(WARMUP_BATCHES):
         engine(batch)
     rounds = []
@@ -92,7 +93,7 @@ def decode_only(run: Run, fast_decode: bool = False) -> dict:
     n_images = 0
     started = time.perf_counter()
     for split in source.splits:
-        images = image_dataset(source, split, run.image_size, fast_decode=fast_decode)
+        images = image_dataset(source, split, run.image_size, fast_decode=fast_decode, model=run.weights.model)
         for _, _, labels, _ in images.batch(32).prefetch(2).as_numpy_iterator():
             n_images += len(labels)
     seconds = time.perf_counter() - started
@@ -175,6 +176,155 @@ def cache_build_litert(run: Run) -> dict:
     return _cache_build(run, "litert")
 
 
+# ---------------------------------------------------------------------------------------------
+# 3b. Incremental builds
+
+UPDATE_HELD_BACK = 30  # photos held back, then added; then removed again
+QUICK_UPDATE_PER_FOLDER = 40  # quick runs: photos copied per class folder (the full run copies them all)
+
+
+def _same_arrays(a_path, b_path) -> bool:
+    """Every array of every split equal (the keys are relative paths: folders in other places compare)."""
+    import h5py
+
+    with h5py.File(a_path, "r") as a, h5py.File(b_path, "r") as b:
+        return sorted(a) == sorted(b) and all(
+            sorted(a[s]) == sorted(b[s]) and all(np.array_equal(a[s][k][:], b[s][k][:]) for k in a[s]) for s in a
+        )
+
+
+def cache_update(run: Run) -> dict:
+    """Incremental ``cache build`` on a copy of the photos with ``UPDATE_HELD_BACK`` held back:
+    the seconds of adding them, of removing them again and of a ``cp -r`` of the whole folder,
+    against a full build of the same folder in the same run; each result checked array for array
+    against a clean build (``reuse=False``) of the same folder."""
+    from bottlecache.build import build_cache
+    from bottlecache.data import IMAGE_EXTENSIONS
+
+    source = run.source()
+    if source.kind != "folder":
+        raise RuntimeError("cache-update needs a folder of photos (--data PATH)")
+    work = run.work_dir / "update"
+    photos, held = work / "photos", work / "held"
+    files = []
+    for folder in sorted({Path(p).parent for p in source.root.rglob("*") if p.is_file()}):
+        names = sorted(p.name for p in folder.iterdir() if p.is_file())
+        files += [folder / n for n in (names[:QUICK_UPDATE_PER_FOLDER] if run.quick else names)]
+    files = [f for f in files if f.name.lower().endswith(IMAGE_EXTENSIONS) and not f.name.startswith(".")]
+    step = max(1, len(files) // UPDATE_HELD_BACK)
+    held_back = {files[i] for i in range(0, step * UPDATE_HELD_BACK, step)}
+    for f in files:
+        target = (held if f in held_back else photos) / f.relative_to(source.root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, target)
+
+    def build(data, name, reuse=True):
+        cache_dir = work / name
+        checked = work / "before" / "engines"  # the flatbuffer with its check recorded by the first build
+        if checked.is_dir():  # every later build finds it, as in a user's cache dir: none pays for the check
+            shutil.copytree(checked, cache_dir / "engines", dirs_exist_ok=True)
+        else:
+            run.give_flatbuffer(cache_dir, run.engine)
+        started = time.perf_counter()
+        report = build_cache(data, None, image_size=run.image_size, weights=run.weights.path, cache_dir=cache_dir,
+                             engine=run.engine, reuse=reuse)
+        return report, time.perf_counter() - started
+
+    def move(folder_from, folder_to):
+        for f in sorted(folder_from.rglob("*")):
+            if f.is_file():
+                target = folder_to / f.relative_to(folder_from)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(f, target)
+
+    before, _ = build(photos, "before", reuse=False)  # the cache of the folder without the 30
+    shutil.copytree(work / "before", work / "updates")  # the user's cache dir: it holds that cache
+    move(held, photos)
+    full, full_seconds = build(photos, "clean-full", reuse=False)
+    added, add_seconds = build(photos, "updates")
+    # the 30 removed again, in a cache dir that holds only the cache with them (not "before": a hit)
+    removing = work / "removing"
+    removing.mkdir()
+    shutil.copy2(added.path, removing / added.path.name)
+    for f in held_back:
+        (photos / f.relative_to(source.root)).unlink()
+    removed, remove_seconds = build(photos, "removing")
+    copy = work / "elsewhere" / "photos"
+    for f in held_back:
+        shutil.copy2(f, photos / f.relative_to(source.root))
+    shutil.copytree(photos, copy, copy_function=shutil.copy)  # cp -r: new place, new mtimes (not cp -p)
+    copied, copy_seconds = build(copy, "updates")
+    results = {
+        "added": (added, add_seconds, full.path), "removed": (removed, remove_seconds, before.path),
+        "copied": (copied, copy_seconds, full.path),
+    }
+    out = {
+        "seconds": add_seconds + remove_seconds + copy_seconds,
+        "images": sum(s.n_images + s.n_skipped for s in full.splits),
+        "held_back": len(held_back),
+        "engine": full.engine,
+        "full_build_seconds": full_seconds,
+        "hash_seconds": full.reuse.hash_seconds,
+    }
+    for name, (report, seconds, clean_path) in results.items():
+        r = report.reuse
+        out[name] = {"seconds": seconds, "fraction_of_full": seconds / full_seconds, "reused": r.reused,
+                     "computed": r.computed, "dropped": r.dropped, "check_seconds": r.check_seconds,
+                     "equal_to_clean_build": _same_arrays(report.path, clean_path)}
+    out["note"] = (f"{out['images']} photos, engine {full.engine}; full build {full_seconds:.1f} s; "
+                   + "; ".join(f"{n} {UPDATE_HELD_BACK if n != 'copied' else 'all'}: {v['seconds']:.1f} s "
+                               f"({100 * v['fraction_of_full']:.1f} %), computed {v['computed']}, "
+                               f"{'equal' if v['equal_to_clean_build'] else 'NOT equal'} to a clean build"
+                               for n, v in ((n, out[n]) for n in results)))
+    return out
+
+
+RAY_SHARD_ROWS = 256  # the photos in a dozen shards, so that both workers of this machine stay busy
+PROJECTED_IMAGES = (1_000_000, 14_000_000)
+PROJECTED_WORKERS = 100
+
+
+def cache_build_ray(run: Run) -> dict:
+    """``--executor ray`` on a local Ray (this machine's cores) against the single-process build of
+    the same run (wall seconds of both, engine and model loading included), and a projection."""
+    local = run.build(run.engine)
+    build = run.build(run.engine, executor="ray", shard_size=RAY_SHARD_ROWS)
+    report = build.report
+    n_images = sum(s.n_processed for s in report.splits)
+    startup = report.ray_startup_seconds
+    rows = report.shard_rows
+    # one worker's rate: rows over the seconds its shards took inside it (its engine already loaded)
+    per_worker = sum(r["hi"] - r["lo"] for r in rows) / sum(r["seconds"] for r in rows)
+    projection = {
+        str(n): {"worker_hours": n / per_worker / 3600,
+                 f"hours_on_{PROJECTED_WORKERS}_workers": n / per_worker / PROJECTED_WORKERS / 3600}
+        for n in PROJECTED_IMAGES
+    }
+    ratio = local.seconds / build.seconds
+    ratio_without = local.seconds / (build.seconds - startup)
+    return {
+        "seconds": build.seconds,
+        "images": n_images,
+        "images_per_second": n_images / build.seconds,
+        "images_per_second_without_startup": n_images / (build.seconds - startup),
+        "ray_startup_seconds": startup,
+        "workers": report.workers,
+        "shards": report.n_shards,
+        "shard_rows": RAY_SHARD_ROWS,
+        "engine": report.engine,
+        "local_seconds": local.seconds,
+        "ratio_to_cache_build": ratio,
+        "ratio_to_cache_build_without_startup": ratio_without,
+        "per_worker_images_per_second": per_worker,
+        "projection": projection,
+        "projection_note": "PROJECTION, not measured: images / the measured per-worker rate, assuming linear "
+                           "scaling and a shared file system that keeps up",
+        "note": f"{report.workers} workers, {report.n_shards} shards of {RAY_SHARD_ROWS}; Ray start-up {startup:.1f} s; "
+                f"{ratio:.2f} of cache-build's speed ({ratio_without:.2f} without start-up); projected "
+                f"(not measured) 14 M images: {projection['14000000']['worker_hours']:.0f} worker-hours",
+    }
+
+
 def build_startup(run: Run) -> dict:
     """What a user waits for before the first image, in a fresh ``bottlecache cache build`` process.
 
@@ -194,7 +344,8 @@ def build_startup(run: Run) -> dict:
     import_seconds = _timed_process([sys.executable, "-c", "from bottlecache._tf import import_tf; import_tf()"])
     cache_dir = run.work_dir / "cache-startup"
     if litert_available() and run.engine != "keras":
-        converted, target = run.flatbuffer(), flatbuffer_path(cache_dir, run.weights.sha256, run.image_size)
+        converted, target = run.flatbuffer(), flatbuffer_path(cache_dir, run.weights.sha256, run.image_size,
+                                                                         run.weights.model)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(converted, target)
         shutil.copy2(converted.with_suffix(".json"), target.with_suffix(".json"))
@@ -348,7 +499,8 @@ def _tutorial(run: Run, augment: bool) -> dict:
     model = compile_for(keras.Model(inputs, outputs), n_classes, 1e-4)
 
     def dataset(split, shuffle=False):
-        return training_dataset(source, split, run.image_size, 32, shuffle=shuffle, seed=run.seed)
+        return training_dataset(source, split, run.image_size, 32, shuffle=shuffle, seed=run.seed,
+                                model=run.weights.model)
 
     epoch_seconds = []
     history, fit_seconds = _timed(lambda: model.fit(
@@ -423,7 +575,8 @@ def cached_keras_views(run: Run) -> dict:
 
     report, build_seconds = _timed(lambda: build_cache(
         run.data, run.splits, image_size=run.image_size, weights=run.weights.path, engine=run.engine,
-        cache_dir=run.work_dir / "cache-views", views=VIEWS, augment="tutorial", seed=run.seed))
+        cache_dir=run.work_dir / "cache-views", views=VIEWS, augment="tutorial", seed=run.seed,
+        model=run.weights.model))
     head, head_seconds = _timed(lambda: train_head(report.path, "keras", epochs=run.epochs, seed=run.seed, views=True,
                                                    out=run.work_dir / "heads" / "keras-views"))
     sklearn, sklearn_seconds = _timed(lambda: train_head(report.path, "sklearn", views=True, save=False))
@@ -453,14 +606,15 @@ def cached_keras_views(run: Run) -> dict:
 
 
 def finetune(run: Run, augment: bool = False) -> dict:
-    """Warm-started fine-tuning (layers from 100 on) for ``--finetune-epochs`` epochs."""
+    """Warm-started fine-tuning (the model's default cut: MobileNetV2's layers from 100 on) for
+    ``--finetune-epochs`` epochs."""
     from bottlecache.finetune import finetune as run_finetune
 
     build = run.build(run.engine)  # the cache the warm-start head was (or will be) trained on
     result, seconds = _timed(lambda: run_finetune(
         run.data, run.splits, image_size=run.image_size, weights=run.weights.path, cache_dir=build.cache_dir,
         head=run.keras_head_path, head_epochs=run.epochs, epochs=run.finetune_epochs, seed=run.seed,
-        out=run.work_dir / ("finetune-augment" if augment else "finetune"), augment=augment,
+        out=run.work_dir / ("finetune-augment" if augment else "finetune"), augment=augment, model=run.weights.model,
     ))
     before, after = accuracy(result.head_metrics), accuracy(result.metrics)
     warm_start = "the cached-keras head" if run.keras_head_path else f"a head trained here ({run.epochs} epochs)"
@@ -500,7 +654,7 @@ def finetune_cached(run: Run, augment: bool = False) -> dict:
         run.data, run.splits, image_size=run.image_size, weights=run.weights.path, cache_dir=build.cache_dir,
         head=run.keras_head_path, head_epochs=run.epochs, epochs=run.finetune_epochs, seed=run.seed,
         out=run.work_dir / ("finetune-cached-views" if augment else "finetune-cached"), from_cache=True,
-        augment=augment,
+        augment=augment, model=run.weights.model,
     ))
     run.keras_head_path = run.keras_head_path or result.head_path
     before, after = accuracy(result.head_metrics), accuracy(result.metrics)
@@ -588,6 +742,70 @@ def sweep(run: Run) -> dict:
     }
 
 
+# 9. The registered bases side by side
+
+
+def backbones(run: Run) -> dict:
+    """For each registered base whose real weights are here (``available_weights``): a cache build
+    per engine it runs on, and the sklearn head on the cache; images/s, bytes/image, accuracy."""
+    from .context import available_weights
+
+    started = time.perf_counter()
+    models, skipped = {}, {}
+    for name, weights in available_weights(run.image_size).items():
+        if isinstance(weights, str):  # why there are no weights for it here
+            skipped[name] = weights
+            continue
+        models[name] = _backbone_figures(run, name, weights)
+    notes = [f"{name}: " + ", ".join(f"{e} {_number(m['engines'][e]['images_per_second'])} img/s"
+                                     for e in m["engines"])
+             + f", {m['bytes_per_image'] / 1024:.1f} KiB/image, validation {_percent(m['accuracy']['validation'])}"
+             for name, m in models.items()]
+    return {
+        "seconds": time.perf_counter() - started,
+        "models": models,
+        "skipped": skipped,
+        "note": "; ".join(notes) + f"; {len(skipped)} more registered without weights here",
+    }
+
+
+def _backbone_figures(run: Run, name: str, weights) -> dict:
+    from bottlecache.backbones import get_backbone
+    from bottlecache.build import build_cache
+    from bottlecache.engines import litert_available
+    from bottlecache.heads import train_head
+
+    engines = ["keras"] + (["litert"] if get_backbone(name).litert and litert_available() else [])
+    out = {"weights_sha256": weights.sha256, "engines": {}}
+    for engine in engines:
+        cache_dir = run.work_dir / f"backbones-{name}-{engine}"
+        report, seconds = _timed(lambda: build_cache(
+            run.data, run.splits, image_size=run.image_size, weights=weights.path, cache_dir=cache_dir,
+            engine=engine, model=name))
+        n_images = sum(s.n_processed for s in report.splits)
+        inference_seconds = sum(s.seconds for s in report.splits)
+        out["engines"][engine] = {"seconds": seconds, "images": n_images,
+                                  "images_per_second": n_images / inference_seconds}
+        out.setdefault("cache", report)
+    report = out.pop("cache")
+    head = train_head(report.path, "sklearn", save=False)
+    out.update(bottleneck=list(_shape(report)), file_bytes=report.file_size,
+               bytes_per_image=report.file_size / sum(s.n_images for s in report.splits),
+               accuracy=accuracy(head.metrics), head_seconds=head.train_seconds)
+    return out
+
+
+def _shape(report) -> tuple:
+    from bottlecache.store import Cache
+
+    with Cache(report.path) as cache:
+        return cache.feature_shape
+
+
+def _number(value) -> str:
+    return "–" if value is None else f"{value:,.0f}"
+
+
 # The order cases run in: each may use what an earlier one left in the Run (a build, a head, a
 # forward limit to compare with); fine-tuning, the longest single case, then the sweep, which builds its own caches.
 CASES = {
@@ -597,8 +815,10 @@ CASES = {
     "cache-build": cache_build,
     "cache-build-keras": cache_build_keras,
     "cache-build-litert": cache_build_litert,
+    "cache-build-ray": cache_build_ray,
     "build-startup": build_startup,
     "fast-decode": fast_decode,
+    "cache-update": cache_update,
     "cache-read": cache_read,
     "duplicates": duplicates,
     "cached-sklearn": cached_sklearn,
@@ -611,4 +831,5 @@ CASES = {
     "finetune-augment": finetune_augment,
     "finetune-cached-views": finetune_cached_views,
     "sweep": sweep,
+    "backbones": backbones,
 }

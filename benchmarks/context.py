@@ -75,34 +75,71 @@ class Run:
             from bottlecache.engines import convert_to_flatbuffer, flatbuffer_path
 
             started = time.perf_counter()
-            path = flatbuffer_path(self.work_dir / "converted", self.weights.sha256, self.image_size)
+            path = flatbuffer_path(self.work_dir / "converted", self.weights.sha256, self.image_size, self.weights.model)
             self._flatbuffer = convert_to_flatbuffer(self.base(), path)
             self.flatbuffer_seconds = time.perf_counter() - started
         return self._flatbuffer
 
-    def build(self, engine: str, fast_decode: bool = False) -> Build:
+    def give_flatbuffer(self, cache_dir: Path, engine: str) -> None:
+        """Put the run's converted flatbuffer in ``cache_dir`` (for an engine that may use it)."""
+        from bottlecache.engines import flatbuffer_path, litert_available
+
+        if engine != "keras" and litert_available():
+            converted = self.flatbuffer()
+            target = flatbuffer_path(cache_dir, self.weights.sha256, self.image_size, self.weights.model)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(converted, target)
+            shutil.copy2(converted.with_suffix(".json"), target.with_suffix(".json"))
+
+    def build(self, engine: str, fast_decode: bool = False, executor: str = "local", shard_size=None) -> Build:
         """Build the cache with ``engine`` in a fresh folder, once per engine per run.
 
         The folder is given the run's converted flatbuffer first, as a user's second build would
         find it: the conversion is timed once, in forward-limit-litert, not in every build.
         """
-        key = (engine, fast_decode)
+        key = (engine, fast_decode, executor)
         if key not in self._builds:
             from bottlecache.build import build_cache
-            from bottlecache.engines import flatbuffer_path, litert_available
 
             cache_dir = self.work_dir / f"cache-{engine}{'-fast-decode' if fast_decode else ''}"
-            if engine != "keras" and litert_available():
-                converted = self.flatbuffer()
-                target = flatbuffer_path(cache_dir, self.weights.sha256, self.image_size)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(converted, target)
-                shutil.copy2(converted.with_suffix(".json"), target.with_suffix(".json"))
+            self.give_flatbuffer(cache_dir, engine)
             started, cpu_started = time.perf_counter(), cpu_seconds()
             report = build_cache(self.data, self.splits, image_size=self.image_size, weights=self.weights.path,
-                                 cache_dir=cache_dir, engine=engine, fast_decode=fast_decode)
+                                 cache_dir=cache_dir, engine=engine, fast_decode=fast_decode, executor=executor,
+                                 shard_size=shard_size, model=self.weights.model)
             seconds = time.perf_counter() - started
             if report.hit:
                 raise RuntimeError(f"the {engine} build in the fresh folder {cache_dir} was a cache hit")
             self._builds[key] = Build(report, seconds, cache_dir, cpu_seconds() - cpu_started)
         return self._builds[key]
+
+
+def available_weights(image_size: int) -> dict:
+    """Each registered base → its real weights here (``WeightsRef``), or why there are none.
+
+    Real weights are a file of ``SHARED_WEIGHTS`` under ../shared/weights, or ImageNet weights
+    Keras has already downloaded (``~/.keras/models``); nothing is downloaded here.
+    """
+    import os
+
+    from bottlecache.backbone import resolve_weights
+    from bottlecache.backbones import BACKBONES
+
+    from .suite import SHARED
+
+    keras_models = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+    out = {}
+    for name, entry in BACKBONES.items():
+        shared = SHARED / "weights" / SHARED_WEIGHTS.get(name, "-")
+        if shared.is_file():
+            out[name] = resolve_weights(shared, image_size, name)
+        elif (keras_models / entry.imagenet_file(image_size)[0]).is_file():
+            out[name] = resolve_weights("imagenet", image_size, name)
+        else:
+            out[name] = f"no weights file here (../shared/weights or {keras_models})"
+    return out
+
+
+# The real weights under ../shared/weights, by model (README there).
+SHARED_WEIGHTS = {"mobilenet_v2": "mobilenet_v2_1.0_224_imagenet_no_top.weights.h5",
+                  "xception": "xception_imagenet_no_top.weights.h5"}

@@ -98,7 +98,7 @@ def engine_grid(args) -> int:
     weights = resolve_weights(args.weights, args.image_size)
     with tempfile.TemporaryDirectory() as tmp:
         flatbuffer = convert_to_flatbuffer(load_backbone(weights, args.image_size),
-                                           flatbuffer_path(Path(tmp), weights.sha256, args.image_size))
+                                           flatbuffer_path(Path(tmp), weights.sha256, args.image_size, weights.model))
         print("threads  batch  images/s (best of 3)")
         for threads in args.threads:
             engine = LiteRTEngine(flatbuffer, threads=threads)

@@ -43,6 +43,18 @@ CLAIMS = (
      "distance between the sklearn validation accuracies on the litert- and keras-built caches, in points",
      lambda c: 100 * abs(c["cache-build-litert"]["sklearn_accuracy"]["validation"]
                          - c["cache-build-keras"]["sklearn_accuracy"]["validation"]), "<=", 0.3),
+    ("cache_update_add_fraction",
+     "cache-update: seconds to add 30 photos / seconds of a full build of the folder",
+     lambda c: c["cache-update"]["added"]["fraction_of_full"], "<=", 0.10),
+    ("cache_update_remove_fraction",
+     "cache-update: seconds to remove 30 photos / seconds of a full build of the folder",
+     lambda c: c["cache-update"]["removed"]["fraction_of_full"], "<=", 0.05),
+    ("cache_update_copy_computed",
+     "cache-update: photos computed after a cp -r of the whole folder",
+     lambda c: c["cache-update"]["copied"]["computed"], "<=", 0),
+    ("cache_update_equal_to_clean",
+     "cache-update: results (add, remove, cp -r) equal array for array to a clean build",
+     lambda c: sum(c["cache-update"][k]["equal_to_clean_build"] for k in ("added", "removed", "copied")), ">=", 3),
 )
 
 

@@ -15,7 +15,6 @@ from . import REPO, RESULTS_DIR, SCHEMA_VERSION, report
 
 SHARED = Path(os.environ.get("BOTTLECACHE_SHARED", REPO.parent / "shared"))
 SHARED_DATA = SHARED / "data" / "cats_and_dogs_filtered"
-SHARED_WEIGHTS = SHARED / "weights" / "mobilenet_v2_1.0_224_imagenet_no_top.weights.h5"
 QUICK_SPLITS = {"folder": ["train=train[:64]", "validation=validation[:32]"],
                 "tfds": ["train=train[:64]", "validation=train[64:96]"]}
 
@@ -24,8 +23,11 @@ def default_data() -> str:
     return str(SHARED_DATA) if SHARED_DATA.is_dir() else "cats_vs_dogs"
 
 
-def default_weights() -> str:
-    return os.environ.get("BOTTLECACHE_WEIGHTS") or (str(SHARED_WEIGHTS) if SHARED_WEIGHTS.is_file() else "imagenet")
+def default_weights(model: str = "mobilenet_v2") -> str:
+    from .context import SHARED_WEIGHTS as BY_MODEL
+
+    shared = SHARED / "weights" / BY_MODEL.get(model, "-")
+    return os.environ.get("BOTTLECACHE_WEIGHTS") or (str(shared) if shared.is_file() else "imagenet")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,9 +41,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data", default=default_data(),
                         help="image folder or tfds name (default: ../shared/data/cats_and_dogs_filtered if present, "
                              "else cats_vs_dogs)")
-    parser.add_argument("--weights", default=default_weights(),
-                        help="weights file or 'imagenet' (default: $BOTTLECACHE_WEIGHTS, else the ../shared "
-                             "weights if present, else imagenet)")
+    parser.add_argument("--model", default="mobilenet_v2",
+                        help="the base of every case but 'backbones' (bottlecache models; default mobilenet_v2)")
+    parser.add_argument("--weights",
+                        help="weights file of --model or 'imagenet' (default: $BOTTLECACHE_WEIGHTS, else the "
+                             "../shared weights of --model if present, else imagenet)")
     parser.add_argument("--epochs", type=int, help="head epochs, tutorial and cached-keras (default 10; quick 1)")
     parser.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs (default 2; quick 1)")
     parser.add_argument("--image-size", type=int, default=160)
@@ -57,6 +61,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [c for c in args.cases or [] if c not in CASES]
     if unknown:
         parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    from bottlecache.backbones import BACKBONES
+
+    if args.model not in BACKBONES:
+        parser.error(f"unknown --model {args.model}; choose from {', '.join(BACKBONES)}")
+    if args.weights is None:
+        args.weights = default_weights(args.model)
     if args.epochs is None:
         args.epochs = 1 if args.quick else 10
     if args.finetune_epochs is None:
@@ -78,7 +88,7 @@ def make_run(args, work_dir: Path):
         kind = "folder" if Path(args.data).expanduser().is_dir() else "tfds"
         splits = QUICK_SPLITS[kind]
     run = Run(
-        data=args.data, splits=splits, weights=resolve_weights(args.weights, args.image_size),
+        data=args.data, splits=splits, weights=resolve_weights(args.weights, args.image_size, args.model),
         image_size=args.image_size, epochs=args.epochs, finetune_epochs=args.finetune_epochs, seed=args.seed,
         engine=args.engine, quick=args.quick, work_dir=work_dir,
     )
@@ -92,6 +102,7 @@ def config(args, run) -> dict:
         "data": str(args.data),
         "data_name": source.name,
         "splits": {name: {"spec": str(s.spec), "n_examples": s.n_examples} for name, s in source.splits.items()},
+        "model": run.weights.model,
         "weights": args.weights,
         "weights_sha256": run.weights.sha256,
         "image_size": run.image_size,

@@ -242,7 +242,7 @@ KERAS_FILE_HOLDERS = ("bottlecache.heads", "bottlecache.finetune")
 def forbid_backbone(monkeypatch) -> None:
     def make(original):
         def stand_in(*args, **kwargs):
-            raise NotRejected("went on to load the MobileNetV2 backbone (the bad value was not refused up front)")
+            raise NotRejected("went on to load the backbone (the bad value was not refused up front)")
 
         return stand_in
 
@@ -266,13 +266,13 @@ _KERAS_FILES: dict = {}
 
 
 def fast_loading(monkeypatch) -> None:
-    """The backbone by (weights file, sha256, size) and a ``.keras`` file by its content (not
+    """The backbone by (weights file, sha256, model, size) and a ``.keras`` file by its content (not
     compiled), each loaded once. Prediction does not change them."""
 
     def backbone(original):
         def load(weights, image_size, *args, **kwargs):
-            key = (getattr(weights, "path", None), getattr(weights, "sha256", None), image_size, args,
-                   tuple(sorted(kwargs.items())))
+            key = (getattr(weights, "path", None), getattr(weights, "sha256", None), getattr(weights, "model", None),
+                   image_size, args, tuple(sorted(kwargs.items())))
             if key not in _BACKBONES:
                 _BACKBONES[key] = original(weights, image_size, *args, **kwargs)
             return _BACKBONES[key]
@@ -617,6 +617,10 @@ def _unreadable_images_folder(c: Ctx):
     return [folder]
 
 
+# --model (cache build, finetune run): not a registered name, or a model the weights are not for
+MODEL_OPTION_BAD = [const("resnet9000"), const(""), const("MobileNetV2", id="the Keras class name"),
+                    Bad("a model the weights are not for", lambda c: ["xception"], backbone_needed=True)]
+
 IMAGES_BAD = paths("missing", "dangling symlink", "empty folder", "unreadable file", suffix=".jpg") + [
     Bad("folder without images", _no_images_folder),
     Bad("folder of unreadable images only", _unreadable_images_folder),
@@ -643,6 +647,10 @@ BAD_VALUES: dict[str, list[Bad]] = {
     "dtype": [const("float64"), const("int8"), const("")],
     "batch_size": below(1),
     "engine": [const("gpu"), const("")],
+    "executor": [const("spark"), const("")],
+    "ray_address": [const(""), const("headnode", id="no port"), const("headnode:port", id="port not a number")],
+    "shard_size": below(1) + [const("48", id="48 (not a multiple of 32)"), const(str(2**64), id="2**64")],
+    "cache consolidate cache_dir": paths("file", "unreadable folder"),
     "tfds_data_dir": paths("file", "under a file"),
     "cache": CACHE_ARG_BAD,
     "kind": [const("forest"), const("")],
@@ -661,6 +669,8 @@ BAD_VALUES: dict[str, list[Bad]] = {
     "head": HEAD_OPTION_BAD,
     "fine_tune_at": below(0) + [const("100000"), const(str(2**64), id="2**64")],
     "model": MODEL_ARG_BAD,
+    "cache build model": MODEL_OPTION_BAD,
+    "finetune run model": MODEL_OPTION_BAD + [const("list", id="list (cache build's only)")],
     "images": IMAGES_BAD,
     "cut": below(1) + [const("155"), const(str(2**64), id="2**64")],
     "views": below(0) + [const("65")],
@@ -786,11 +796,16 @@ def base_values(command: tuple, param: str, c: Ctx) -> dict[str, list]:
     w = c.w
     name = " ".join(command)
     if name == "cache build":
-        return {"data": [w.data], "split": ["train=train[:8]"], "image_size": [SIZE], "weights": [w.weights],
-                "cache_dir": [c.folder("cache-dir")], "engine": ["keras"]}
+        values = {"data": [w.data], "split": ["train=train[:8]"], "image_size": [SIZE], "weights": [w.weights],
+                  "cache_dir": [c.folder("cache-dir")], "engine": ["keras"]}
+        if param in ("ray_address", "shard_size"):  # options of the ray executor
+            values["executor"] = ["ray"]
+        return values
     if name in ("cache ls", "cache heads"):
         return {"cache_dir": [w.cache_dir]}
-    if name in ("cache info", "cache verify"):
+    if name == "models":
+        return {}
+    if name in ("cache info", "cache verify", "cache consolidate"):
         return {"cache": [w.fingerprint[:12]], "cache_dir": [w.cache_dir]}
     if name == "cache train-head":
         values = {"cache": [w.cache], "out_dir": [c.tmp / "head-out"], "cache_dir": [c.folder("cache-dir")]}
@@ -844,10 +859,11 @@ BASE_CONTROLS = [OptionCase(command, param, None, None) for command, param in [
     (("cache", "build"), ""), (("cache", "ls"), ""), (("cache", "info"), ""), (("cache", "verify"), ""),
     (("cache", "train-head"), ""), (("cache", "train-head"), "dropout"), (("cache", "heads"), ""),
     (("finetune", "run"), ""), (("predict",), ""), (("sweep",), ""), (("report",), ""), (("report",), "bins"),
-    (("cache", "neighbors"), ""), (("cache", "duplicates"), "")]]
+    (("cache", "neighbors"), ""), (("cache", "duplicates"), ""), (("cache", "build"), "shard_size"),
+    (("cache", "consolidate"), "")]]
 
 
-CONTROL_VARIANTS = {"dropout": " (keras)", "bins": " (fine-tuned model)"}
+CONTROL_VARIANTS = {"dropout": " (keras)", "bins": " (fine-tuned model)", "shard_size": " (ray)"}
 
 
 @pytest.mark.parametrize("case", BASE_CONTROLS, ids=[" ".join(c.command) + CONTROL_VARIANTS.get(c.param, "")
@@ -1512,6 +1528,9 @@ def test_control_runs_made_the_records(name, world):
 CONTROLS = {
     "cache ls": lambda w, c: ["cache", "ls", "--cache-dir", w.cache_dir, "--json"],
     "cache ls (table)": lambda w, c: ["cache", "ls", "--cache-dir", w.cache_dir],
+    "models": lambda w, c: ["models", "--json"],
+    "models (table)": lambda w, c: ["models"],
+    "cache build --model list": lambda w, c: ["cache", "build", "--model", "list"],
     "cache info": lambda w, c: ["cache", "info", w.fingerprint[:12], "--cache-dir", w.cache_dir],
     "cache verify": lambda w, c: ["cache", "verify", w.cache],
     "cache heads": lambda w, c: ["cache", "heads", "--cache-dir", w.cache_dir, "--json"],

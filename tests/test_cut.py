@@ -32,6 +32,29 @@ def test_cut_below_mobilenet_layer_100_is_block_10_project_bn():
     assert cut_record(224, 100)["shape"] == [14, 14, 96]
 
 
+def test_cut_follows_the_registry_entry_and_refuses_other_models():
+    from bottlecache.cut import check_cut, cut_record
+    from bottlecache.errors import BottlecacheError
+
+    # another MobileNetV2 of the registry: the same layer names, its own channels
+    assert cut_record(160, 100, "mobilenet_v2_0.5") == {"layer": "block_10_project_BN", "shape": [10, 10, 48]}
+    with pytest.raises(BottlecacheError, match=r"MobileNetV2 models only \(mobilenet_v2, .*got --model xception"):
+        check_cut(100, "xception")
+    with pytest.raises(BottlecacheError, match="'cut'"):
+        check_cut(155, "mobilenet_v2")  # past its 154 layers
+
+
+@pytest.mark.parametrize("option", [{"cut": 100}, {"views": 2}])
+def test_the_ray_executor_refuses_cut_and_views_in_one_line(option, cats_dogs, tmp_path):
+    from bottlecache import build_cache
+    from bottlecache.errors import BottlecacheError
+
+    with pytest.raises(BottlecacheError, match="ray executor builds bottleneck caches only") as raised:
+        build_cache(cats_dogs, CUT_SPLITS, cache_dir=tmp_path, executor="ray", **option)
+    assert "\n" not in str(raised.value)
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
 @pytest.fixture(scope="module")
 def float32_cut(tmp_path_factory, cats_dogs, weights_path):
     from bottlecache import build_cache

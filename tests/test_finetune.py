@@ -46,9 +46,9 @@ def test_every_path_uses_the_one_preprocessing_function(monkeypatch, cats_dogs):
     calls = []
     original = data.preprocess
 
-    def recording(image, image_size):
+    def recording(image, image_size, model="mobilenet_v2"):
         calls.append(image_size)
-        return original(image, image_size)
+        return original(image, image_size, model)
 
     monkeypatch.setattr(data, "preprocess", recording)
     source = data.open_source(cats_dogs, ["train=train[:4]"])

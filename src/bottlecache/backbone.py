@@ -1,4 +1,4 @@
-"""The frozen MobileNetV2 base: resolving its weights and building it.
+"""The frozen base: resolving its weights and building it (which bases exist: ``backbones``).
 
 ``--weights imagenet`` (the default for users who are online) uses Keras's own download and
 cache; a path uses a local weights file. Either way the file's sha256 becomes part of every
@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ._tf import import_keras
-from .config import ALPHA, DEFAULT_IMAGE_SIZE, MODEL_NAME, check_image_size
+from .backbones import DEFAULT_MODEL, Backbone, check_model_size, get_backbone
+from .config import DEFAULT_IMAGE_SIZE, check_image_size
 from .errors import BottlecacheError, reason
-from .fingerprint import PREPROCESS_VERSION, sha256_file
+from .fingerprint import sha256_file
 
-IMAGENET_BASE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
 _SHA_MEMO: dict[tuple, str] = {}
 
 
@@ -31,10 +31,21 @@ class WeightsRef:
     spec: str  # "imagenet" or the path as given
     path: str
     sha256: str
+    model: str = DEFAULT_MODEL  # the registry entry these weights are for (bottlecache.backbones)
+
+    @property
+    def backbone(self) -> Backbone:
+        return get_backbone(self.model)
 
 
-def imagenet_weights_name(image_size: int) -> str:
-    return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{ALPHA}_{image_size}_no_top.h5"
+def imagenet_weights_name(image_size: int, model: str = DEFAULT_MODEL) -> str:
+    return get_backbone(model).imagenet_file(image_size)[0]
+
+
+def _describe(entry: Backbone) -> str:
+    """How a weights file for ``entry`` is named in messages: 'a Keras Xception (no top) weights file'."""
+    alpha = f"alpha {entry.alpha}, " if entry.alpha is not None else ""
+    return f"a Keras {entry.constructor} ({alpha}no top) weights file"
 
 
 def _sha256_memo(path: Path) -> str:
@@ -45,8 +56,9 @@ def _sha256_memo(path: Path) -> str:
     return _SHA_MEMO[key]
 
 
-def resolve_weights(weights: str | os.PathLike | None = None, image_size: int = DEFAULT_IMAGE_SIZE) -> WeightsRef:
-    """``weights`` or ``$BOTTLECACHE_WEIGHTS`` or ``"imagenet"`` → a local file and its sha256.
+def resolve_weights(weights: str | os.PathLike | None = None, image_size: int = DEFAULT_IMAGE_SIZE,
+                    model: str = DEFAULT_MODEL) -> WeightsRef:
+    """``weights`` or ``$BOTTLECACHE_WEIGHTS`` or ``"imagenet"`` → a local file for ``model`` and its sha256.
 
     Raises
     ------
@@ -54,9 +66,10 @@ def resolve_weights(weights: str | os.PathLike | None = None, image_size: int = 
         The path does not exist, or ``imagenet`` is not cached and cannot be downloaded.
     """
     check_image_size(image_size)
+    entry = check_model_size(model, image_size)
     spec = str(weights) if weights is not None else os.environ.get("BOTTLECACHE_WEIGHTS") or "imagenet"
     if spec == "imagenet":
-        name = imagenet_weights_name(image_size)
+        name, url = entry.imagenet_file(image_size)
         keras_home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
         cached = keras_home / "models" / name
         if not cached.is_file():
@@ -64,15 +77,15 @@ def resolve_weights(weights: str | os.PathLike | None = None, image_size: int = 
             chatter = io.StringIO()  # Keras prints its download progress to stdout: keep stdout for --json
             try:
                 with contextlib.redirect_stdout(chatter):
-                    cached = Path(keras.utils.get_file(name, IMAGENET_BASE_URL + name, cache_subdir="models",
+                    cached = Path(keras.utils.get_file(name, url, cache_subdir="models",
                                                        cache_dir=str(keras_home)))
                 sys.stderr.write(chatter.getvalue())
             except Exception:
                 raise BottlecacheError(
-                    "Could not download the ImageNet weights of MobileNetV2 (no internet?): pass "
-                    "--weights PATH to a local weights file, or set BOTTLECACHE_WEIGHTS to one."
+                    f"Could not download the ImageNet weights of {entry.constructor} ({name}; no internet?): "
+                    "pass --weights PATH to a local weights file, or set BOTTLECACHE_WEIGHTS to one."
                 ) from None
-        return WeightsRef("imagenet", str(cached), _sha256_memo(cached))
+        return WeightsRef("imagenet", str(cached), _sha256_memo(cached), model)
     path = Path(spec).expanduser()
     if not path.is_file():
         raise BottlecacheError(
@@ -89,26 +102,26 @@ def resolve_weights(weights: str | os.PathLike | None = None, image_size: int = 
     if not is_hdf5:
         kind = "a .keras model archive" if path.suffix == ".keras" else "not an HDF5 file"
         raise BottlecacheError(
-            f"The 'weights' file {spec!r} is {kind}; pass a Keras MobileNetV2 (alpha 1.0, no top) "
-            "weights file (.weights.h5 or .h5) or 'imagenet'."
+            f"The 'weights' file {spec!r} is {kind}; pass {_describe(entry)} (.weights.h5 or .h5) or 'imagenet'."
         )
-    return WeightsRef(spec, str(path.resolve()), digest)
+    return WeightsRef(spec, str(path.resolve()), digest, model)
 
 
 def load_backbone(weights: WeightsRef, image_size: int):
-    """The MobileNetV2 base (``include_top=False``) with the given weights, frozen."""
+    """The base of ``weights.model`` (``include_top=False``) with the given weights, frozen."""
     keras = import_keras()
+    entry = weights.backbone
     chatter = io.StringIO()  # Keras warns at length about a file that does not fit: the one line below says it
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
             warnings.simplefilter("ignore")
-            model = keras.applications.MobileNetV2(
-                input_shape=(image_size, image_size, 3), alpha=ALPHA, include_top=False, weights=weights.path
+            model = getattr(keras.applications, entry.constructor)(
+                input_shape=(image_size, image_size, 3), include_top=False, weights=weights.path, **entry.kwargs
             )
     except Exception as error:
         raise BottlecacheError(
-            f"The 'weights' file {weights.spec!r} could not be loaded into MobileNetV2 ({reason(error)}); "
-            "pass 'imagenet' or a Keras MobileNetV2 (alpha 1.0, no top) weights file."
+            f"The 'weights' file {weights.spec!r} could not be loaded into {entry.constructor} ({reason(error)}); "
+            f"pass 'imagenet' or {_describe(entry)}."
         ) from None
     model.trainable = False
     return model
@@ -116,5 +129,4 @@ def load_backbone(weights: WeightsRef, image_size: int):
 
 def backbone_record(weights: WeightsRef, image_size: int) -> dict:
     """What identifies a backbone in caches, heads and models (the preprocessing included)."""
-    return {"model": MODEL_NAME, "alpha": ALPHA, "image_size": image_size, "weights_sha256": weights.sha256,
-            "preprocess_version": PREPROCESS_VERSION}
+    return {**weights.backbone.record(), "image_size": image_size, "weights_sha256": weights.sha256}

@@ -18,15 +18,20 @@ import numpy as np
 
 from .backbone import load_backbone
 from .engines import checked_engine
-from .config import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE, ENGINES, MAX_BATCH_SIZE, \
-    CacheSettings, ResolvedCache, check_choice, check_positive
+from .config import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL, ENGINES, \
+    MAX_BATCH_SIZE, CacheSettings, ResolvedCache, check_choice, check_positive
 from .cut import check_engine, feature_shape_of, lower_model
 from .data import describe_failure, image_dataset
+from .errors import BottlecacheError
 from .files import ensure_cache_dir, write_error
 from .progress import NullProgress
 from .records import DECODE_FAST
 from .augment import parse_spec, view_features
+from .reuse import ReuseReport, engine_from_source, expected_engine, plan_reuse
 from .store import FEATURE_CHUNK_ROWS, VIEWS_SPLIT, Cache, PartialCache, build_lock, root_attrs
+
+
+PREFETCH_WINDOWS = 2
 
 
 @dataclass
@@ -38,6 +43,7 @@ class SplitReport:
     seconds: float
     nbytes: int
     skipped: list = field(default_factory=list)
+    n_reused: int = 0  # of n_processed, rows copied from an earlier cache (reuse.py)
 
     @property
     def images_per_second(self) -> float:
@@ -55,6 +61,7 @@ class BuildReport:
     file_size: int
     config: dict
     startup_seconds: float | None = None  # from the call to the first decoded images (None on a hit)
+    reuse: ReuseReport | None = None  # None on a hit
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -90,13 +97,18 @@ def build_cache(
     tfds_data_dir=None,
     wait: bool = True,
     fast_decode: bool = False,
+    reuse: bool = True,
     cut: int | None = None,
     views: int = 0,
     augment: str | None = None,
     seed: int = 0,
     progress=None,
+    executor: str = "local",
+    ray_address: str | None = None,
+    shard_size: int | None = None,
+    model: str = DEFAULT_MODEL,
 ) -> BuildReport:
-    """Build (or find) the cache of ``data`` through the frozen MobileNetV2.
+    """Build (or find) the cache of ``data`` through a frozen base (MobileNetV2 by default).
 
     Parameters
     ----------
@@ -120,6 +132,10 @@ def build_cache(
         If another process is building the same cache, wait for it (default) or stop.
     fast_decode : bool
         Decode large JPEGs at 1/2, 1/4 or 1/8 scale in the DCT domain (part of the fingerprint).
+    reuse : bool
+        Copy the rows of unchanged files from the newest compatible cache in the cache dir and
+        compute only the rest (default); False computes every row (docs/cache-format.md). A cache
+        with views is never a reuse source or target: its rows are all computed.
     cut : int, optional
         A fine-tune layer index: store the activation at the cut below it instead of the
         bottleneck (``bottlecache.cut``; the cut layer's name is part of the fingerprint).
@@ -128,15 +144,39 @@ def build_cache(
         ``tutorial``; ``bottlecache.augment``) and seeded by key, view and ``seed``; all three
         are part of the fingerprint.
     progress : bottlecache.progress.Progress, optional
+    executor : {"local", "ray"}
+        ``ray``: build shard by shard on a Ray cluster (``bottlecache.ray_build``; docs/scaling-out.md).
+    ray_address : str, optional
+        ray: ``auto`` or ``HOST:PORT`` of a running cluster (default: start a local Ray).
+    shard_size : int, optional
+        ray: input rows per shard, a multiple of the commit window (default 32768).
+    model : str
+        The base: a name of ``bottlecache.backbones.BACKBONES`` (``bottlecache models``); the
+        weights must be that model's. Part of the fingerprint, with its preprocessing.
 
     Returns
     -------
     BuildReport
     """
     settings = CacheSettings(data, None if splits is None else tuple(splits), image_size, weights, dtype,
-                             fast_decode, tfds_data_dir, cache_dir, cut, views, augment, seed)
+                             fast_decode, tfds_data_dir, cache_dir, model, cut, views, augment, seed)
     check_build_options(engine, batch_size)
-    return build_resolved(settings.resolve(), batch_size=batch_size, engine=engine, wait=wait, progress=progress)
+    check_choice("executor", executor, ("local", "ray"))
+    if executor == "ray" and (cut is not None or views):
+        raise BottlecacheError("The ray executor builds bottleneck caches only; build a --cut or --views cache "
+                               "with --executor local.")
+    if executor == "ray":
+        from .ray_build import build_ray, import_ray
+        from .shards import DEFAULT_SHARD_SIZE
+
+        import_ray()  # before anything is resolved: without Ray, say how to install it
+        return build_ray(settings.resolve(), batch_size=batch_size, engine=engine, wait=wait, progress=progress,
+                         address=ray_address, shard_size=DEFAULT_SHARD_SIZE if shard_size is None else shard_size)
+    for name, value in (("ray_address", ray_address), ("shard_size", shard_size)):
+        if value is not None:
+            raise BottlecacheError(f"The '{name}' option applies to the ray executor only; add --executor ray.")
+    return build_resolved(settings.resolve(), batch_size=batch_size, engine=engine, wait=wait, reuse=reuse,
+                          progress=progress)
 
 
 def check_build_options(engine: str, batch_size: int | None) -> None:
@@ -146,7 +186,7 @@ def check_build_options(engine: str, batch_size: int | None) -> None:
 
 
 def build_resolved(resolved: ResolvedCache, *, batch_size: int | None = None, engine: str = DEFAULT_ENGINE,
-                   wait: bool = True, progress=None) -> BuildReport:
+                   wait: bool = True, reuse: bool = True, progress=None) -> BuildReport:
     """``build_cache`` for settings already resolved (``CacheSettings.resolve()``)."""
     check_build_options(engine, batch_size)
     progress = progress or NullProgress()
@@ -154,22 +194,30 @@ def build_resolved(resolved: ResolvedCache, *, batch_size: int | None = None, en
     final_path = resolved.path
     if final_path.exists():
         return hit_report(resolved, final_path)
-    # A flatbuffer an earlier build converted and checked needs no Keras base; otherwise the
-    # weights load before anything is written: a file that does not load leaves nothing behind.
-    # A cut cache runs the Keras base up to the cut (bottlecache.cut), never a whole-base flatbuffer.
+    # A cut cache runs the Keras base up to the cut (bottlecache.cut), never a whole-base flatbuffer;
+    # a cache with views computes every row (their views are not copied: docs/cache-format.md).
     cut = resolved.settings.cut is not None
-    ready = None if cut else checked_engine(engine, resolved.weights, resolved.settings.image_size,
-                                            cache_dir=final_path.parent)
-    base = None if ready else load_backbone(resolved.weights, resolved.settings.image_size)
-    if cut:
-        base = lower_model(base, resolved.config["cut"]["layer"])
-    ensure_cache_dir(final_path.parent)
-    with build_lock(final_path, wait=wait, on_wait=lambda pid: progress.message(
-        f"another build of this cache is running (pid {pid}); waiting for it to finish"
-    )):
-        if final_path.exists():  # the other build finished it while we waited
-            return hit_report(resolved, final_path)
-        return _build_locked(resolved, base, ready, batch_size, engine, progress, called)
+    engine_name = check_engine(resolved.config, engine)
+    plan = plan_reuse(resolved, expected_engine(engine_name), reuse=reuse and not resolved.settings.views,
+                      progress=progress)  # reads, writes nothing
+    try:
+        # A build that copies every row needs no engine, and a flatbuffer an earlier build converted
+        # and checked needs no Keras base; otherwise the weights load before anything is written:
+        # a file that does not load leaves nothing behind.
+        ready = engine_from_source(plan) or (None if cut else checked_engine(
+            engine, resolved.weights, resolved.settings.image_size, cache_dir=final_path.parent))
+        base = None if ready else load_backbone(resolved.weights, resolved.settings.image_size)
+        if base is not None and cut:
+            base = lower_model(base, resolved.config["cut"]["layer"])
+        ensure_cache_dir(final_path.parent)
+        with build_lock(final_path, wait=wait, on_wait=lambda pid: progress.message(
+            f"another build of this cache is running (pid {pid}); waiting for it to finish"
+        )):
+            if final_path.exists():  # the other build finished it while we waited
+                return hit_report(resolved, final_path)
+            return _build_locked(resolved, base, ready, batch_size, engine, progress, called, plan)
+    finally:
+        plan.close()
 
 
 def split_reports(file, processed: dict[str, tuple[int, float]] | None = None) -> list[SplitReport]:
@@ -195,7 +243,7 @@ def hit_report(resolved: ResolvedCache, path: Path) -> BuildReport:
                        resolved.config)
 
 
-def _build_locked(resolved: ResolvedCache, base, engine, batch_size, engine_name, progress, called):
+def _build_locked(resolved: ResolvedCache, base, engine, batch_size, engine_name, progress, called, plan):
     from .engines import make_engine
 
     source, weights_ref, config, fp = resolved.source, resolved.weights, resolved.config, resolved.fingerprint
@@ -206,7 +254,16 @@ def _build_locked(resolved: ResolvedCache, base, engine, batch_size, engine_name
     if engine is None:
         engine = make_engine(check_engine(config, engine_name), base, weights_ref, image_size,
                              cache_dir=final_path.parent, probe=(source, next(iter(source.splits))))
+    if engine.name != plan.engine:  # auto chose Keras after all: rows of a LiteRT cache are not its rows
+        plan.close()
+        plan = plan_reuse(resolved, engine.name, reuse=plan.reuse, progress=progress)
     startup_seconds = None
+
+    def first_window():  # the first decoded images are here: start-up is over
+        nonlocal startup_seconds
+        if startup_seconds is None:
+            startup_seconds = time.perf_counter() - called
+
     partial = PartialCache(final_path, fp)
     split_attrs = {
         name: {"spec": str(split.spec), "n_examples": split.n_examples} for name, split in source.splits.items()
@@ -220,45 +277,25 @@ def _build_locked(resolved: ResolvedCache, base, engine, batch_size, engine_name
     elif existed:
         progress.message(f"the partial build in {partial.path.name} could not be resumed (unreadable or damaged); "
                          "starting over")
-    processed = {}
-    committer = _Committer(partial)
+    processed, reused = {}, {}
+    committer = Committer(partial)
     try:
         for name, split in source.splits.items():
             done, complete = partial.progress(name)
             started = time.perf_counter()
-            n_processed = 0
+            n_processed = n_reused = 0
             if not complete:
-                size = batch_size or engine.batch_size
-                # Commit whole chunks: a batch smaller than a chunk would make HDF5 decompress,
-                # recompress and checksum the same chunk again at every batch.
-                window_size = -(-max(size, FEATURE_CHUNK_ROWS) // FEATURE_CHUNK_ROWS) * FEATURE_CHUNK_ROWS
                 progress.start_split(name, split.n_examples, done)
-                fast = config["decode"] == DECODE_FAST
-                for window in _windows(source, name, image_size, done, split.n_examples, window_size, fast):
-                    if startup_seconds is None:  # the first decoded images are here: start-up is over
-                        startup_seconds = time.perf_counter() - called
-                    lo, hi, indices, keys, labels, images = window
-                    if len(images):
-                        features = np.concatenate([engine(images[i : i + size]) for i in range(0, len(images), size)])
-                        pooled = features.astype(np.float32).mean(axis=(1, 2))
-                    else:
-                        features = pooled = None
-                    skipped = _skipped(source, name, lo, hi, indices)
-                    augmented = None
-                    if views and name == VIEWS_SPLIT:  # K augmented views of each train image (bottlecache.augment)
-                        augmented = view_features(engine, images, keys, views["k"], parse_spec(views["augment"]),
-                                                  views["seed"], size, dtype)
-                    committer.submit(
-                        name, None if features is None else features.astype(dtype), pooled, labels, keys, skipped, hi,
-                        augmented,
-                    )
-                    n_processed += hi - lo
-                    progress.advance(name, hi - lo)
+                n_processed, n_reused = run_split(committer, engine, resolved, name, done, split.n_examples,
+                                                  batch_size, progress, on_window=first_window, plan=plan)
                 committer.wait()
                 partial.complete_split(name, time.perf_counter() - started)
                 progress.end_split(name)
             processed[name] = (n_processed, time.perf_counter() - started if n_processed else 0.0)
+            reused[name] = n_reused
         reports = split_reports(partial.file, processed)
+        for report in reports:
+            report.n_reused = reused.get(report.name, 0)
         build_info = {
             "engine": engine.name,
             "engine_max_abs_diff": getattr(engine, "max_abs_diff", 0.0),
@@ -276,11 +313,63 @@ def _build_locked(resolved: ResolvedCache, base, engine, batch_size, engine_name
     finally:
         committer.close()  # a commit under way finishes before the file is closed
         partial.close()
+        plan.close()  # (a plan made again above; build_resolved closes its own)
     return BuildReport(path, fp, False, partial.resumed, reports, build_info["engine"], path.stat().st_size, config,
-                       startup_seconds)
+                       startup_seconds, plan.report)
 
 
-class _Committer:
+def window_rows(batch_size: int) -> int:
+    """Rows per commit: whole chunks (a batch smaller than a chunk would make HDF5 decompress,
+    recompress and checksum the same chunk again at every batch), at least one batch."""
+    return -(-max(batch_size, FEATURE_CHUNK_ROWS) // FEATURE_CHUNK_ROWS) * FEATURE_CHUNK_ROWS
+
+
+def run_split(committer, engine, resolved: ResolvedCache, name: str, start: int, stop: int, batch_size, progress,
+              offset: int = 0, on_window=None, plan=None) -> tuple[int, int]:
+    """Run input rows ``[start, stop)`` of split ``name`` through ``engine`` window by window and
+    hand each window to ``committer`` (its commit record counts ``n_done`` from ``offset``);
+    ``on_window()`` runs as each window's decoded images arrive. With a reuse ``plan``
+    (``bottlecache.reuse``), the rows it copies are not read and are merged into their windows.
+
+    Windows are aligned to absolute indices, so any ``[start, stop)`` on window boundaries runs
+    exactly the batches the whole split runs. Returns the input rows run and the rows copied.
+    """
+    source, image_size, dtype = resolved.source, resolved.settings.image_size, resolved.settings.dtype
+    size = batch_size or engine.batch_size
+    fast = resolved.config["decode"] == DECODE_FAST
+    views = resolved.config.get("views") or {}
+    only = None if plan is None else plan.compute_mask(name)
+    n_processed = n_reused = 0
+    for window in _windows(source, name, image_size, start, stop, window_rows(size), fast, only,
+                          resolved.settings.model):
+        if on_window is not None:
+            on_window()
+        lo, hi, indices, keys, labels, images = window
+        if len(images):
+            features = np.concatenate([engine(images[i : i + size]) for i in range(0, len(images), size)])
+            pooled = features.astype(np.float32).mean(axis=(1, 2))
+        else:
+            features = pooled = None
+        augmented = None
+        if views and name == VIEWS_SPLIT:  # K augmented views of each train image (bottlecache.augment)
+            augmented = view_features(engine, images, keys, views["k"], parse_spec(views["augment"]),
+                                      views["seed"], size, dtype)
+        contents, n_copied = None, 0
+        if plan is not None:  # (a build with views copies nothing: the keys above are the window's)
+            indices, keys, labels, features, pooled, contents, n_copied = plan.fill(
+                name, lo, hi, indices, features, pooled)
+        skipped = _skipped(source, name, lo, hi, indices)
+        committer.submit(
+            name, None if features is None else features.astype(dtype), pooled, labels, keys, skipped, hi - offset,
+            augmented, contents,
+        )
+        n_processed += hi - lo
+        n_reused += n_copied
+        progress.advance(name, hi - lo)
+    return n_processed, n_reused
+
+
+class Committer:
     """Commits windows in a background thread, in order, at most one waiting.
 
     Compressing, checksumming and syncing a window (about a fifth of the work per image) then
@@ -312,13 +401,22 @@ class _Committer:
         self._pool.shutdown()
 
 
-def _windows(source, split, image_size, start, stop, size, fast_decode=False):
+def _windows(source, split, image_size, start, stop, size, fast_decode=False, only=None, model=DEFAULT_MODEL):
     """Group decoded images into windows of input indices ``[lo, hi)`` aligned to ``size``.
 
-    A window holds the examples that decoded; the rest of its indices were skipped. Windows
-    depend only on indices, so a resumed build runs exactly the batches a clean build runs.
+    A window holds the examples that decoded; the rest of its indices were skipped (or, outside
+    the mask ``only``, not read: an incremental build copies them). Windows depend only on
+    indices, so a resumed build runs exactly the batches a clean build runs.
     """
-    ds = image_dataset(source, split, image_size, start=start, fast_decode=fast_decode).batch(size).prefetch(2)
+    if only is not None and not any(only[start:stop]):
+        batches = ()  # every row is copied: no input pipeline (building one costs about a second)
+    else:
+        ordered = source.examples(split, start, only)
+        # a shard stops before the split's end (only=None there); an incremental build runs to it
+        ordered = ordered.take(stop - start) if only is None else ordered.filter(lambda i, k, y, e: i < stop)
+        ds = image_dataset(source, split, image_size, ordered=ordered, fast_decode=fast_decode,
+                           model=model)
+        batches = ds.batch(size).prefetch(PREFETCH_WINDOWS).as_numpy_iterator() if PREFETCH_WINDOWS else ds.batch(size).as_numpy_iterator()
     lo, hi = start, min((start // size + 1) * size, stop)
     pending: list = []
 
@@ -329,7 +427,7 @@ def _windows(source, split, image_size, start, stop, size, fast_decode=False):
         images = np.stack([p[3] for p in pending]) if pending else np.zeros((0, image_size, image_size, 3), np.float32)
         return lo, hi, indices, keys, labels, images
 
-    for indices, keys, labels, images in ds.as_numpy_iterator():
+    for indices, keys, labels, images in batches:
         for j, index in enumerate(indices):
             while index >= hi:
                 yield emit()

@@ -12,9 +12,7 @@ from pathlib import Path
 
 from .errors import BottlecacheError
 
-MODEL_NAME = "mobilenet_v2"
-ALPHA = 1.0
-# The input sizes Keras ships ImageNet checkpoints for (the bottleneck is ceil(size / 32) square).
+# The input sizes every registered base accepts (Keras ships MobileNetV2's ImageNet checkpoints for each).
 IMAGE_SIZES = (96, 128, 160, 192, 224)
 DTYPES = ("float16", "float32")
 ENGINES = ("auto", "keras", "litert")
@@ -23,10 +21,8 @@ DEFAULT_IMAGE_SIZE = 160
 DEFAULT_DTYPE = "float16"
 DEFAULT_ENGINE = "auto"
 DEFAULT_CACHE_DIR = "cache"
-DEFAULT_FINE_TUNE_AT = 100  # the tutorial's: MobileNetV2's layers from index 100 on are trained
-N_BASE_LAYERS = 154  # MobileNetV2's layers without its top (tests/test_finetune.py checks it)
+DEFAULT_MODEL = "mobilenet_v2"  # a key of bottlecache.backbones.BACKBONES (its layer counts, cuts, shapes)
 SEED_LIMIT = 2**32  # numpy's and Keras's seeds lie in [0, 2**32)
-N_CHANNELS = 1280
 
 
 def usable_cores() -> int:
@@ -37,9 +33,11 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def bottleneck_shape(image_size: int) -> tuple[int, int, int]:
-    side = -(-image_size // 32)
-    return (side, side, N_CHANNELS)
+def bottleneck_shape(image_size: int, model: str = DEFAULT_MODEL) -> tuple[int, int, int]:
+    """The features' shape per image: the registry entry ``model``'s (bottlecache.backbones)."""
+    from .backbones import bottleneck_shape as shape_of
+
+    return shape_of(image_size, model)
 
 
 def check_choice(name: str, value, allowed) -> None:
@@ -128,7 +126,8 @@ class CacheSettings:
     """What defines a cache, validated once on creation and passed down unchanged.
 
     ``data`` (a folder, ``tfds:NAME`` or a tfds name), ``splits`` (specs such as
-    ``"validation=train[80%:90%]"``; None: the source's own), the backbone's ``image_size`` and
+    ``"validation=train[80%:90%]"``; None: the source's own), the backbone (``model``, a name of
+    ``bottlecache.backbones.BACKBONES``), its ``image_size`` and
     ``weights`` (``"imagenet"``, a weights file, or None: ``$BOTTLECACHE_WEIGHTS`` or imagenet),
     the storage ``dtype``, ``fast_decode``, and where it lives (``cache_dir``). ``cut``: a
     fine-tune layer index; the cache then holds the activation at the cut below it instead of
@@ -148,6 +147,7 @@ class CacheSettings:
     fast_decode: bool = False
     tfds_data_dir: str | None = None
     cache_dir: Path = field(default=None)  # type: ignore[assignment]
+    model: str = DEFAULT_MODEL
     cut: int | None = None
     views: int = 0
     augment: str | None = None
@@ -166,6 +166,9 @@ class CacheSettings:
             parse_splits(self.splits)  # raises on a malformed or repeated spec
             set_(self, "splits", tuple(str(s) for s in self.splits))
         check_image_size(self.image_size)
+        from .backbones import check_model_size
+
+        check_model_size(self.model, self.image_size)
         check_choice("dtype", self.dtype, DTYPES)
         if self.weights is not None:
             set_(self, "weights", str(self.weights))
@@ -176,7 +179,7 @@ class CacheSettings:
         if self.cut is not None:
             from .cut import check_cut
 
-            check_cut(self.cut)
+            check_cut(self.cut, self.model)
         check_range("views", self.views, 0, MAX_VIEWS, high_open=False)
         check_seed(self.view_seed)
         from .augment import canonical_spec
@@ -190,24 +193,23 @@ class CacheSettings:
         """Open the source and the weights, and compute the configuration and its fingerprint."""
         from .backbone import backbone_record, resolve_weights
         from .data import open_source, split_config
-        from .fingerprint import PREPROCESS_VERSION, fingerprint
+        from .fingerprint import fingerprint
         from .records import DECODE_FAST, DECODE_FULL
 
         source = open_source(self.data, self.splits, tfds_data_dir=self.tfds_data_dir)
-        weights = resolve_weights(self.weights, self.image_size)
+        weights = resolve_weights(self.weights, self.image_size, self.model)
         config = {
             "decode": DECODE_FAST if self.fast_decode else DECODE_FULL,
             "data": source.identity,
             "splits": split_config(source),
             "class_names": source.class_names,
-            **backbone_record(weights, self.image_size),
-            "preprocess_version": PREPROCESS_VERSION,
+            **backbone_record(weights, self.image_size),  # the model, its preprocessing's name and version
             "dtype": self.dtype,
         }
         if self.cut is not None:
             from .cut import cut_record
 
-            config["cut"] = cut_record(self.image_size, self.cut)  # the layer's name: --cut 99 and 100 share
+            config["cut"] = cut_record(self.image_size, self.cut, self.model)  # the layer's name: --cut 99 and 100 share
         if self.views:
             config["views"] = {"k": self.views, "augment": self.augment, "seed": self.view_seed}
         return ResolvedCache(self, source, weights, config, fingerprint(config))

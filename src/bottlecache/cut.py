@@ -22,13 +22,22 @@ from functools import lru_cache
 
 import numpy as np
 
-from .config import N_BASE_LAYERS, bottleneck_shape, check_range
+from .backbones import BACKBONES, DEFAULT_MODEL, get_backbone
+from .config import bottleneck_shape, check_range
 from .errors import BottlecacheError
 
+CUT_CONSTRUCTORS = ("MobileNetV2",)  # the registry's networks a cut cache is made for (tested on them)
 
-def check_cut(cut) -> int:
-    """``--cut L``: a fine-tune layer index with at least one frozen layer below it."""
-    return check_range("cut", cut, 1, N_BASE_LAYERS, high_open=False)
+
+def check_cut(cut, model: str = DEFAULT_MODEL) -> int:
+    """``--cut L``: a fine-tune layer index of ``model`` (a MobileNetV2 of the registry) with at
+    least one frozen layer below it."""
+    entry = get_backbone(model)
+    if entry.constructor not in CUT_CONSTRUCTORS:
+        supported = ", ".join(name for name, e in BACKBONES.items() if e.constructor in CUT_CONSTRUCTORS)
+        raise BottlecacheError(f"The 'cut' option is supported for the MobileNetV2 models only ({supported}); "
+                               f"got --model {model}.")
+    return check_range("cut", cut, 1, entry.n_layers, high_open=False)
 
 
 def cut_index(layers_inputs: list[list[int]], fine_tune_at: int) -> int:
@@ -62,21 +71,23 @@ def _inbound(model) -> list[list[int]]:
 
 
 @lru_cache(maxsize=None)
-def _architecture(image_size: int):
-    """MobileNetV2's layer names, inbound indices and output shapes (no weights needed)."""
+def _architecture(image_size: int, model: str = DEFAULT_MODEL):
+    """The registry entry ``model``'s layer names, inbound indices and output shapes (no weights needed)."""
     from ._tf import import_keras
 
     keras = import_keras()
-    model = keras.applications.MobileNetV2(input_shape=(image_size, image_size, 3), include_top=False, weights=None)
+    entry = get_backbone(model)
+    model = getattr(keras.applications, entry.constructor)(input_shape=(image_size, image_size, 3),
+                                                          include_top=False, weights=None, **entry.kwargs)
     names = [layer.name for layer in model.layers]
     shapes = [tuple(int(d) for d in layer.output.shape[1:]) for layer in model.layers]
     return names, _inbound(model), shapes
 
 
-def cut_record(image_size: int, fine_tune_at: int) -> dict:
+def cut_record(image_size: int, fine_tune_at: int, model: str = DEFAULT_MODEL) -> dict:
     """``{"layer": NAME, "shape": [h, w, c]}``: where the cut for ``fine_tune_at`` lies (the fingerprint's part)."""
-    check_cut(fine_tune_at)
-    names, inbound, shapes = _architecture(image_size)
+    check_cut(fine_tune_at, model)
+    names, inbound, shapes = _architecture(image_size, model)
     index = cut_index(inbound, fine_tune_at)
     if index == 0:
         raise BottlecacheError(
@@ -91,7 +102,7 @@ def feature_shape_of(config: dict) -> tuple[int, ...]:
     cut = config.get("cut")
     if cut:
         return tuple(int(d) for d in cut["shape"])
-    return bottleneck_shape(int(config["image_size"]))
+    return bottleneck_shape(int(config["image_size"]), config.get("model", DEFAULT_MODEL))
 
 
 def check_engine(config: dict, engine: str) -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._tf import import_tf
-from .config import DEFAULT_DATA, usable_cores
+from .config import DEFAULT_DATA, DEFAULT_MODEL, usable_cores
 from .errors import BottlecacheError, reason
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -32,8 +32,9 @@ _BOUND = re.compile(r"^-?\d+%?$")
 # The one preprocessing function
 
 
-def preprocess(image, image_size: int):
-    """The tutorial's preprocessing: cast to float32, bilinear resize, scale to [-1, 1].
+def preprocess(image, image_size: int, model: str = DEFAULT_MODEL):
+    """Cast to float32, bilinear resize, then the base's own scaling (for MobileNetV2, the
+    tutorial's: to [-1, 1]; each base's is named in ``bottlecache.backbones``).
 
     Used by every path: cache build, the end-to-end baselines, fine-tuning and prediction.
     Resizing before scaling gives the values of scaling first (bilinear weights sum to one; the
@@ -45,6 +46,8 @@ def preprocess(image, image_size: int):
     image : uint8 tensor or array, (H, W, 3) or (N, H, W, 3)
     image_size : int
         Output side in pixels.
+    model : str
+        The registered base whose preprocessing applies (default ``mobilenet_v2``).
 
     Returns
     -------
@@ -52,8 +55,10 @@ def preprocess(image, image_size: int):
     """
     import tensorflow as tf  # a plain import: this runs inside tf.data graphs too
 
+    from .backbones import preprocessing_of
+
     x = tf.image.resize(tf.cast(image, tf.float32), (image_size, image_size), method="bilinear")
-    return x / 127.5 - 1.0
+    return preprocessing_of(model)(x)
 
 
 def decode_image(encoded, fast_size: int | None = None):
@@ -81,12 +86,12 @@ def decode_image(encoded, fast_size: int | None = None):
     return tf.cond(tf.io.is_jpeg(encoded), scaled_jpeg, full)
 
 
-def load_image(path_or_bytes, image_size: int, fast_decode: bool = False):
+def load_image(path_or_bytes, image_size: int, fast_decode: bool = False, model: str = DEFAULT_MODEL):
     """Read (if a path), decode and preprocess one image, eagerly. Raises on an unreadable file."""
     tf = import_tf()
     if isinstance(path_or_bytes, (str, os.PathLike)):
         path_or_bytes = tf.io.read_file(str(path_or_bytes))
-    return preprocess(decode_image(path_or_bytes, image_size if fast_decode else None), image_size)
+    return preprocess(decode_image(path_or_bytes, image_size if fast_decode else None), image_size, model)
 
 
 def describe_failure(path_or_bytes) -> str:
@@ -191,17 +196,24 @@ class Source:
             raise BottlecacheError(f"The split {name!r} is not in this source. It has {', '.join(self.splits)}.")
         return self.splits[name]
 
-    def examples(self, name: str, start: int = 0):
-        """tf.data.Dataset of ``(index, key, label, encoded)`` for a split, from ``start`` on."""
+    def examples(self, name: str, start: int = 0, only=None):
+        """tf.data.Dataset of ``(index, key, label, encoded)`` for a split, from ``start`` on.
+
+        ``only``: a boolean mask over the split's indices; the others are left out (not read, for
+        a folder) — the examples an incremental build computes (reuse.py).
+        """
         tf = import_tf()
         split = self.split(name)
         if self.kind == "folder":
+            chosen = list(range(start, split.n_examples))
+            if only is not None:
+                chosen = [i for i in chosen if only[i]]
             ds = tf.data.Dataset.from_tensor_slices(
                 (
-                    tf.range(start, max(start, split.n_examples), dtype=tf.int64),
-                    tf.constant(split.keys[start:], tf.string),
-                    tf.constant(split.labels[start:], tf.int64),
-                    tf.constant(split.paths[start:], tf.string),
+                    tf.constant(chosen, tf.int64, shape=(len(chosen),)),
+                    tf.constant([split.keys[i] for i in chosen], tf.string, shape=(len(chosen),)),
+                    tf.constant([split.labels[i] for i in chosen], tf.int64, shape=(len(chosen),)),
+                    tf.constant([split.paths[i] for i in chosen], tf.string, shape=(len(chosen),)),
                 )
             )
             return ds.map(lambda i, k, y, p: (i, k, y, tf.io.read_file(p)), num_parallel_calls=usable_cores())
@@ -214,6 +226,9 @@ class Source:
             read_config=tfds.ReadConfig(add_tfds_id=True, interleave_cycle_length=1),
         )
         ds = ds.skip(start).enumerate(start)
+        if only is not None:
+            mask = tf.constant(list(map(bool, only)), tf.bool, shape=(len(only),))
+            ds = ds.filter(lambda i, ex: tf.gather(mask, i))
         return ds.map(lambda i, ex: (i, ex["tfds_id"], tf.cast(ex["label"], tf.int64), ex["image"]))
 
     def example(self, name: str, index: int):
@@ -442,19 +457,20 @@ def split_config(source: Source) -> dict:
 
 
 def image_dataset(source: Source, split: str, image_size: int, *, start: int = 0, ordered=None,
-                  fast_decode: bool = False, parallel: int | None = None):
-    """``(index, key, label, image)`` with the shared preprocessing; undecodable files dropped.
+                  fast_decode: bool = False, parallel: int | None = None, only=None, model: str = DEFAULT_MODEL):
+    """``(index, key, label, image)`` with the shared preprocessing of ``model``; undecodable files dropped.
 
     ``ordered`` is an optional ``(index, key, label, encoded)`` dataset to use instead of the
     split's own order (a shuffled one, for training). ``fast_decode``: see ``decode_image``.
-    ``parallel``: images decoded at once (default: the usable cores).
+    ``parallel``: images decoded at once (default: the usable cores). ``only``: see
+    ``Source.examples``.
 
     tf.data's autotuning is off (see ``pipeline_options``).
     """
-    ds = ordered if ordered is not None else source.examples(split, start)
+    ds = ordered if ordered is not None else source.examples(split, start, only)
     fast_size = image_size if fast_decode else None
     ds = ds.map(
-        lambda i, k, y, e: (i, k, y, preprocess(decode_image(e, fast_size), image_size)),
+        lambda i, k, y, e: (i, k, y, preprocess(decode_image(e, fast_size), image_size, model)),
         num_parallel_calls=parallel or usable_cores(),
         deterministic=True,
     )
@@ -483,6 +499,7 @@ def training_dataset(
     shuffle: bool = False,
     seed: int = 0,
     augment=None,
+    model: str = DEFAULT_MODEL,
 ):
     """Batches of ``(images, labels)`` for ``model.fit``, decoded every epoch (the tutorial's way).
 
@@ -491,7 +508,7 @@ def training_dataset(
     ordered = source.examples(split)
     if shuffle:
         ordered = ordered.shuffle(source.split(split).n_examples, seed=seed, reshuffle_each_iteration=True)
-    ds = image_dataset(source, split, image_size, ordered=ordered).map(lambda i, k, y, x: (x, y))
+    ds = image_dataset(source, split, image_size, ordered=ordered, model=model).map(lambda i, k, y, x: (x, y))
     ds = ds.batch(batch_size)
     if augment is not None:
         ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=usable_cores())

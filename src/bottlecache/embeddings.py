@@ -118,19 +118,21 @@ def find_key(emb: Embeddings, key: str, where) -> int:
 
 
 def image_pooled(cache, path: Path, weights=None) -> np.ndarray:
-    """An image's (1, 1280) pooled features from the cache's backbone, decoded as the cache was."""
+    """An image's (1, channels) pooled features from the cache's backbone, decoded as the cache was."""
     from .backbone import load_backbone, resolve_weights
+    from .config import DEFAULT_MODEL
     from .data import describe_failure, load_image
     from .records import DECODE_FAST
 
-    ref = resolve_weights(weights if weights is not None else cache.build_info.get("weights"), cache.image_size)
+    model = cache.config.get("model", DEFAULT_MODEL)
+    ref = resolve_weights(weights if weights is not None else cache.build_info.get("weights"), cache.image_size, model)
     if ref.sha256 != cache.config["weights_sha256"]:
         raise BottlecacheError(
             f"The weights {ref.spec} are not the ones the cache was built with (sha256 {ref.sha256[:12]}, the cache "
             f"{cache.config['weights_sha256'][:12]}); pass the cache's weights file with --weights."
         )
     try:
-        image = load_image(path, cache.image_size, cache.config["decode"] == DECODE_FAST)
+        image = load_image(path, cache.image_size, cache.config["decode"] == DECODE_FAST, model)
     except Exception:  # the decoder's reason, in one line
         raise BottlecacheError(f"The image {path} cannot be read: {describe_failure(path)}.") from None
     base = load_backbone(ref, cache.image_size)

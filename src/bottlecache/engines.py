@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ._tf import import_tf
-from .config import usable_cores
+from .config import DEFAULT_MODEL, usable_cores
 from .errors import BottlecacheError, reason
 from .files import atomic_write_text
 from .fingerprint import sha256_file
@@ -48,9 +48,9 @@ def litert_available() -> bool:
     return True
 
 
-def flatbuffer_path(cache_dir: Path, weights_sha256: str, image_size: int) -> Path:
+def flatbuffer_path(cache_dir: Path, weights_sha256: str, image_size: int, model: str = DEFAULT_MODEL) -> Path:
     tf = import_tf()
-    return Path(cache_dir) / "engines" / f"mobilenet_v2-{image_size}-{weights_sha256[:12]}-tf{tf.__version__}.tflite"
+    return Path(cache_dir) / "engines" / f"{model}-{image_size}-{weights_sha256[:12]}-tf{tf.__version__}.tflite"
 
 
 def convert_to_flatbuffer(model, path: Path) -> Path:
@@ -104,9 +104,9 @@ def checked_engine(name: str, weights, image_size: int, *, cache_dir) -> "LiteRT
     checking it again would only repeat that result. The build then needs neither the Keras base
     nor a probe batch: it starts on the first image seconds sooner (docs/engines.md).
     """
-    if name not in ("auto", "litert") or not litert_available():
+    if name not in ("auto", "litert") or not weights.backbone.litert or not litert_available():
         return None
-    path = flatbuffer_path(cache_dir, weights.sha256, image_size)
+    path = flatbuffer_path(cache_dir, weights.sha256, image_size, weights.model)
     check = (_record(path) or {}).get("check")
     if not isinstance(check, dict) or check.get("litert") != _litert_version():
         return None
@@ -132,7 +132,7 @@ class LiteRTEngine:
     """The base as a LiteRT flatbuffer run by the XNNPACK CPU kernels."""
 
     name = "litert"
-    batch_size = 8
+    batch_size = 4  # measured: python -m benchmarks.profile_build --engine-grid (docs/engines.md, "Batch size and threads")
 
     def __init__(self, flatbuffer: Path, threads: int | None = None):
         from ai_edge_litert.interpreter import Interpreter
@@ -161,30 +161,38 @@ class LiteRTEngine:
         return self.interpreter.get_tensor(self._output).copy()
 
 
-def probe_images(source, split: str, image_size: int, n: int = PROBE_IMAGES) -> np.ndarray:
+def probe_images(source, split: str, image_size: int, n: int = PROBE_IMAGES, model: str = DEFAULT_MODEL) -> np.ndarray:
     from .data import image_dataset
 
-    images = [x for _, _, _, x in image_dataset(source, split, image_size).take(n).as_numpy_iterator()]
+    images = [x for _, _, _, x in image_dataset(source, split, image_size, model=model).take(n).as_numpy_iterator()]
     if not images:
         raise BottlecacheError(f"No image of the split {split!r} decodes; nothing to build.")
     return np.stack(images)
 
 
-def make_engine(name: str, model, weights, image_size: int, *, cache_dir, probe=None, images=None):
+def make_engine(name: str, model, weights, image_size: int, *, cache_dir, probe=None, images=None, threads=None):
     """The engine ``name`` (``auto``, ``keras``, ``litert``) for a loaded Keras base.
 
     ``probe`` is ``(source, split)`` whose first images check the engine against Keras (or pass
-    ``images`` directly). The measured difference is kept as ``engine.max_abs_diff``.
+    ``images`` directly). The measured difference is kept as ``engine.max_abs_diff``. ``threads``:
+    LiteRT's threads (default: the usable cores; Keras's are TensorFlow's, set before it starts). A base the
+    registry marks Keras-only (``bottlecache.backbones``) gets Keras under ``auto``, and an error
+    naming the reason under ``litert``.
     """
     keras_engine = KerasEngine(model)
-    if name == "keras" or (name == "auto" and not litert_available()):
+    entry = weights.backbone
+    if name == "keras" or (name == "auto" and (not litert_available() or not entry.litert)):
         return keras_engine
+    if not entry.litert:
+        raise BottlecacheError(
+            f"The 'litert' engine does not run {entry.name} ({entry.keras_only_reason}); use --engine keras or auto."
+        )
     if not litert_available():
         raise BottlecacheError("The 'litert' engine needs the package ai-edge-litert: pip install ai-edge-litert.")
-    path = convert_to_flatbuffer(model, flatbuffer_path(cache_dir, weights.sha256, image_size))
-    engine = LiteRTEngine(path)
+    path = convert_to_flatbuffer(model, flatbuffer_path(cache_dir, weights.sha256, image_size, entry.name))
+    engine = LiteRTEngine(path, threads)
     if images is None:
-        images = probe_images(*probe, image_size)
+        images = probe_images(*probe, image_size, model=entry.name)
     diff = float(np.max(np.abs(engine(images) - keras_engine(images))))
     engine.max_abs_diff = diff
     engine.checked = "probe"

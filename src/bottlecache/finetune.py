@@ -22,8 +22,9 @@ import numpy as np
 
 from ._tf import import_keras, import_tf
 from .backbone import backbone_record, load_backbone
-from .config import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_FINE_TUNE_AT, DEFAULT_IMAGE_SIZE, MAX_BATCH_SIZE, MAX_EPOCHS, \
-    MAX_VIEWS, N_BASE_LAYERS, CacheSettings, check_folder_option, check_positive, check_range, check_seed
+from .backbones import get_backbone
+from .config import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL, MAX_BATCH_SIZE, MAX_EPOCHS, \
+    MAX_VIEWS, CacheSettings, check_folder_option, check_positive, check_range, check_seed
 from .data import image_dataset, training_dataset
 from .errors import BottlecacheError
 from .files import atomic_save, atomic_write_text, ensure_cache_dir, write_error
@@ -143,8 +144,8 @@ def epoch_checkpoint(folder: Path, state: dict, patience, progress, n_images: in
     return EpochCheckpoint()
 
 
-def _evaluate(model, source, split: str, image_size: int, batch_size: int) -> dict:
-    ds = image_dataset(source, split, image_size).map(lambda i, k, y, x: (x, y)).batch(batch_size)
+def _evaluate(model, source, split: str, image_size: int, batch_size: int, base: str = DEFAULT_MODEL) -> dict:
+    ds = image_dataset(source, split, image_size, model=base).map(lambda i, k, y, x: (x, y)).batch(batch_size)
     logits, labels = [], []
     for x, y in ds:
         logits.append(np.asarray(model(x, training=False)))
@@ -205,7 +206,7 @@ def finetune(
     cache_dir=None,
     head=None,
     head_epochs: int = 10,
-    fine_tune_at: int = DEFAULT_FINE_TUNE_AT,
+    fine_tune_at: int | None = None,
     epochs: int = 10,
     learning_rate: float = 1e-5,
     batch_size: int = 32,
@@ -220,18 +221,20 @@ def finetune(
     dtype: str = DEFAULT_DTYPE,
     cut_cache=None,
     progress=None,
+    model: str = DEFAULT_MODEL,
 ) -> FinetuneResult:
-    """Fine-tune MobileNetV2 from ``fine_tune_at`` on, warm-started from a cached Keras head.
+    """Fine-tune the base from ``fine_tune_at`` on, warm-started from a cached Keras head.
 
     Parameters
     ----------
-    data, splits, image_size, weights, cache_dir, tfds_data_dir
+    data, splits, image_size, weights, cache_dir, tfds_data_dir, model
         What defines the cache (``bottlecache.config.CacheSettings``), resolved once.
     head : path, optional
         A Keras head folder from ``train_head``. Without it, the cache is built (or found) and a
         head is trained on it for ``head_epochs`` first: the tutorial's two phases.
-    fine_tune_at : int
-        Layers of the base before this index stay frozen (default 100, as in the tutorial).
+    fine_tune_at : int, optional
+        Layers of the base before this index stay frozen. Default: the model's top part
+        (``bottlecache.backbones``; for MobileNetV2, layer 100 as in the tutorial).
     epochs, learning_rate, batch_size, seed, augment, early_stopping
         Training settings (RMSprop, as in the tutorial). The best epoch by validation loss is kept.
     out : path, optional
@@ -257,8 +260,10 @@ def finetune(
     FinetuneResult
     """
     settings = CacheSettings(data, None if splits is None else tuple(splits), image_size, weights, dtype,
-                             tfds_data_dir=tfds_data_dir, cache_dir=cache_dir)
-    params = check_params(fine_tune_at=fine_tune_at, epochs=epochs, learning_rate=learning_rate,
+                             tfds_data_dir=tfds_data_dir, cache_dir=cache_dir, model=model)
+    if fine_tune_at is None:
+        fine_tune_at = get_backbone(model).fine_tune_at
+    params = check_params(model=model, fine_tune_at=fine_tune_at, epochs=epochs, learning_rate=learning_rate,
                           batch_size=batch_size, seed=seed, augment=augment, early_stopping=early_stopping,
                           from_cache=from_cache, views=views)
     if cut_cache is not None and not from_cache:
@@ -299,13 +304,13 @@ def finetune(
         raise write_error(out, error, "finished epochs are kept; run again with --resume") from None
 
 
-def check_params(**params) -> dict:
-    """The fine-tuning settings, each range-checked (sklearn-style messages)."""
+def check_params(model: str = DEFAULT_MODEL, **params) -> dict:
+    """The fine-tuning settings of a run on the base ``model``, each range-checked (sklearn-style messages)."""
     check_positive("epochs", params["epochs"], maximum=MAX_EPOCHS)
     check_positive("learning_rate", params["learning_rate"], float, maximum=MAX_LEARNING_RATE)
     check_positive("batch_size", params["batch_size"], maximum=MAX_BATCH_SIZE)
     check_seed(params["seed"])
-    check_range("fine_tune_at", params["fine_tune_at"], 0, N_BASE_LAYERS, high_open=False)
+    check_range("fine_tune_at", params["fine_tune_at"], 0, get_backbone(model).n_layers, high_open=False)
     if params["early_stopping"] is not None:
         check_positive("early_stopping", params["early_stopping"], maximum=MAX_EPOCHS)
     params["augment"] = bool(params["augment"])
@@ -379,7 +384,8 @@ def _resume_state(out: Path, run_config: dict) -> dict:
     for key in sorted(set(before.get("params", {})) | set(now["params"])):
         if before.get("params", {}).get(key) != now["params"].get(key):
             differ.append(f"{_option(key)} {before.get('params', {}).get(key)!r} -> {now['params'].get(key)!r}")
-    names = {"data": "--data", "splits": "--split", "backbone": "--weights/--image-size", "head": "--head", "cut_cache": "--from-cache/--dtype"}
+    names = {"data": "--data", "splits": "--split", "backbone": "--model/--weights/--image-size", "head": "--head",
+             "cut_cache": "--from-cache/--dtype"}
     differ += [f"{names.get(k, k)} changed" for k in sorted(set(before) | set(now)) if k != "params"
                and before.get(k) != now.get(k)]
     if differ:
@@ -401,6 +407,7 @@ def _read_state(out: Path) -> dict:
 def _run(out: Path, resolved, loaded, head: Path, run_config: dict, state: dict | None, progress, cut=None,
          cut_cache=None) -> FinetuneResult:
     params, source, image_size = run_config["params"], resolved.source, resolved.settings.image_size
+    base_name = resolved.settings.model
     # from the cache: batches of cut activations instead of images (built first if missing)
     data = _cut_data(cut, cut_cache, params, progress) if cut is not None else None
     checkpoint = out / CHECKPOINT_DIR
@@ -415,14 +422,14 @@ def _run(out: Path, resolved, loaded, head: Path, run_config: dict, state: dict 
         state = {"epoch": 0, "history": {}, "best": None, "best_epoch": 0, "config": canonical_json(run_config)}
         model, head_metrics = _warm_start(resolved, loaded, params, checkpoint, cut, data)
         state["best"] = head_metrics["validation"]["log_loss"]  # the warm start is epoch 0: kept unless beaten
-    train_seconds = _fit(model, source, image_size, params, state, checkpoint, progress, data)
+    train_seconds = _fit(model, source, image_size, params, state, checkpoint, progress, base_name, data)
     if (checkpoint / "best.weights.h5").exists():
         model.load_weights(checkpoint / "best.weights.h5")
     if cut is not None:  # the trained layers put back into the whole base: the model takes images
         from .cut import full_model
 
         model = full_model(model, load_backbone(resolved.weights, image_size), params["fine_tune_at"], image_size)
-    metrics = {split: _evaluate(model, source, split, image_size, params["batch_size"])
+    metrics = {split: _evaluate(model, source, split, image_size, params["batch_size"], base_name)
                for split in source.splits if split != "train"}
     for split in metrics:
         head_metrics.setdefault(split, None)
@@ -452,7 +459,7 @@ def _warm_start(resolved, loaded, params: dict, checkpoint: Path, cut=None, data
     With a ``cut`` (``--from-cache``): the head on the base above the cut, measured on the cached
     validation activations (what the epochs' validation loss is measured on too).
     """
-    source, image_size = resolved.source, resolved.settings.image_size
+    source, image_size, base_name = resolved.source, resolved.settings.image_size, resolved.settings.model
     base = load_backbone(resolved.weights, image_size)
     if cut is not None:
         from .cut import cut_model
@@ -461,7 +468,8 @@ def _warm_start(resolved, loaded, params: dict, checkpoint: Path, cut=None, data
         head_metrics = {"validation": _evaluate_batches(model, data[1], source.class_names)}
     else:
         model = attach_head(base, loaded.head.model, image_size, params["augment"])
-        head_metrics = {"validation": _evaluate(model, source, "validation", image_size, params["batch_size"])}
+        head_metrics = {"validation": _evaluate(model, source, "validation", image_size, params["batch_size"],
+                                                base_name)}
     unfreeze(base, params["fine_tune_at"])
     compile_for(model, len(source.class_names), params["learning_rate"])
     checkpoint.mkdir(parents=True, exist_ok=True)
@@ -470,15 +478,17 @@ def _warm_start(resolved, loaded, params: dict, checkpoint: Path, cut=None, data
     return model, head_metrics
 
 
-def _fit(model, source, image_size: int, params: dict, state: dict, checkpoint: Path, progress, data=None) -> float:
+def _fit(model, source, image_size: int, params: dict, state: dict, checkpoint: Path, progress,
+         base_name: str = DEFAULT_MODEL, data=None) -> float:
     """Train from the state's epoch on; returns the seconds it took. ``data``: ``(train, validation,
     n_train)`` batches to use instead of the images (``--from-cache``)."""
     batch_size, early_stopping = params["batch_size"], params["early_stopping"]
     if data is not None:
         train, validation, n_train = data
     else:
-        train = training_dataset(source, "train", image_size, batch_size, shuffle=True, seed=params["seed"])
-        validation = training_dataset(source, "validation", image_size, batch_size)
+        train = training_dataset(source, "train", image_size, batch_size, shuffle=True, seed=params["seed"],
+                                 model=base_name)
+        validation = training_dataset(source, "validation", image_size, batch_size, model=base_name)
         n_train = source.split("train").n_examples
     callback = epoch_checkpoint(checkpoint, state, early_stopping, progress, n_train, batch_size)
     started = time.perf_counter()

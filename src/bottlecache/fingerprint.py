@@ -13,8 +13,8 @@ from typing import Any
 
 FORMAT_NAME = "bottlecache"
 FORMAT_VERSION = 1
-# Bumped whenever the shared preprocessing function changes what it outputs.
-PREPROCESS_VERSION = 2  # 2: resize before scaling (same values within float32 rounding)
+# Each base's preprocessing has its own name and version (bottlecache.backbones.PREPROCESSINGS),
+# bumped whenever that function changes what it outputs; both are in every cache's config.
 
 
 def _typed(value: Any) -> Any:

@@ -25,7 +25,7 @@ from .records import HEAD_FORMAT, RECORD_VERSION, HeadRecord, MetricsRecord, dif
 KINDS = ("sklearn", "keras")
 CLASS_WEIGHTS = ("none", "balanced")  # balanced: each class weighted n / (k * its count), as scikit-learn's
 OPTIMIZERS = ("rmsprop", "adam")
-BACKBONE_KEYS = ("model", "alpha", "image_size", "weights_sha256", "preprocess_version")
+BACKBONE_KEYS = ("model", "alpha", "preprocess", "image_size", "weights_sha256", "preprocess_version")
 MAX_C = 1e12
 MAX_LEARNING_RATE = 10.0
 HEAD_ADVICE = "train the head again with `bottlecache cache train-head`"
@@ -585,7 +585,7 @@ def save_head(result: HeadResult, cache, out=None, cache_dir=None) -> Path:
         "class_names": cache.class_names,
         "feature_shape": list(cache.feature_shape),
         "params": result.params,
-        "backbone": {key: cache.config.get(key) for key in BACKBONE_KEYS},
+        "backbone": {key: cache.config[key] for key in BACKBONE_KEYS if key in cache.config},
         "weights": cache.build_info.get("weights"),
         "cache": {"path": str(cache.path.resolve()), "fingerprint": cache.fingerprint, "config": cache.config},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

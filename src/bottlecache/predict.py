@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import DEFAULT_MODEL
 from .data import IMAGE_EXTENSIONS, load_image, preprocess
 from .errors import BottlecacheError, reason
 from .records import DECODE_FAST, MODEL_FORMAT, RECORD_VERSION, ModelRecord, read_json
@@ -30,6 +31,7 @@ class Predictor:
     image_size: int
     _predict_batch: object = field(repr=False)
     fast_decode: bool = False  # as the cache the head was trained on was decoded
+    model: str = DEFAULT_MODEL  # the base, whose preprocessing the images get (bottlecache.backbones)
 
     def predict(self, items, batch_size: int = 32) -> list[dict]:
         """One dict per item (a path or a uint8 (H, W, 3) array): path, label, probability,
@@ -39,9 +41,9 @@ class Predictor:
             name = str(item) if isinstance(item, (str, os.PathLike)) else f"<array {len(rows)}>"
             try:
                 if isinstance(item, (str, os.PathLike)):
-                    image = load_image(item, self.image_size, self.fast_decode)
+                    image = load_image(item, self.image_size, self.fast_decode, self.model)
                 else:
-                    image = preprocess(np.asarray(item), self.image_size)
+                    image = preprocess(np.asarray(item), self.image_size, self.model)
                 images.append(np.asarray(image))
                 slots.append(len(rows))
                 rows.append({"path": name})
@@ -106,7 +108,8 @@ def _load_finetuned(folder: Path) -> Predictor:
     n_outputs = 1 if len(record.class_names) == 2 else len(record.class_names)
     check_model_shapes(model, folder / "model.keras", (None, size, size, 3), n_outputs, MODEL_ADVICE)
     return Predictor(folder, "model", list(record.class_names), size,
-                     lambda x: probabilities_from_logits(np.asarray(model(x, training=False))))
+                     lambda x: probabilities_from_logits(np.asarray(model(x, training=False))),
+                     model=record.backbone.model)
 
 
 def _load_head(folder: Path, weights) -> Predictor:
@@ -114,8 +117,8 @@ def _load_head(folder: Path, weights) -> Predictor:
     from .heads import load_head
 
     loaded = load_head(folder)
-    size = int(loaded.backbone["image_size"])
-    weights_ref = resolve_weights(weights if weights is not None else loaded.record.get("weights"), size)
+    size, base_name = int(loaded.backbone["image_size"]), loaded.backbone["model"]
+    weights_ref = resolve_weights(weights if weights is not None else loaded.record.get("weights"), size, base_name)
     loaded.check_backbone(weights_sha256=weights_ref.sha256)
     base = load_backbone(weights_ref, size)
 
@@ -123,7 +126,7 @@ def _load_head(folder: Path, weights) -> Predictor:
         return loaded.predict_proba(np.asarray(base(x, training=False)))
 
     fast = loaded.record["cache"]["config"]["decode"] == DECODE_FAST
-    return Predictor(folder, "head", loaded.class_names, size, predict_batch, fast)
+    return Predictor(folder, "head", loaded.class_names, size, predict_batch, fast, base_name)
 
 
 def expand_images(items) -> list[Path]:

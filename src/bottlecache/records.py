@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, Json, ValidationError, model_validator
 
+from .backbones import BACKBONES, PREPROCESSINGS
 from .config import DTYPES, IMAGE_SIZES, SEED_LIMIT, bottleneck_shape
 from .errors import BottlecacheError, reason
 
@@ -45,12 +46,31 @@ def _unique(names: list[str], field: str) -> None:
         raise ValueError(f"'{field}' must not repeat a name")
 
 
+ModelName = Literal[tuple(BACKBONES)]  # type: ignore[valid-type]
+PreprocessName = Literal[tuple(PREPROCESSINGS)]  # type: ignore[valid-type]
+
+
+def _check_backbone_fields(record) -> None:
+    """The model's alpha and preprocessing as its registry entry has them (absent: the legacy ones)."""
+    entry = BACKBONES[record.model]
+    if record.alpha != entry.alpha:
+        raise ValueError(f"'alpha' {record.alpha} is not {record.model}'s ({entry.alpha})")
+    if (record.preprocess or "scale_pm1") != entry.preprocessing:
+        raise ValueError(f"'preprocess' {record.preprocess!r} is not {record.model}'s ({entry.preprocessing!r})")
+
+
 class BackboneRecord(Record):
-    model: Literal["mobilenet_v2"]
-    alpha: FiniteFloat = Field(gt=0)
+    model: ModelName
+    alpha: FiniteFloat | None = Field(default=None, gt=0)
+    preprocess: PreprocessName | None = None  # None: scale_pm1 (records made before the registry)
     image_size: Literal[IMAGE_SIZES]  # type: ignore[valid-type]
     weights_sha256: Sha256
     preprocess_version: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _rules(self):
+        _check_backbone_fields(self)
+        return self
 
 
 class CutRecord(Record):
@@ -75,8 +95,9 @@ class CacheConfig(Record):
     data: dict[str, Any]
     splits: dict[str, str]
     class_names: ClassNames
-    model: Literal["mobilenet_v2"]
-    alpha: FiniteFloat = Field(gt=0)
+    model: ModelName
+    alpha: FiniteFloat | None = Field(default=None, gt=0)
+    preprocess: PreprocessName | None = None
     image_size: Literal[IMAGE_SIZES]  # type: ignore[valid-type]
     weights_sha256: Sha256
     preprocess_version: int = Field(ge=1)
@@ -87,6 +108,7 @@ class CacheConfig(Record):
     @model_validator(mode="after")
     def _rules(self):
         _unique(self.class_names, "class_names")
+        _check_backbone_fields(self)
         if not self.splits:
             raise ValueError("'splits' must name at least one split")
         return self
@@ -140,13 +162,13 @@ class HeadRecord(Record):
     @model_validator(mode="after")
     def _rules(self):
         _unique(self.class_names, "class_names")
-        expected = bottleneck_shape(self.backbone.image_size)
+        expected = bottleneck_shape(self.backbone.image_size, self.backbone.model)
         if tuple(self.feature_shape) != expected:
             raise ValueError(f"'feature_shape' {list(self.feature_shape)} is not the bottleneck {list(expected)} "
                              f"of image size {self.backbone.image_size}")
         if self.cache.config.class_names != self.class_names:
             raise ValueError("'class_names' differs from the classes of the cache it was trained on")
-        for key in ("image_size", "weights_sha256", "preprocess_version", "model"):
+        for key in ("image_size", "weights_sha256", "preprocess_version", "model", "alpha", "preprocess"):
             if getattr(self.cache.config, key) != getattr(self.backbone, key):
                 raise ValueError(f"backbone.{key} differs from the cache's {key}")
         return self

@@ -201,7 +201,8 @@ def _evaluate_model(predictor, split, data, tfds_data_dir, progress) -> Evaluati
     if progress is not None:
         progress.start_split(split, n, 0)
     labels, keys, proba = [], [], []
-    ds = image_dataset(source, split, predictor.image_size, fast_decode=predictor.fast_decode).batch(32)
+    ds = image_dataset(source, split, predictor.image_size, fast_decode=predictor.fast_decode,
+                       model=predictor.model).batch(32)
     for _, k, y, x in ds:
         proba.append(predictor._predict_batch(np.asarray(x)))
         labels.append(y.numpy())

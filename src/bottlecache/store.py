@@ -8,6 +8,7 @@ Layout of ``<dataset>-<model>-<size>-<fingerprint12>.h5``::
     /<split>/pooled   (N, 1280) float32: mean over the spatial axes of the float32 features
     /<split>/labels   (N,) int64
     /<split>/keys     (N,) UTF-8: relative path or tfds id
+    /<split>/content  (N, 32) uint8: sha256 of the file's bytes, or of the tfds id (content.py)
     /<split>/skipped  (M, 2) UTF-8: key, reason
     /train/view_features (N, K, s, s, 1280), /train/view_pooled (N, K, 1280): with ``--views K``
                       only, the K augmented views of each train row (``bottlecache.augment``)
@@ -59,6 +60,7 @@ DAMAGED_ADVICE = ("delete or move the file, then run `bottlecache cache build` w
 SPLIT_DATASETS = ("features", "pooled", "labels", "keys", "skipped")
 VIEW_DATASETS = ("view_features", "view_pooled")  # in the train split of a cache built with views
 VIEWS_SPLIT = "train"
+CONTENT = "content"  # per-row content digests (content.py); caches written before it lack them
 
 
 def cache_file_name(dataset: str, model: str, image_size: int, fp: str) -> str:
@@ -179,7 +181,7 @@ class PartialCache:
                 rows, n_skipped = int(group.attrs["n_rows"]), int(group.attrs["n_skipped"])
                 for key, n in (("keys", rows), ("skipped", n_skipped)):
                     _clear_strings_from(group[key], n)
-                row_keys = ["features", "pooled", "labels", "keys", *(k for k in VIEW_DATASETS if k in group)]
+                row_keys = ["features", "pooled", "labels", "keys", CONTENT, *(k for k in VIEW_DATASETS if k in group)]
                 for key in row_keys:
                     group[key].resize(rows, axis=0)
                 group["skipped"].resize(n_skipped, axis=0)
@@ -231,6 +233,8 @@ class PartialCache:
                     chunks=(POOLED_CHUNK_ROWS, views, n_channels), **checked,
                 )
             group.create_dataset("keys", (0,), dtype=_STR, maxshape=(None,), chunks=(4096,))
+            group.create_dataset(CONTENT, (0, 32), dtype="uint8", maxshape=(None, 32),
+                                 chunks=(FEATURE_CHUNK_ROWS, 32), **checked)
             group.create_dataset("skipped", (0, 2), dtype=_STR, maxshape=(None, 2), chunks=(256, 2))
             for key, value in attrs.items():
                 group.attrs[key] = value
@@ -243,16 +247,18 @@ class PartialCache:
         group = self.file[split]
         return int(group.attrs["n_done"]), bool(group.attrs["complete"])
 
-    def append(self, split: str, features, pooled, labels, keys, skipped, n_done: int, views=None) -> None:
+    def append(self, split: str, features, pooled, labels, keys, skipped, n_done: int, views=None,
+               contents=None) -> None:
         """Write one batch's rows, then commit them (attributes, flush, fsync). ``views``: the rows'
-        ``(view_features, view_pooled)`` in a split built with views."""
+        ``(view_features, view_pooled)`` in a split built with views; ``contents``: the rows' (n, 32)
+        content digests."""
         group = self.file[split]
         view_keys = [k for k in VIEW_DATASETS if k in group]
         rows, n = int(group.attrs["n_rows"]), len(labels)
         # every chunk this batch touches, at its raw size, and the strings: the most it can write
         need = sum(len(str(text).encode("utf-8")) + 64 for text in [*keys, *(t for pair in skipped for t in pair)])
         n_skipped = int(group.attrs["n_skipped"])
-        for key in ("features", "pooled", "labels", "keys", "skipped", *view_keys):
+        for key in ("features", "pooled", "labels", "keys", CONTENT, "skipped", *view_keys):
             first, count = (n_skipped, len(skipped)) if key == "skipped" else (rows, n)
             dataset, per_chunk = group[key], group[key].chunks[0]
             if count:
@@ -262,7 +268,9 @@ class PartialCache:
                 need += touched * per_row_chunks * int(np.prod(dataset.chunks)) * itemsize
         # Whole chunks are compressed and checksummed here, with the GIL released (chunks.py);
         # HDF5 would do it inside the write, holding the GIL the engine's thread needs.
-        columns = [("features", features), ("pooled", pooled), ("labels", labels), ("keys", keys)] if n else []
+        contents = np.zeros((n, 32), np.uint8) if contents is None else contents
+        columns = [("features", features), ("pooled", pooled), ("labels", labels), ("keys", keys),
+                   (CONTENT, contents)] if n else []
         if n and view_keys:
             if views is None:
                 raise ValueError(f"split {split!r} holds views: a batch without them cannot be appended")
@@ -425,6 +433,8 @@ class Cache:
                 if missing:
                     raise BottlecacheError(f"{where}: split {split!r} has no {', '.join(missing)}; {DAMAGED_ADVICE}")
                 shapes.update(view_features=(n, self.n_views, *expected), view_pooled=(n, self.n_views, expected[-1]))
+            if CONTENT in group:
+                shapes[CONTENT] = (n, 32)
             wrong = [f"{k} {group[k].shape}" for k, shape in shapes.items() if group[k].shape != shape]
             if n < 0 or wrong or group["skipped"].ndim != 2:
                 raise BottlecacheError(
@@ -432,6 +442,7 @@ class Cache:
                     f"expected {n} rows of {expected}); {DAMAGED_ADVICE}"
                 )
             self._check_commit_record(split, group, n)
+            check_virtual_sources(self.path, split, group)
 
     def _check_commit_record(self, split: str, group, n_rows: int) -> None:
         """The split's commit record must agree with its arrays: ``n_rows`` rows, ``n_skipped``
@@ -507,6 +518,14 @@ class Cache:
     def keys(self, split: str) -> list[str]:
         return [_text(k) for k in self._read(split, "keys", None)]
 
+    def has_contents(self) -> bool:
+        """Whether every split stores its rows' content digests (caches from before them do not)."""
+        return all(isinstance(self.file[s].get(CONTENT), h5py.Dataset) for s in self.splits)
+
+    def contents(self, split: str) -> np.ndarray:
+        """(N, 32) uint8: each row's content digest (see bottlecache.content)."""
+        return self._read(split, CONTENT, None)
+
     def skipped(self, split: str) -> list[tuple[str, str]]:
         return [(_text(k), _text(r)) for k, r in self._read(split, "skipped", None)]
 
@@ -522,7 +541,7 @@ class Cache:
 
     def nbytes(self, split: str) -> int:
         group = self._group(split)
-        return sum(group[k].id.get_storage_size() for k in (*SPLIT_DATASETS, *VIEW_DATASETS) if k in group)
+        return sum(group[k].id.get_storage_size() for k in (*SPLIT_DATASETS, CONTENT, *VIEW_DATASETS) if k in group)
 
     def dataset(self, split: str, what: str = "features", batch_size: int | None = None):
         """A ``tf.data.Dataset`` of ``(x, label)`` streamed from the file chunk by chunk.
@@ -559,6 +578,25 @@ class Cache:
         differ = differences(self.config, expected, "cache")
         if differ:
             raise CacheMismatchError(f"{self.path.name} does not match: {differ}.")
+
+
+def check_virtual_sources(path: Path, split: str, group) -> None:
+    """Every file a virtual dataset (a cache joined from shards) reads from must exist: HDF5 reads a
+    missing source as fill values, without an error. Relative sources lie beside the cache file."""
+    for name in ("features", "pooled"):
+        dataset = group[name]
+        if not dataset.is_virtual:
+            continue
+        for source in dataset.virtual_sources():
+            if source.file_name == ".":
+                continue
+            shard = Path(source.file_name)
+            shard = shard if shard.is_absolute() else Path(path).parent / shard
+            if not shard.is_file():
+                raise BottlecacheError(
+                    f"{path}: split {split!r} {name} reads from the shard {shard}, which is missing; restore "
+                    f"the shard folder beside the cache, or {DAMAGED_ADVICE}"
+                )
 
 
 def _check_fingerprint(attrs: dict, where: str) -> None:
@@ -673,7 +711,7 @@ def verify_cache(path) -> VerifyReport:
             group = cache.file[split]
             n = group["labels"].shape[0]
             report.counts[split] = n
-            lengths = {k: group[k].shape[0] for k in ("features", "pooled", "labels", "keys")}
+            lengths = {k: group[k].shape[0] for k in ("features", "pooled", "labels", "keys", CONTENT) if k in group}
             if len(set(lengths.values())) != 1 or n != int(group.attrs.get("n_rows", -1)):
                 report.problems.append(f"split {split!r}: row counts disagree {lengths}")
             if tuple(group["features"].shape[1:]) != expected_shape:
@@ -682,9 +720,11 @@ def verify_cache(path) -> VerifyReport:
                 )
             if n + group["skipped"].shape[0] != int(group.attrs.get("n_examples", -1)):
                 report.problems.append(f"split {split!r}: {n} rows + skipped is not the split's n_examples")
-            for name in ("features", "pooled", "labels", *(k for k in VIEW_DATASETS if k in group)):
+            for name in ("features", "pooled", "labels", CONTENT, *(k for k in VIEW_DATASETS if k in group)):
+                if name not in group:
+                    continue
                 dataset = group[name]
-                step = dataset.chunks[0]
+                step = (dataset.chunks or (FEATURE_CHUNK_ROWS,))[0]  # a virtual dataset (shards) has none
                 for lo in range(0, dataset.shape[0], step):
                     try:
                         block = dataset[lo : lo + step]

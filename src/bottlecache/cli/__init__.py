@@ -7,9 +7,10 @@ from typing import Annotated
 
 import typer
 
-from ._common import OneLineGroup
+from ._common import JsonOpt, OneLineGroup, handle_errors
 from .cache import app as cache_app
 from .embeddings import duplicates, neighbors
+from .cache import print_models
 from .finetune import app as finetune_app
 from .predict import predict
 from .report import report
@@ -18,7 +19,7 @@ from .sweep import sweep
 app = typer.Typer(
     cls=OneLineGroup,
     name="bottlecache",
-    help="Bottleneck-feature caching for transfer learning: run the frozen MobileNetV2 once, train heads in seconds.",
+    help="Bottleneck-feature caching for transfer learning: run a frozen base once, train heads in seconds.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -29,7 +30,7 @@ app = typer.Typer(
 def root(
     verbose: Annotated[bool, typer.Option("--verbose", help="Show TensorFlow's own start-up and log lines, and the traceback of an unexpected error.")] = False,
 ):
-    """Bottleneck-feature caching for transfer learning: run the frozen MobileNetV2 once, train heads in seconds."""
+    """Bottleneck-feature caching for transfer learning: run a frozen base once, train heads in seconds."""
     from .._tf import set_verbose
 
     if verbose:
@@ -48,6 +49,13 @@ app.add_typer(finetune_app, name="finetune")
 app.command("predict")(predict)
 app.command("report")(report)
 app.command("sweep")(sweep)
+
+
+@app.command("models")
+@handle_errors(interrupted="interrupted")
+def models(as_json: JsonOpt = False):
+    """List the frozen bases --model takes: preprocessing, bottleneck, layers, fine-tune cut, engines."""
+    print_models(as_json)
 
 
 def main() -> None:

@@ -199,6 +199,10 @@ WeightsOpt = Annotated[
     Optional[str],
     typer.Option("--weights", help="'imagenet' (Keras download) or a weights file. Default: $BOTTLECACHE_WEIGHTS or imagenet."),
 ]
+ModelOpt = Annotated[
+    str,
+    typer.Option("--model", help="The frozen base: mobilenet_v2 (default), xception, ... (`bottlecache models` lists them)."),
+]
 CacheDirOpt = Annotated[
     Optional[Path], typer.Option("--cache-dir", help="Cache folder. Default: $BOTTLECACHE_CACHE_DIR or ./cache.")
 ]

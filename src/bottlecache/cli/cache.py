@@ -8,13 +8,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..config import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE
+from ..config import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL
 from ..errors import BottlecacheError, reason
 from ._common import (
     CacheDirOpt,
     DataOpt,
     ImageSizeOpt,
     JsonOpt,
+    ModelOpt,
     RichProgress,
     SplitOpt,
     TfdsDirOpt,
@@ -39,6 +40,7 @@ def build(
     data: DataOpt = DEFAULT_DATA,
     split: SplitOpt = None,
     image_size: ImageSizeOpt = DEFAULT_IMAGE_SIZE,
+    model: ModelOpt = DEFAULT_MODEL,
     weights: WeightsOpt = None,
     cache_dir: CacheDirOpt = None,
     dtype: Annotated[str, typer.Option(help="Storage type of the features: float16 or float32.")] = DEFAULT_DTYPE,
@@ -47,35 +49,53 @@ def build(
     tfds_data_dir: TfdsDirOpt = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="If the same cache is being built, wait for it.")] = True,
     fast_decode: Annotated[bool, typer.Option("--fast-decode", help="Decode large JPEGs at 1/2-1/8 scale in the DCT domain (see docs/engines.md).")] = False,
+    reuse: Annotated[bool, typer.Option("--reuse/--no-reuse", help="Copy the rows of unchanged files from the newest compatible cache (see docs/cache-format.md).")] = True,
+    executor: Annotated[str, typer.Option(help="local (this process) or ray (shard by shard on a Ray cluster; see docs/scaling-out.md).")] = "local",
+    ray_address: Annotated[Optional[str], typer.Option(help="ray: auto or HOST:PORT of a running cluster (default: start a local Ray).")] = None,
+    shard_size: Annotated[Optional[int], typer.Option(help="ray: input rows per shard, a multiple of the commit window (default 32768).")] = None,
     cut: Annotated[Optional[int], typer.Option(help="Store the activation at the cut below this fine-tune layer instead of the bottleneck (for `finetune run --from-cache`).")] = None,
     views: Annotated[int, typer.Option(help="Augmented views of each train image to store beside its features (0: none).")] = 0,
     augment: Annotated[Optional[str], typer.Option(help="How views are made: 'tutorial' (default; flip,rotate=0.2) or e.g. flip,rotate=0.2,zoom=0.1.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the views (with the image key and the view index).")] = 0,
     as_json: JsonOpt = False,
 ):
-    """Run the frozen MobileNetV2 once over each split and store the features in an HDF5 cache."""
+    """Run the frozen base (--model) once over each split and store the features in an HDF5 cache."""
     from ..build import build_cache
 
+    if model == "list":
+        print_models(as_json)
+        return
     with RichProgress(quiet=False) as progress:
         report = build_cache(
             data, split, image_size=image_size, weights=weights, cache_dir=cache_dir, dtype=dtype,
             batch_size=batch_size, engine=engine, tfds_data_dir=tfds_data_dir, wait=wait, fast_decode=fast_decode,
-            cut=cut, views=views, augment=augment, seed=seed, progress=progress,
+            reuse=reuse, progress=progress, executor=executor, ray_address=ray_address, shard_size=shard_size, model=model,
+            cut=cut, views=views, augment=augment, seed=seed,
         )
     if as_json:
         print_json(report.to_dict())
         return
     state = "cache hit: nothing recomputed" if report.hit else ("resumed and completed" if report.resumed else "built")
     rows = [
-        [s.name, s.n_images, s.n_skipped, f"{s.seconds:.1f}", f"{s.images_per_second:.1f}", human_bytes(s.nbytes)]
+        [s.name, s.n_images, s.n_skipped, s.n_reused, f"{s.seconds:.1f}", f"{s.images_per_second:.1f}",
+         human_bytes(s.nbytes)]
         for s in report.splits
     ]
-    out.print(table(f"{report.path} ({state})", ["split", "images", "skipped", "seconds", "images/s", "size"], rows))
+    out.print(table(f"{report.path} ({state})", ["split", "images", "skipped", "reused", "seconds", "images/s", "size"],
+                    rows))
+    if report.reuse is not None:
+        r = report.reuse
+        origin = f" from {Path(r.source).name}" if r.source else " (no compatible cache to reuse)" if reuse else ""
+        unreadable = f"; {r.unreadable} rows failed their checksums and were computed" if r.unreadable else ""
+        out.print(f"reused {r.reused}, computed {r.computed}, dropped {r.dropped}{origin}{unreadable}", markup=False)
     n_skipped = sum(s.n_skipped for s in report.splits)
     engine_text = f", engine {report.engine}" if report.engine else ""
     if report.startup_seconds is not None:
         engine_text += f", first images after {report.startup_seconds:.1f} s"
     out.print(f"fingerprint {report.fingerprint[:12]}, {human_bytes(report.file_size)}{engine_text}, {n_skipped} skipped")
+    if getattr(report, "n_shards", 0):
+        out.print(f"{report.n_shards} shards ({report.n_reused} from an earlier run), {report.workers} Ray workers, "
+                  f"Ray start-up {report.ray_startup_seconds:.1f} s")
     for s in report.splits:
         for key, why in s.skipped[:20]:
             err.print(f"  skipped {s.name}/{key}: {why}", markup=False)
@@ -157,6 +177,23 @@ def verify(cache: Annotated[str, typer.Argument(help="Cache file or fingerprint 
         fail(first + more if DAMAGED_ADVICE in first else f"{first}{more}; {DAMAGED_ADVICE}", 1)
 
 
+@app.command("consolidate")
+@handle_errors(interrupted="interrupted; the cache and its shards are unchanged")
+def consolidate(
+    cache: Annotated[str, typer.Argument(help="Cache file or fingerprint prefix.")],
+    keep_shards: Annotated[bool, typer.Option("--keep-shards", help="Keep the shard folder afterwards.")] = False,
+    cache_dir: CacheDirOpt = None,
+):
+    """Rewrite a cache built with --executor ray (which reads its shard files) as one standalone file."""
+    from ..shards import consolidate_cache
+    from ..store import find_cache
+
+    path = find_cache(cache, cache_dir)
+    with RichProgress(quiet=False) as progress:
+        consolidate_cache(path, keep_shards=keep_shards, progress=progress)
+    out.print(f"{path}: standalone ({human_bytes(path.stat().st_size)})")
+
+
 @app.command("train-head")
 @handle_errors(interrupted="interrupted; no head was saved")
 def train_head_command(
@@ -226,3 +263,23 @@ def heads(cache_dir: CacheDirOpt = None, as_json: JsonOpt = False):
 
 def _fmt(value, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def print_models(as_json: bool = False) -> None:
+    """The registry of bases (``bottlecache models``, ``cache build --model list``)."""
+    from ..backbones import table_rows
+
+    rows = table_rows()
+    if as_json:
+        print_json(rows)
+        return
+    t = table("models (--model)", ["model", "preprocessing", "at 160 px", "layers", "cut", "engines"], [
+        [r["model"], r["preprocessing"], "x".join(map(str, r["bottleneck_160"])), r["layers"], r["fine_tune_at"],
+         r["engines"].replace(", ", "+")] for r in rows
+    ])
+    t.columns[0].no_wrap = True
+    out.print(t)
+    for r in rows:
+        if r["keras_only_reason"]:
+            out.print(f"{r['model']}: Keras only: {r['keras_only_reason']}", markup=False)
+    out.print("image sizes: " + ", ".join(map(str, rows[0]["image_sizes"])) + " for every model")

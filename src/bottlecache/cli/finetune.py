@@ -7,12 +7,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..config import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_FINE_TUNE_AT, DEFAULT_IMAGE_SIZE
+from ..config import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL
 from ._common import (
     CacheDirOpt,
     DataOpt,
     ImageSizeOpt,
     JsonOpt,
+    ModelOpt,
     RichProgress,
     SplitOpt,
     TfdsDirOpt,
@@ -23,7 +24,7 @@ from ._common import (
     render_metrics,
 )
 
-app = typer.Typer(help="Fine-tune the top of MobileNetV2 end to end, warm-started from a cached head.", no_args_is_help=True)
+app = typer.Typer(help="Fine-tune the top of the frozen base end to end, warm-started from a cached head.", no_args_is_help=True)
 
 
 @app.command("run")
@@ -32,12 +33,13 @@ def run(
     data: DataOpt = DEFAULT_DATA,
     split: SplitOpt = None,
     image_size: ImageSizeOpt = DEFAULT_IMAGE_SIZE,
+    model: ModelOpt = DEFAULT_MODEL,
     weights: WeightsOpt = None,
     cache_dir: CacheDirOpt = None,
     tfds_data_dir: TfdsDirOpt = None,
     head: Annotated[Optional[Path], typer.Option(help="Keras head folder from `cache train-head --kind keras` (default: cache and train one first).")] = None,
     head_epochs: Annotated[int, typer.Option(help="Epochs of the head trained first when --head is not given.")] = 10,
-    fine_tune_at: Annotated[int, typer.Option(help="Layers of the base before this index stay frozen.")] = DEFAULT_FINE_TUNE_AT,
+    fine_tune_at: Annotated[Optional[int], typer.Option(help="Layers of the base before this index stay frozen (default: the model's top part, `bottlecache models`).")] = None,
     epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 10,
     learning_rate: Annotated[float, typer.Option(help="RMSprop learning rate (the tutorial's: 10x below the head's).")] = 1e-5,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
@@ -52,7 +54,7 @@ def run(
     cut_cache: Annotated[Optional[str], typer.Option(help="With --from-cache: a cut cache file (`cache build --cut L`) to use.")] = None,
     as_json: JsonOpt = False,
 ):
-    """Unfreeze MobileNetV2 from --fine-tune-at on and train it with the head on the images."""
+    """Unfreeze the base (--model) from --fine-tune-at on and train it with the head on the images."""
     from ..finetune import finetune
 
     with RichProgress() as progress:
@@ -61,7 +63,7 @@ def run(
             head_epochs=head_epochs, fine_tune_at=fine_tune_at, epochs=epochs, learning_rate=learning_rate,
             batch_size=batch_size, seed=seed, augment=augment, early_stopping=early_stopping, out=out_dir,
             resume=resume, tfds_data_dir=tfds_data_dir, from_cache=from_cache, views=views, dtype=dtype, cut_cache=cut_cache,
-            progress=progress,
+            progress=progress, model=model,
         )
     record = result.to_dict()
     if as_json:

@@ -1,0 +1,247 @@
+"""The registry of bases (bottlecache.backbones): every registered model through the whole
+pipeline with random weights, and Xception with its real ImageNet weights.
+
+Random weights are each model's Keras initialization, saved to a weights file so the models go
+through the same ``--weights FILE`` path as real ones (sha256 in the fingerprint included).
+The per-model test runs at 96 px on 8 + 4 real photos: each step runs once, nothing is timed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import CATS_DOGS, SHARED, _need, error_line, invoke
+
+from bottlecache.backbones import BACKBONES, DEFAULT_MODEL, PREPROCESSINGS, get_backbone
+
+SIZE = 96
+TINY_SPLITS = ["train=train[:8]", "validation=validation[:4]"]
+XCEPTION_WEIGHTS = SHARED / "weights" / "xception_imagenet_no_top.weights.h5"
+
+
+def _random_weights(name: str, folder, size: int = SIZE):
+    """The model's own random initialization (seeded), written as a Keras weights file; and the model."""
+    from bottlecache._tf import import_keras
+
+    keras = import_keras()
+    entry = get_backbone(name)
+    keras.utils.set_random_seed(0)
+    model = getattr(keras.applications, entry.constructor)(
+        input_shape=(size, size, 3), include_top=False, weights=None, **entry.kwargs
+    )
+    path = folder / f"{name}-random.weights.h5"
+    model.save_weights(path)
+    return path, model
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_registry_numbers_match_the_network(name, tmp_path):
+    """Layers, the fine-tune cut (index and layer name) and the bottleneck, as built by Keras."""
+    entry = get_backbone(name)
+    _, model = _random_weights(name, tmp_path)
+    assert len(model.layers) == entry.n_layers
+    assert model.layers[entry.fine_tune_at].name == entry.fine_tune_layer
+    assert entry.n_layers * 0.45 <= entry.fine_tune_at < entry.n_layers, "the default cut must leave the top part"
+    assert tuple(model.output_shape[1:]) == entry.bottleneck_shape(SIZE)
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_preprocessing_is_the_models_own(name):
+    """Ours equals ``keras.applications.<module>.preprocess_input`` of the same resized pixels."""
+    import importlib
+
+    from bottlecache._tf import import_keras
+    from bottlecache.data import preprocess
+
+    import_keras()
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    ours = preprocess(image, SIZE, name).numpy()
+    resized = preprocess(image, SIZE, "efficientnet_b0").numpy()  # "none": resized pixels, 0-255
+    module = importlib.import_module(f"keras.applications.{get_backbone(name).module}")
+    theirs = np.asarray(module.preprocess_input(resized.copy()))
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def test_every_model_and_preprocessing_is_in_the_fingerprint(tmp_path):
+    """One weights file, every model: the configs differ in model (and alpha / preprocessing), so
+    do the fingerprints; the default model's config is the one caches had before the registry."""
+    from bottlecache.config import CacheSettings
+    from conftest import write_images
+
+    data = write_images(tmp_path / "data", {"train/cats": 2, "train/dogs": 2})
+    weights = tmp_path / "any.weights.h5"
+    import h5py
+
+    with h5py.File(weights, "w") as f:
+        f.attrs["x"] = 1
+    resolved = {name: CacheSettings(str(data), weights=str(weights), cache_dir=tmp_path / "c", model=name).resolve()
+                for name in BACKBONES}
+    assert len({r.fingerprint for r in resolved.values()}) == len(BACKBONES)
+    default = resolved[DEFAULT_MODEL].config
+    assert {k: default[k] for k in ("model", "alpha", "preprocess_version")} == \
+        {"model": "mobilenet_v2", "alpha": 1.0, "preprocess_version": 2}
+    assert "preprocess" not in default  # the pre-registry config, key for key
+    for name, r in resolved.items():
+        entry = get_backbone(name)
+        assert r.config["preprocess_version"] == PREPROCESSINGS[entry.preprocessing].version
+        assert r.config.get("preprocess", "scale_pm1") == entry.preprocessing
+        assert r.path.name.split("-")[1] == name
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_every_model_caches_trains_finetunes_and_predicts(name, tmp_path, cats_dogs):
+    from bottlecache import build_cache
+    from bottlecache.backbone import load_backbone, resolve_weights
+    from bottlecache.engines import KerasEngine, make_engine, probe_images
+    from bottlecache.finetune import finetune
+    from bottlecache.heads import load_head, train_head
+    from bottlecache.predict import load_model
+    from bottlecache.store import Cache
+
+    entry = get_backbone(name)
+    weights, _ = _random_weights(name, tmp_path)
+    cache_dir = tmp_path / "cache"
+    report = build_cache(cats_dogs, TINY_SPLITS, image_size=SIZE, weights=weights, cache_dir=cache_dir,
+                         dtype="float32", engine="keras", model=name)
+    assert report.config["model"] == name and f"-{name}-{SIZE}-" in report.path.name
+    with Cache(report.path) as cache:
+        assert cache.feature_shape == entry.bottleneck_shape(SIZE)
+        keys = cache.keys("validation")
+        features = cache.features("validation", slice(0, len(keys)))
+    sklearn_head = train_head(report.path, "sklearn", out=tmp_path / "sk")
+    keras_head = train_head(report.path, "keras", epochs=1, batch_size=4, out=tmp_path / "ke")
+    head, keras_loaded = load_head(sklearn_head.path), load_head(keras_head.path)
+    assert head.backbone["model"] == name == keras_loaded.backbone["model"]
+
+    # the head on the base predicts what it predicts on the cached features: the same preprocessing
+    rows = load_model(sklearn_head.path, weights=weights).predict([cats_dogs / k for k in keys])
+    expected = head.predict_proba(features)
+    got = np.array([[r["probabilities"][c] for c in head.class_names] for r in rows])
+    np.testing.assert_allclose(got, expected, atol=1e-3)
+
+    result = finetune(cats_dogs, TINY_SPLITS, image_size=SIZE, weights=weights, cache_dir=cache_dir,
+                      head=keras_head.path, epochs=1, batch_size=4, out=tmp_path / "ft", model=name)
+    assert result.params["fine_tune_at"] == entry.fine_tune_at and result.epochs_run == 1
+    assert json.loads((tmp_path / "ft" / "model.json").read_text())["backbone"]["model"] == name
+    rows = load_model(tmp_path / "ft").predict([cats_dogs / keys[0]])
+    assert set(rows[0]["probabilities"]) == set(head.class_names)
+
+    # LiteRT: one conversion per architecture (a conversion takes minutes on 2 loaded cores; the
+    # alphas and B0-B3 sizes of one family share its layers), checked by the engine against Keras
+    # on the build's photos. Random weights give small outputs, so the relative difference is checked too.
+    if name not in LITERT_CHECKED:
+        return
+    ref = resolve_weights(weights, SIZE, name)
+    base = load_backbone(ref, SIZE)
+    images = probe_images(*_source_and_split(cats_dogs), SIZE, model=name)
+    if entry.litert:
+        engine = make_engine("litert", base, ref, SIZE, cache_dir=cache_dir, images=images)
+        assert engine.name == "litert" and engine.max_abs_diff <= 1e-3
+        keras_out = KerasEngine(base)(images)
+        assert np.max(np.abs(engine(images) - keras_out)) <= 1e-4 * np.max(np.abs(keras_out))
+    else:
+        assert make_engine("auto", base, ref, SIZE, cache_dir=cache_dir, images=images).name == "keras"
+
+
+# The first registered model of each keras.applications module, except those whose LiteRT engine
+# is checked with real weights: MobileNetV2 (tests/test_engines.py) and Xception (below).
+LITERT_CHECKED = [next(n for n, e in BACKBONES.items() if e.module == module)
+                  for module in dict.fromkeys(e.module for e in BACKBONES.values())
+                  if module not in ("mobilenet_v2", "xception")]
+
+
+def _source_and_split(cats_dogs):
+    from bottlecache.data import open_source
+
+    return open_source(cats_dogs, TINY_SPLITS), "validation"
+
+
+def test_unknown_model_and_wrong_weights_are_one_line(tmp_path, weights_path):
+    result = invoke(["cache", "build", "--data", str(tmp_path), "--model", "resnet9000"])
+    line = error_line(result)
+    assert "'model'" in line and "resnet9000" in line and "xception" in line and result.exit_code != 0
+    from bottlecache.backbone import load_backbone, resolve_weights
+    from bottlecache.errors import BottlecacheError
+
+    # MobileNetV2's weights file into Xception: refused in one line naming the model and the file to pass
+    with pytest.raises(BottlecacheError, match="could not be loaded into Xception.*Keras Xception"):
+        load_backbone(resolve_weights(weights_path, SIZE, "xception"), SIZE)
+
+
+def test_imagenet_offline_error_names_the_models_file(tmp_path, monkeypatch):
+    from bottlecache.backbone import resolve_weights
+    from bottlecache.errors import BottlecacheError
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
+    from bottlecache import backbone
+
+    def no_network(*args, **kwargs):
+        raise OSError("no network")
+
+    import keras
+
+    monkeypatch.setattr(keras.utils, "get_file", no_network)
+    with pytest.raises(BottlecacheError, match=r"Xception \(xception_weights_tf_dim_ordering_tf_kernels_notop.h5; "
+                                               r"no internet\?\): pass --weights PATH"):
+        resolve_weights("imagenet", 160, "xception")
+    assert backbone.imagenet_weights_name(160, "mobilenet_v2_0.5") == \
+        "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_160_no_top.h5"
+
+
+def test_models_command_lists_the_registry():
+    result = invoke(["models", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [r["model"] for r in rows] == list(BACKBONES)
+    xception = next(r for r in rows if r["model"] == "xception")
+    assert xception["bottleneck_160"] == [5, 5, 2048] and xception["preprocessing"] == "scale_pm1 v2"
+    listed = invoke(["cache", "build", "--model", "list"])
+    assert listed.exit_code == 0 and "convnext_tiny" in listed.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Xception with its real ImageNet weights
+
+
+@pytest.fixture(scope="module")
+def xception_weights():
+    return _need(XCEPTION_WEIGHTS)
+
+
+@pytest.fixture(scope="module")
+def xception_cache(xception_weights, tmp_path_factory):
+    from bottlecache import build_cache
+
+    _need(CATS_DOGS)
+    splits = ["train=train[:300]", "validation=validation[:200]"]
+    return build_cache(CATS_DOGS, splits, image_size=160, weights=xception_weights, model="xception",
+                       cache_dir=tmp_path_factory.mktemp("xception-cache"), engine="keras")
+
+
+def test_xception_cache_and_sklearn_head_on_real_photos(xception_cache):
+    from bottlecache.heads import train_head
+    from bottlecache.store import Cache
+
+    with Cache(xception_cache.path) as cache:
+        assert cache.feature_shape == (5, 5, 2048)
+        assert cache.config["model"] == "xception" and cache.n_examples("train") == 300
+    head = train_head(xception_cache.path, "sklearn", save=False)
+    assert head.metrics["validation"]["accuracy"] > 0.97, head.metrics["validation"]
+
+
+def test_xception_litert_matches_keras_on_real_photos(xception_weights, tmp_path):
+    from bottlecache.backbone import load_backbone, resolve_weights
+    from bottlecache.data import open_source
+    from bottlecache.engines import make_engine, probe_images
+
+    if not get_backbone("xception").litert:
+        pytest.fail("xception is registered Keras-only, but its LiteRT engine passes (docs/backbones.md)")
+    ref = resolve_weights(xception_weights, 160, "xception")
+    images = probe_images(open_source(_need(CATS_DOGS), ["validation=validation[:8]"]), "validation", 160,
+                          model="xception")
+    engine = make_engine("litert", load_backbone(ref, 160), ref, 160, cache_dir=tmp_path, images=images)
+    assert engine.name == "litert" and engine.max_abs_diff <= 1e-3
