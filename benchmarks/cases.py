@@ -469,6 +469,16 @@ def duplicates(run: Run) -> dict:
 
 def tutorial_frozen(run: Run) -> dict:
     """The TensorFlow tutorial: decode every image and run the frozen base inside ``fit``, each epoch."""
+    return _tutorial(run, augment=False)
+
+
+def tutorial_augmented(run: Run) -> dict:
+    """The tutorial with its augmentation layers (RandomFlip('horizontal') + RandomRotation(0.2))
+    in the model before the frozen base."""
+    return _tutorial(run, augment=True)
+
+
+def _tutorial(run: Run, augment: bool) -> dict:
     from bottlecache._tf import import_keras
     from bottlecache.backbone import load_backbone
     from bottlecache.data import training_dataset
@@ -481,7 +491,10 @@ def tutorial_frozen(run: Run) -> dict:
     n_classes = len(source.class_names)
     base = load_backbone(run.weights, run.image_size)
     inputs = keras.Input(shape=(run.image_size, run.image_size, 3))
-    x = base(inputs, training=False)
+    x = inputs
+    if augment:
+        x = keras.layers.RandomRotation(0.2)(keras.layers.RandomFlip("horizontal")(x))
+    x = base(x, training=False)
     outputs = build_head_model(base.output.shape[1:], n_classes)(x)
     model = compile_for(keras.Model(inputs, outputs), n_classes, 1e-4)
 
@@ -505,8 +518,8 @@ def tutorial_frozen(run: Run) -> dict:
         "mean_seconds_per_epoch": fit_seconds / run.epochs,
         "epoch_seconds": epoch_seconds,
         "accuracy": {"validation": float(history.history["val_accuracy"][-1]), "test": test},
-        "note": f"frozen base inside fit, images decoded every epoch; first epoch {epoch_seconds[0]:.1f} s, "
-                f"mean {fit_seconds / run.epochs:.1f} s",
+        "note": f"{'flip + rotate(0.2) layers, ' if augment else ''}frozen base inside fit, images decoded every "
+                f"epoch; first epoch {epoch_seconds[0]:.1f} s, mean {fit_seconds / run.epochs:.1f} s",
     }
 
 
@@ -551,11 +564,48 @@ def cached_keras(run: Run) -> dict:
     return out
 
 
+VIEWS = 8  # the augmented views of cached-keras-views
+
+
+def cached_keras_views(run: Run) -> dict:
+    """A cache with K = 8 tutorial views of each train image (its build counted) + the Keras head
+    drawing one view per image per epoch, same epochs as tutorial-augmented."""
+    from bottlecache.build import build_cache
+    from bottlecache.heads import train_head
+
+    report, build_seconds = _timed(lambda: build_cache(
+        run.data, run.splits, image_size=run.image_size, weights=run.weights.path, engine=run.engine,
+        cache_dir=run.work_dir / "cache-views", views=VIEWS, augment="tutorial", seed=run.seed,
+        model=run.weights.model))
+    head, head_seconds = _timed(lambda: train_head(report.path, "keras", epochs=run.epochs, seed=run.seed, views=True,
+                                                   out=run.work_dir / "heads" / "keras-views"))
+    sklearn, sklearn_seconds = _timed(lambda: train_head(report.path, "sklearn", views=True, save=False))
+    out = {
+        "seconds": build_seconds + head_seconds,
+        "build_seconds": build_seconds,
+        "build_engine": report.engine,
+        "head_seconds": head_seconds,
+        "epochs": head.params["epochs_run"],
+        "seconds_per_epoch": statistics.median(head.history["seconds"]),
+        "accuracy": accuracy(head.metrics),
+        "sklearn_views_accuracy": accuracy(sklearn.metrics),
+        "sklearn_views_seconds": sklearn_seconds,
+        "train_bytes_per_image": sum(s.nbytes for s in report.splits if s.name == "train")
+                                 / max(1, next(s.n_images for s in report.splits if s.name == "train")),
+        "note": f"K = {VIEWS} tutorial views; build {build_seconds:.1f} s ({report.engine}) + head {head_seconds:.1f} s",
+    }
+    plain = run.results.get("tutorial-augmented")
+    if plain and "seconds" in plain:
+        out["tutorial_augmented_time_ratio"] = plain["seconds"] / out["seconds"]
+        out["note"] += f"; tutorial-augmented took {out['tutorial_augmented_time_ratio']:.2f}x as long"
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # 7. Fine-tuning
 
 
-def finetune(run: Run) -> dict:
+def finetune(run: Run, augment: bool = False) -> dict:
     """Warm-started fine-tuning (the model's default cut: MobileNetV2's layers from 100 on) for
     ``--finetune-epochs`` epochs."""
     from bottlecache.finetune import finetune as run_finetune
@@ -564,10 +614,11 @@ def finetune(run: Run) -> dict:
     result, seconds = _timed(lambda: run_finetune(
         run.data, run.splits, image_size=run.image_size, weights=run.weights.path, cache_dir=build.cache_dir,
         head=run.keras_head_path, head_epochs=run.epochs, epochs=run.finetune_epochs, seed=run.seed,
-        out=run.work_dir / "finetune", model=run.weights.model,
+        out=run.work_dir / ("finetune-augment" if augment else "finetune"), augment=augment, model=run.weights.model,
     ))
     before, after = accuracy(result.head_metrics), accuracy(result.metrics)
     warm_start = "the cached-keras head" if run.keras_head_path else f"a head trained here ({run.epochs} epochs)"
+    run.keras_head_path = run.keras_head_path or result.head_path  # finetune-cached starts from the same head
     return {
         "seconds": seconds,
         "train_seconds": result.train_seconds,
@@ -653,6 +704,60 @@ def export_litert_dynamic(run: Run) -> dict:
 
 def export_litert_int8(run: Run) -> dict:
     return _export(run, "litert", "int8")
+
+
+
+
+def finetune_augment(run: Run) -> dict:
+    """``finetune --augment``: random flip and small rotation in the model, images decoded every epoch."""
+    return finetune(run, augment=True)
+
+
+def finetune_cached_views(run: Run) -> dict:
+    """``finetune --from-cache --augment``: the cut cache with 8 views of each train image (the same
+    flip and rotation), one drawn per image per epoch; compared with finetune-augment."""
+    return finetune_cached(run, augment=True)
+
+
+def finetune_cached(run: Run, augment: bool = False) -> dict:
+    """``finetune`` from the cached cut (``--from-cache``): same warm start, same epochs; the cut
+    cache's build (float16) is counted in ``seconds`` and given apart."""
+    from bottlecache.finetune import finetune as run_finetune
+
+    build = run.build(run.engine)
+    result, seconds = _timed(lambda: run_finetune(
+        run.data, run.splits, image_size=run.image_size, weights=run.weights.path, cache_dir=build.cache_dir,
+        head=run.keras_head_path, head_epochs=run.epochs, epochs=run.finetune_epochs, seed=run.seed,
+        out=run.work_dir / ("finetune-cached-views" if augment else "finetune-cached"), from_cache=True,
+        augment=augment, model=run.weights.model,
+    ))
+    run.keras_head_path = run.keras_head_path or result.head_path
+    before, after = accuracy(result.head_metrics), accuracy(result.metrics)
+    per_epoch = statistics.median(result.history["seconds"])
+    out = {
+        "seconds": seconds,
+        "cut_build_seconds": seconds - result.train_seconds,  # the cut cache's build, the evaluations, loading
+        "train_seconds": result.train_seconds,
+        "epochs": result.epochs_run,
+        "seconds_per_epoch": per_epoch,
+        "mean_seconds_per_epoch": result.seconds_per_epoch,
+        "epoch_seconds": result.history["seconds"],
+        "best_epoch": result.best_epoch,
+        "accuracy": after,
+        "accuracy_before": before,
+        "note": f"from the cut at block_10_project_BN (float16{', 8 views' if augment else ''}); build and evaluation "
+                f"{seconds - result.train_seconds:.0f} s",
+    }
+    plain = run.results.get("finetune-augment" if augment else "finetune")
+    if plain and "seconds_per_epoch" in plain:
+        out["speedup_per_epoch"] = plain["seconds_per_epoch"] / per_epoch
+        gap = None
+        if after["validation"] is not None and plain["accuracy"]["validation"] is not None:
+            gap = 100 * (after["validation"] - plain["accuracy"]["validation"])
+        out["validation_gap_points"] = gap
+        out["note"] += f"; {out['speedup_per_epoch']:.2f}x {'finetune-augment' if augment else 'finetune'}'s s/epoch" + (
+            f", validation {gap:+.2f} points" if gap is not None else "")
+    return out
 
 
 def _percent(value) -> str:
@@ -794,7 +899,12 @@ CASES = {
     "cached-sklearn": cached_sklearn,
     "cached-keras": cached_keras,
     "tutorial-frozen": tutorial_frozen,
+    "tutorial-augmented": tutorial_augmented,
+    "cached-keras-views": cached_keras_views,
     "finetune": finetune,
+    "finetune-cached": finetune_cached,
+    "finetune-augment": finetune_augment,
+    "finetune-cached-views": finetune_cached_views,
     "export-keras": export_keras,
     "export-saved-model": export_saved_model,
     "export-litert": export_litert,

@@ -19,14 +19,16 @@ import numpy as np
 from .backbone import load_backbone
 from .engines import checked_engine
 from .config import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL, ENGINES, \
-    MAX_BATCH_SIZE, CacheSettings, ResolvedCache, bottleneck_shape, check_choice, check_positive
+    MAX_BATCH_SIZE, CacheSettings, ResolvedCache, check_choice, check_positive
+from .cut import check_engine, feature_shape_of, lower_model
 from .data import describe_failure, image_dataset
 from .errors import BottlecacheError
 from .files import ensure_cache_dir, write_error
 from .progress import NullProgress
 from .records import DECODE_FAST
+from .augment import parse_spec, view_features
 from .reuse import ReuseReport, engine_from_source, expected_engine, plan_reuse
-from .store import FEATURE_CHUNK_ROWS, Cache, PartialCache, build_lock, root_attrs
+from .store import FEATURE_CHUNK_ROWS, VIEWS_SPLIT, Cache, PartialCache, build_lock, root_attrs
 
 
 PREFETCH_WINDOWS = 2
@@ -96,6 +98,10 @@ def build_cache(
     wait: bool = True,
     fast_decode: bool = False,
     reuse: bool = True,
+    cut: int | None = None,
+    views: int = 0,
+    augment: str | None = None,
+    seed: int = 0,
     progress=None,
     executor: str = "local",
     ray_address: str | None = None,
@@ -128,7 +134,15 @@ def build_cache(
         Decode large JPEGs at 1/2, 1/4 or 1/8 scale in the DCT domain (part of the fingerprint).
     reuse : bool
         Copy the rows of unchanged files from the newest compatible cache in the cache dir and
-        compute only the rest (default); False computes every row (docs/cache-format.md).
+        compute only the rest (default); False computes every row (docs/cache-format.md). A cache
+        with views is never a reuse source or target: its rows are all computed.
+    cut : int, optional
+        A fine-tune layer index: store the activation at the cut below it instead of the
+        bottleneck (``bottlecache.cut``; the cut layer's name is part of the fingerprint).
+    views, augment, seed : int, str, int
+        ``views`` augmented views of each train image, made by the ``augment`` spec (default
+        ``tutorial``; ``bottlecache.augment``) and seeded by key, view and ``seed``; all three
+        are part of the fingerprint.
     progress : bottlecache.progress.Progress, optional
     executor : {"local", "ray"}
         ``ray``: build shard by shard on a Ray cluster (``bottlecache.ray_build``; docs/scaling-out.md).
@@ -145,9 +159,12 @@ def build_cache(
     BuildReport
     """
     settings = CacheSettings(data, None if splits is None else tuple(splits), image_size, weights, dtype,
-                             fast_decode, tfds_data_dir, cache_dir, model)
+                             fast_decode, tfds_data_dir, cache_dir, model, cut, views, augment, seed)
     check_build_options(engine, batch_size)
     check_choice("executor", executor, ("local", "ray"))
+    if executor == "ray" and (cut is not None or views):
+        raise BottlecacheError("The ray executor builds bottleneck caches only; build a --cut or --views cache "
+                               "with --executor local.")
     if executor == "ray":
         from .ray_build import build_ray, import_ray
         from .shards import DEFAULT_SHARD_SIZE
@@ -177,14 +194,21 @@ def build_resolved(resolved: ResolvedCache, *, batch_size: int | None = None, en
     final_path = resolved.path
     if final_path.exists():
         return hit_report(resolved, final_path)
-    plan = plan_reuse(resolved, expected_engine(engine), reuse=reuse, progress=progress)  # reads, writes nothing
+    # A cut cache runs the Keras base up to the cut (bottlecache.cut), never a whole-base flatbuffer;
+    # a cache with views computes every row (their views are not copied: docs/cache-format.md).
+    cut = resolved.settings.cut is not None
+    engine_name = check_engine(resolved.config, engine)
+    plan = plan_reuse(resolved, expected_engine(engine_name), reuse=reuse and not resolved.settings.views,
+                      progress=progress)  # reads, writes nothing
     try:
         # A build that copies every row needs no engine, and a flatbuffer an earlier build converted
         # and checked needs no Keras base; otherwise the weights load before anything is written:
         # a file that does not load leaves nothing behind.
-        ready = engine_from_source(plan) or checked_engine(
-            engine, resolved.weights, resolved.settings.image_size, cache_dir=final_path.parent)
+        ready = engine_from_source(plan) or (None if cut else checked_engine(
+            engine, resolved.weights, resolved.settings.image_size, cache_dir=final_path.parent))
         base = None if ready else load_backbone(resolved.weights, resolved.settings.image_size)
+        if base is not None and cut:
+            base = lower_model(base, resolved.config["cut"]["layer"])
         ensure_cache_dir(final_path.parent)
         with build_lock(final_path, wait=wait, on_wait=lambda pid: progress.message(
             f"another build of this cache is running (pid {pid}); waiting for it to finish"
@@ -228,7 +252,7 @@ def _build_locked(resolved: ResolvedCache, base, engine, batch_size, engine_name
     # Check the engine before the partial file is written: an engine that fails must not leave a
     # .partial behind (the next run would "resume" it).
     if engine is None:
-        engine = make_engine(engine_name, base, weights_ref, image_size,
+        engine = make_engine(check_engine(config, engine_name), base, weights_ref, image_size,
                              cache_dir=final_path.parent, probe=(source, next(iter(source.splits))))
     if engine.name != plan.engine:  # auto chose Keras after all: rows of a LiteRT cache are not its rows
         plan.close()
@@ -246,7 +270,8 @@ def _build_locked(resolved: ResolvedCache, base, engine, batch_size, engine_name
     }
     attrs = root_attrs(config, fp, versions)
     existed = partial.path.exists()
-    partial.open(attrs, split_attrs, bottleneck_shape(image_size, resolved.settings.model), dtype)
+    views = config.get("views") or {}
+    partial.open(attrs, split_attrs, feature_shape_of(config), dtype, views.get("k", 0))
     if partial.resumed:
         progress.message(f"resuming the partial build in {partial.path.name}")
     elif existed:
@@ -312,6 +337,7 @@ def run_split(committer, engine, resolved: ResolvedCache, name: str, start: int,
     source, image_size, dtype = resolved.source, resolved.settings.image_size, resolved.settings.dtype
     size = batch_size or engine.batch_size
     fast = resolved.config["decode"] == DECODE_FAST
+    views = resolved.config.get("views") or {}
     only = None if plan is None else plan.compute_mask(name)
     n_processed = n_reused = 0
     for window in _windows(source, name, image_size, start, stop, window_rows(size), fast, only,
@@ -324,14 +350,18 @@ def run_split(committer, engine, resolved: ResolvedCache, name: str, start: int,
             pooled = features.astype(np.float32).mean(axis=(1, 2))
         else:
             features = pooled = None
+        augmented = None
+        if views and name == VIEWS_SPLIT:  # K augmented views of each train image (bottlecache.augment)
+            augmented = view_features(engine, images, keys, views["k"], parse_spec(views["augment"]),
+                                      views["seed"], size, dtype)
         contents, n_copied = None, 0
-        if plan is not None:
+        if plan is not None:  # (a build with views copies nothing: the keys above are the window's)
             indices, keys, labels, features, pooled, contents, n_copied = plan.fill(
                 name, lo, hi, indices, features, pooled)
         skipped = _skipped(source, name, lo, hi, indices)
         committer.submit(
             name, None if features is None else features.astype(dtype), pooled, labels, keys, skipped, hi - offset,
-            contents,
+            augmented, contents,
         )
         n_processed += hi - lo
         n_reused += n_copied

@@ -118,6 +118,7 @@ def resolve_cache_dir(cache_dir=None) -> Path:
 
 MAX_BATCH_SIZE = 65536
 MAX_EPOCHS = 100_000
+MAX_VIEWS = 64
 
 
 @dataclass(frozen=True)
@@ -128,8 +129,12 @@ class CacheSettings:
     ``"validation=train[80%:90%]"``; None: the source's own), the backbone (``model``, a name of
     ``bottlecache.backbones.BACKBONES``), its ``image_size`` and
     ``weights`` (``"imagenet"``, a weights file, or None: ``$BOTTLECACHE_WEIGHTS`` or imagenet),
-    the storage ``dtype``, ``fast_decode``, and where it lives (``cache_dir``). Settings that do
-    not change a cache's content (engine, batch size) are not here.
+    the storage ``dtype``, ``fast_decode``, and where it lives (``cache_dir``). ``cut``: a
+    fine-tune layer index; the cache then holds the activation at the cut below it instead of
+    the bottleneck (``bottlecache.cut``). ``views`` augmented views of each train image, made by
+    ``augment`` (a spec, ``bottlecache.augment``; default ``tutorial``) seeded by the image's key,
+    the view's index and ``view_seed``. Settings that do not change a cache's content (engine,
+    batch size) are not here.
 
     ``resolve()`` opens the source and the weights once; everything downstream takes the result.
     """
@@ -143,6 +148,10 @@ class CacheSettings:
     tfds_data_dir: str | None = None
     cache_dir: Path = field(default=None)  # type: ignore[assignment]
     model: str = DEFAULT_MODEL
+    cut: int | None = None
+    views: int = 0
+    augment: str | None = None
+    view_seed: int = 0
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -167,6 +176,18 @@ class CacheSettings:
             set_(self, "tfds_data_dir", str(check_folder_option("tfds_data_dir", self.tfds_data_dir)))
         set_(self, "fast_decode", bool(self.fast_decode))
         set_(self, "cache_dir", resolve_cache_dir(self.cache_dir))
+        if self.cut is not None:
+            from .cut import check_cut
+
+            check_cut(self.cut, self.model)
+        check_range("views", self.views, 0, MAX_VIEWS, high_open=False)
+        check_seed(self.view_seed)
+        from .augment import canonical_spec
+
+        augment = canonical_spec(self.augment if self.augment is not None else "tutorial")  # a bad spec first
+        if self.augment is not None and not self.views:
+            raise BottlecacheError("The 'augment' option needs --views K (K augmented views of each train image).")
+        set_(self, "augment", augment if self.views else None)
 
     def resolve(self) -> "ResolvedCache":
         """Open the source and the weights, and compute the configuration and its fingerprint."""
@@ -185,6 +206,12 @@ class CacheSettings:
             **backbone_record(weights, self.image_size),  # the model, its preprocessing's name and version
             "dtype": self.dtype,
         }
+        if self.cut is not None:
+            from .cut import cut_record
+
+            config["cut"] = cut_record(self.image_size, self.cut, self.model)  # the layer's name: --cut 99 and 100 share
+        if self.views:
+            config["views"] = {"k": self.views, "augment": self.augment, "seed": self.view_seed}
         return ResolvedCache(self, source, weights, config, fingerprint(config))
 
 

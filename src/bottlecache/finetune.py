@@ -10,6 +10,7 @@ save ``model.keras`` with its record. Prediction lives in ``bottlecache.predict`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -22,8 +23,8 @@ import numpy as np
 from ._tf import import_keras, import_tf
 from .backbone import backbone_record, load_backbone
 from .backbones import get_backbone
-from .config import DEFAULT_DATA, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL, MAX_BATCH_SIZE, MAX_EPOCHS, CacheSettings, \
-    check_folder_option, check_positive, check_range, check_seed
+from .config import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL, MAX_BATCH_SIZE, MAX_EPOCHS, \
+    MAX_VIEWS, CacheSettings, check_folder_option, check_positive, check_range, check_seed
 from .data import image_dataset, training_dataset
 from .errors import BottlecacheError
 from .files import atomic_save, atomic_write_text, ensure_cache_dir, write_error
@@ -65,6 +66,10 @@ class FinetuneResult:
             "head_metrics": self.head_metrics,
             "metrics": self.metrics,
         }
+
+
+AUGMENT_SPEC = "flip,rotate=0.05"  # augmentation()'s, as a bottlecache.augment spec (for --from-cache views)
+DEFAULT_VIEWS = 8
 
 
 def augmentation():
@@ -149,6 +154,49 @@ def _evaluate(model, source, split: str, image_size: int, batch_size: int, base:
     return compute_metrics(np.concatenate(labels), proba, source.class_names)
 
 
+def _evaluate_batches(model, batches, class_names) -> dict:
+    logits, labels = [], []
+    for x, y in batches:
+        logits.append(np.asarray(model(x, training=False)))
+        labels.append(np.asarray(y))
+    return compute_metrics(np.concatenate(labels), probabilities_from_logits(np.concatenate(logits)), class_names)
+
+
+def _resolve_cut(settings: CacheSettings, params: dict, cut_cache):
+    """The cut cache's settings (the run's, with the cut below ``fine_tune_at``, and with ``--augment``
+    its augmented views) resolved; a given ``cut_cache`` that holds another cut is refused here,
+    before any work."""
+    from .cut import open_cut_cache
+
+    fine_tune_at = params["fine_tune_at"]
+    if fine_tune_at < 1:
+        raise BottlecacheError("--from-cache needs --fine-tune-at 1 or more: with 0, no layer is frozen to cache.")
+    views = {}
+    if params["augment"]:  # the same flip and rotation as augmentation(), drawn per image per epoch among the views
+        views = {"views": params["views"], "augment": AUGMENT_SPEC, "view_seed": params["seed"]}
+    cut = dataclasses.replace(settings, cut=fine_tune_at, **views).resolve()
+    if cut_cache is not None:
+        open_cut_cache(cut_cache, cut).close()
+    return cut
+
+
+def _cut_data(cut, cut_cache, params: dict, progress):
+    """``(train, validation, n_train)`` from the cut cache; the cache is built first if missing."""
+    from .build import build_resolved
+    from .cut import cut_datasets, open_cut_cache
+
+    if cut_cache is None:
+        progress.message(f"caching the activations at the cut {cut.config['cut']['layer']} (or finding them cached)")
+        cut_cache = build_resolved(cut, progress=progress).path
+    with open_cut_cache(cut_cache, cut) as cache:
+        train, validation = cut_datasets(cache, params["batch_size"], params["seed"])
+        if params["augment"]:  # one cached view of each image per epoch (bottlecache.views)
+            from .views import ViewEpochs
+
+            train = ViewEpochs(cache, params["batch_size"], params["seed"]).dataset()
+        return train, validation, cache.n_examples("train")
+
+
 def finetune(
     data=DEFAULT_DATA,
     splits=None,
@@ -168,6 +216,10 @@ def finetune(
     out=None,
     resume: bool = False,
     tfds_data_dir=None,
+    from_cache: bool = False,
+    views: int | None = None,
+    dtype: str = DEFAULT_DTYPE,
+    cut_cache=None,
     progress=None,
     model: str = DEFAULT_MODEL,
 ) -> FinetuneResult:
@@ -191,17 +243,33 @@ def finetune(
         Continue an interrupted run in ``out`` from its last finished epoch. Its settings must be
         the run's own (``epochs`` and ``early_stopping`` may change); a difference is refused,
         naming each option.
+    from_cache : bool
+        Train the network above the cut below ``fine_tune_at`` on cached activations
+        (``bottlecache.cut``), building that cut cache first if it is missing. The saved model
+        takes images, as without it. With ``augment``, the cut cache holds ``views`` (default 8)
+        augmented views of each train image (the same flip and rotation), one drawn per image
+        per epoch.
+    dtype : {"float16", "float32"}
+        Storage type of the caches this run builds (the head's, the cut's).
+    cut_cache : path, optional
+        With ``from_cache``: this cut cache instead of the one under ``cache_dir`` (it must hold
+        the cut ``fine_tune_at`` needs, of the same data and weights).
 
     Returns
     -------
     FinetuneResult
     """
-    settings = CacheSettings(data, None if splits is None else tuple(splits), image_size, weights,
+    settings = CacheSettings(data, None if splits is None else tuple(splits), image_size, weights, dtype,
                              tfds_data_dir=tfds_data_dir, cache_dir=cache_dir, model=model)
     if fine_tune_at is None:
         fine_tune_at = get_backbone(model).fine_tune_at
     params = check_params(model=model, fine_tune_at=fine_tune_at, epochs=epochs, learning_rate=learning_rate,
-                          batch_size=batch_size, seed=seed, augment=augment, early_stopping=early_stopping)
+                          batch_size=batch_size, seed=seed, augment=augment, early_stopping=early_stopping,
+                          from_cache=from_cache, views=views)
+    if cut_cache is not None and not from_cache:
+        raise BottlecacheError("The 'cut_cache' option needs --from-cache.")
+    if views and not (from_cache and augment):
+        raise BottlecacheError("The 'views' option needs --from-cache and --augment (the augmented views of the cut).")
     check_positive("head_epochs", head_epochs, maximum=MAX_EPOCHS)
     progress = progress or NullProgress()
     resolved = settings.resolve()
@@ -211,6 +279,7 @@ def finetune(
             f"Fine-tuning needs 'train' and 'validation' splits; the data has {', '.join(source.splits)}. "
             "Name them with --split train=... --split validation=...."
         )
+    cut = _resolve_cut(settings, params, cut_cache) if from_cache else None
     if out is not None:
         _check_out(Path(out), resume)
         if resume:
@@ -222,13 +291,15 @@ def finetune(
                   "backbone": record, "params": params,
                   "head": {"path": str(head.resolve()),
                            "cache_fingerprint": loaded.record.get("cache", {}).get("fingerprint", "")}}
+    if cut is not None:
+        run_config["cut_cache"] = cut.fingerprint
     if out is None:
         out = ensure_cache_dir(settings.cache_dir) / "models" / f"finetune-{fingerprint(_fixed(run_config))[:12]}"
     out = Path(out)
     _check_out(out, resume)
     state = _resume_state(out, run_config) if resume and (out / CHECKPOINT_DIR / "state.json").exists() else None
     try:
-        return _run(out, resolved, loaded, head, run_config, state, progress)
+        return _run(out, resolved, loaded, head, run_config, state, progress, cut, cut_cache)
     except OSError as error:
         raise write_error(out, error, "finished epochs are kept; run again with --resume") from None
 
@@ -243,6 +314,13 @@ def check_params(model: str = DEFAULT_MODEL, **params) -> dict:
     if params["early_stopping"] is not None:
         check_positive("early_stopping", params["early_stopping"], maximum=MAX_EPOCHS)
     params["augment"] = bool(params["augment"])
+    params["from_cache"] = bool(params.get("from_cache", False))
+    if params.get("views") is not None:
+        check_range("views", params["views"], 1, MAX_VIEWS, high_open=False)
+    if params["from_cache"] and params["augment"]:
+        params["views"] = params.get("views") or DEFAULT_VIEWS
+    else:
+        params.pop("views", None)
     return params
 
 
@@ -306,7 +384,8 @@ def _resume_state(out: Path, run_config: dict) -> dict:
     for key in sorted(set(before.get("params", {})) | set(now["params"])):
         if before.get("params", {}).get(key) != now["params"].get(key):
             differ.append(f"{_option(key)} {before.get('params', {}).get(key)!r} -> {now['params'].get(key)!r}")
-    names = {"data": "--data", "splits": "--split", "backbone": "--model/--weights/--image-size", "head": "--head"}
+    names = {"data": "--data", "splits": "--split", "backbone": "--model/--weights/--image-size", "head": "--head",
+             "cut_cache": "--from-cache/--dtype"}
     differ += [f"{names.get(k, k)} changed" for k in sorted(set(before) | set(now)) if k != "params"
                and before.get(k) != now.get(k)]
     if differ:
@@ -325,9 +404,12 @@ def _read_state(out: Path) -> dict:
     return read_json(out / CHECKPOINT_DIR / "state.json", CheckpointState, CHECKPOINT_ADVICE).model_dump(mode="json")
 
 
-def _run(out: Path, resolved, loaded, head: Path, run_config: dict, state: dict | None, progress) -> FinetuneResult:
+def _run(out: Path, resolved, loaded, head: Path, run_config: dict, state: dict | None, progress, cut=None,
+         cut_cache=None) -> FinetuneResult:
     params, source, image_size = run_config["params"], resolved.source, resolved.settings.image_size
     base_name = resolved.settings.model
+    # from the cache: batches of cut activations instead of images (built first if missing)
+    data = _cut_data(cut, cut_cache, params, progress) if cut is not None else None
     checkpoint = out / CHECKPOINT_DIR
     keras = import_keras()
     import_tf()
@@ -338,11 +420,15 @@ def _run(out: Path, resolved, loaded, head: Path, run_config: dict, state: dict 
         progress.message(f"resuming {out} after epoch {state['epoch']}")
     else:
         state = {"epoch": 0, "history": {}, "best": None, "best_epoch": 0, "config": canonical_json(run_config)}
-        model, head_metrics = _warm_start(resolved, loaded, params, checkpoint)
+        model, head_metrics = _warm_start(resolved, loaded, params, checkpoint, cut, data)
         state["best"] = head_metrics["validation"]["log_loss"]  # the warm start is epoch 0: kept unless beaten
-    train_seconds = _fit(model, source, image_size, params, state, checkpoint, progress, base_name)
+    train_seconds = _fit(model, source, image_size, params, state, checkpoint, progress, base_name, data)
     if (checkpoint / "best.weights.h5").exists():
         model.load_weights(checkpoint / "best.weights.h5")
+    if cut is not None:  # the trained layers put back into the whole base: the model takes images
+        from .cut import full_model
+
+        model = full_model(model, load_backbone(resolved.weights, image_size), params["fine_tune_at"], image_size)
     metrics = {split: _evaluate(model, source, split, image_size, params["batch_size"], base_name)
                for split in source.splits if split != "train"}
     for split in metrics:
@@ -367,12 +453,23 @@ def _read_head_metrics(path: Path) -> dict:
     raise BottlecacheError(f"{path} is damaged; {CHECKPOINT_ADVICE}.")
 
 
-def _warm_start(resolved, loaded, params: dict, checkpoint: Path):
-    """The head on the frozen base, measured, then the top of the base unfrozen and compiled."""
+def _warm_start(resolved, loaded, params: dict, checkpoint: Path, cut=None, data=None):
+    """The head on the frozen base, measured, then the top of the base unfrozen and compiled.
+
+    With a ``cut`` (``--from-cache``): the head on the base above the cut, measured on the cached
+    validation activations (what the epochs' validation loss is measured on too).
+    """
     source, image_size, base_name = resolved.source, resolved.settings.image_size, resolved.settings.model
     base = load_backbone(resolved.weights, image_size)
-    model = attach_head(base, loaded.head.model, image_size, params["augment"])
-    head_metrics = {"validation": _evaluate(model, source, "validation", image_size, params["batch_size"], base_name)}
+    if cut is not None:
+        from .cut import cut_model
+
+        model = cut_model(base, loaded.head.model, cut.config["cut"]["layer"])
+        head_metrics = {"validation": _evaluate_batches(model, data[1], source.class_names)}
+    else:
+        model = attach_head(base, loaded.head.model, image_size, params["augment"])
+        head_metrics = {"validation": _evaluate(model, source, "validation", image_size, params["batch_size"],
+                                                base_name)}
     unfreeze(base, params["fine_tune_at"])
     compile_for(model, len(source.class_names), params["learning_rate"])
     checkpoint.mkdir(parents=True, exist_ok=True)
@@ -382,13 +479,18 @@ def _warm_start(resolved, loaded, params: dict, checkpoint: Path):
 
 
 def _fit(model, source, image_size: int, params: dict, state: dict, checkpoint: Path, progress,
-         base_name: str = DEFAULT_MODEL) -> float:
-    """Train from the state's epoch on; returns the seconds it took."""
+         base_name: str = DEFAULT_MODEL, data=None) -> float:
+    """Train from the state's epoch on; returns the seconds it took. ``data``: ``(train, validation,
+    n_train)`` batches to use instead of the images (``--from-cache``)."""
     batch_size, early_stopping = params["batch_size"], params["early_stopping"]
-    train = training_dataset(source, "train", image_size, batch_size, shuffle=True, seed=params["seed"], model=base_name)
-    validation = training_dataset(source, "validation", image_size, batch_size, model=base_name)
-    callback = epoch_checkpoint(checkpoint, state, early_stopping, progress, source.split("train").n_examples,
-                                batch_size)
+    if data is not None:
+        train, validation, n_train = data
+    else:
+        train = training_dataset(source, "train", image_size, batch_size, shuffle=True, seed=params["seed"],
+                                 model=base_name)
+        validation = training_dataset(source, "validation", image_size, batch_size, model=base_name)
+        n_train = source.split("train").n_examples
+    callback = epoch_checkpoint(checkpoint, state, early_stopping, progress, n_train, batch_size)
     started = time.perf_counter()
     stopped_early = early_stopping and state["epoch"] - state["best_epoch"] >= early_stopping
     if state["epoch"] < params["epochs"] and not stopped_early:

@@ -374,6 +374,7 @@ def train_head(
     cache_dir=None,
     max_memory: int | None = None,
     verbose: int = 0,
+    views: bool = False,
 ) -> HeadResult:
     """Fit a head on a cache's ``train`` split and measure it on every other split.
 
@@ -398,6 +399,10 @@ def train_head(
         Folder to save the head in; default ``<cache dir>/heads/<kind>-<fingerprint12>-<time>``.
     max_memory : int, optional
         Bytes of float32 features to load whole; above it the Keras head streams from the file.
+    views : bool
+        Train on the cache's augmented views (``cache build --views K``; ``bottlecache.views``):
+        the Keras head draws one view per image per epoch, scikit-learn fits the clean rows and
+        all views.
 
     Returns
     -------
@@ -429,6 +434,15 @@ def train_head(
     try:
         if train_split not in cache.splits:
             raise BottlecacheError(f"The cache has no {train_split!r} split to train on. It has {', '.join(cache.splits)}.")
+        if cache.config.get("cut"):
+            raise BottlecacheError(
+                f"{cache.path.name} holds the activations at the cut {cache.config['cut']['layer']} (for "
+                "`finetune run --from-cache`); heads train on a bottleneck cache (cache build without --cut)."
+            )
+        if views:
+            from .views import check_views
+
+            check_views(cache, train_split)
         eval_splits = [s for s in cache.splits if s != train_split] if evaluate is None else list(evaluate)
         unknown = [s for s in eval_splits if s not in cache.splits or s == train_split]
         if unknown:
@@ -449,14 +463,15 @@ def train_head(
                     "Choosing among several C values needs a 'validation' split, and this cache has none; "
                     "pass one --C or build the cache with a validation split (--split validation=...)."
                 )
-            result = _train_sklearn(cache, Cs, train_split, has_validation, class_weight)
+            result = _train_sklearn(cache, Cs, train_split, has_validation, class_weight, views)
         else:
             result = _train_keras(
                 cache, n_classes, train_split, has_validation, epochs=epochs, batch_size=batch_size,
                 learning_rate=learning_rate, optimizer=optimizer, dropout=dropout, seed=seed,
                 early_stopping=early_stopping, shuffle=shuffle, max_memory=max_memory or _memory_budget(),
-                verbose=verbose, class_weight=class_weight,
+                verbose=verbose, class_weight=class_weight, views=views,
             )
+        result.params["views"] = cache.n_views if views else 0
         for split in eval_splits:
             proba = _predict_split(result.head, cache, split)
             result.metrics[split] = compute_metrics(cache.labels(split), proba, cache.class_names)
@@ -475,8 +490,13 @@ def _predict_split(head, cache, split: str, block: int = 1024) -> np.ndarray:
     return np.concatenate([head.predict_proba(cache.features(split, slice(i, i + block))) for i in range(0, n, block)])
 
 
-def _train_sklearn(cache, Cs, train_split, has_validation, class_weight="none") -> HeadResult:
-    x, y = cache.pooled(train_split), cache.labels(train_split)
+def _train_sklearn(cache, Cs, train_split, has_validation, class_weight="none", views: bool = False) -> HeadResult:
+    if views:
+        from .views import pooled_rows
+
+        x, y = pooled_rows(cache)
+    else:
+        x, y = cache.pooled(train_split), cache.labels(train_split)
     selection, best = [], None
     started = time.perf_counter()
     for value in sorted(Cs):
@@ -494,7 +514,8 @@ def _train_sklearn(cache, Cs, train_split, has_validation, class_weight="none") 
 
 
 def _train_keras(cache, n_classes, train_split, has_validation, *, epochs, batch_size, learning_rate, optimizer,
-                 dropout, seed, early_stopping, shuffle, max_memory, verbose, class_weight="none") -> HeadResult:
+                 dropout, seed, early_stopping, shuffle, max_memory, verbose, class_weight="none",
+                 views=False) -> HeadResult:
     keras = import_keras()
     keras.utils.set_random_seed(seed)
     model = compile_for(build_head_model(cache.feature_shape, n_classes, dropout), n_classes, learning_rate, optimizer,
@@ -505,7 +526,14 @@ def _train_keras(cache, n_classes, train_split, has_validation, *, epochs, batch
     weights = None if class_weight == "none" else class_weights(cache.labels(train_split), n_classes)
     callbacks = [best_weights_callback("val_loss" if has_validation else "loss", early_stopping),
                  epoch_timer(epoch_seconds)]
-    if in_memory:
+    if views:  # one view per image per epoch (bottlecache.views); the views stay in their stored dtype
+        from .views import ViewEpochs
+
+        validation = cache.dataset("validation", batch_size=EVAL_BATCH_SIZE) if has_validation else None
+        started = time.perf_counter()
+        history = model.fit(ViewEpochs(cache, batch_size, seed).dataset(), epochs=epochs, validation_data=validation,
+                            shuffle=False, callbacks=callbacks, verbose=verbose)
+    elif in_memory:
         x, y = cache.features(train_split).astype(np.float32), cache.labels(train_split)
         validation = (cache.features("validation").astype(np.float32), cache.labels("validation")) if has_validation else None
         started = time.perf_counter()

@@ -74,6 +74,21 @@ class BackboneRecord(Record):
         return self
 
 
+class CutRecord(Record):
+    """A cut cache's cut (``bottlecache.cut``): the layer whose output it stores, and that output's shape."""
+
+    layer: str = Field(min_length=1)
+    shape: Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=3, max_length=3)]
+
+
+class ViewsRecord(Record):
+    """A cache's augmented views of the train split (``bottlecache.augment``): how many, how made, the seed."""
+
+    k: int = Field(gt=0)
+    augment: str = Field(min_length=1)
+    seed: int = Field(ge=0, lt=SEED_LIMIT)
+
+
 class CacheConfig(Record):
     """The cache's configuration: everything that determines its content (see ``fingerprint``)."""
 
@@ -88,6 +103,8 @@ class CacheConfig(Record):
     weights_sha256: Sha256
     preprocess_version: int = Field(ge=1)
     dtype: Literal[DTYPES]  # type: ignore[valid-type]
+    cut: CutRecord | None = None
+    views: ViewsRecord | None = None
 
     @model_validator(mode="after")
     def _rules(self):
@@ -166,6 +183,7 @@ class FinetuneParams(Record):
     seed: int = Field(ge=0, lt=SEED_LIMIT)
     augment: bool
     early_stopping: int | None = Field(default=None, gt=0)
+    from_cache: bool = False
 
 
 class ModelRecord(Record):

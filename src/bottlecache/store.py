@@ -10,6 +10,8 @@ Layout of ``<dataset>-<model>-<size>-<fingerprint12>.h5``::
     /<split>/keys     (N,) UTF-8: relative path or tfds id
     /<split>/content  (N, 32) uint8: sha256 of the file's bytes, or of the tfds id (content.py)
     /<split>/skipped  (M, 2) UTF-8: key, reason
+    /train/view_features (N, K, s, s, 1280), /train/view_pooled (N, K, 1280): with ``--views K``
+                      only, the K augmented views of each train row (``bottlecache.augment``)
               attrs:  spec, n_examples, n_done, n_rows, n_skipped, complete
 
 A split's attributes ``n_rows`` / ``n_skipped`` / ``n_done`` are the commit record: they are
@@ -33,7 +35,8 @@ import h5py
 import numpy as np
 
 from .chunks import encode_rows, write_chunks
-from .config import bottleneck_shape, resolve_cache_dir
+from .config import resolve_cache_dir
+from .cut import feature_shape_of
 from .errors import BottlecacheError, CacheMismatchError, reason
 from .fingerprint import FORMAT_NAME, FORMAT_VERSION, canonical_json, fingerprint
 from .records import CacheAttrs, differences, python_value, validate
@@ -55,6 +58,8 @@ _STR = h5py.string_dtype("utf-8")
 DAMAGED_ADVICE = ("delete or move the file, then run `bottlecache cache build` with the same options "
                   "to build it again")
 SPLIT_DATASETS = ("features", "pooled", "labels", "keys", "skipped")
+VIEW_DATASETS = ("view_features", "view_pooled")  # in the train split of a cache built with views
+VIEWS_SPLIT = "train"
 CONTENT = "content"  # per-row content digests (content.py); caches written before it lack them
 
 
@@ -152,13 +157,15 @@ class PartialCache:
         self.resumed = False
 
     # -- opening ----------------------------------------------------------------------------
-    def open(self, root_attrs: dict, splits: dict[str, dict], feature_shape, dtype: str) -> "PartialCache":
-        """Resume the partial file if it is ours and readable, else start a new one."""
+    def open(self, root_attrs: dict, splits: dict[str, dict], feature_shape, dtype: str,
+             views: int = 0) -> "PartialCache":
+        """Resume the partial file if it is ours and readable, else start a new one (with ``views``
+        augmented views per row in the train split)."""
         self.resumed = self.path.exists() and self._try_resume()
         if not self.resumed:
             if self.path.exists():
                 self.path.unlink()
-            self._create(root_attrs, splits, feature_shape, dtype)
+            self._create(root_attrs, splits, feature_shape, dtype, views)
         return self
 
     def _try_resume(self) -> bool:
@@ -174,11 +181,12 @@ class PartialCache:
                 rows, n_skipped = int(group.attrs["n_rows"]), int(group.attrs["n_skipped"])
                 for key, n in (("keys", rows), ("skipped", n_skipped)):
                     _clear_strings_from(group[key], n)
-                for key in ("features", "pooled", "labels", "keys", CONTENT):
+                row_keys = ["features", "pooled", "labels", "keys", CONTENT, *(k for k in VIEW_DATASETS if k in group)]
+                for key in row_keys:
                     group[key].resize(rows, axis=0)
                 group["skipped"].resize(n_skipped, axis=0)
                 # the last committed rows (in the chunks a batch rewrites) must read back and pass their checksums
-                for key in ("features", "pooled", "labels", "keys", CONTENT, "skipped"):
+                for key in (*row_keys, "skipped"):
                     n = n_skipped if key == "skipped" else rows
                     group[key][max(0, n - group[key].chunks[0]) : n]
             self.file = f
@@ -187,7 +195,7 @@ class PartialCache:
             f.close()
             return False
 
-    def _create(self, root_attrs, splits, feature_shape, dtype):
+    def _create(self, root_attrs, splits, feature_shape, dtype, views: int = 0):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Not libver="latest": its superblock (v3) marks the file open for writing until it is
         # closed, and HDF5 then refuses to reopen a file whose writer was killed, so a resume
@@ -215,6 +223,15 @@ class PartialCache:
             group.create_dataset(
                 "labels", (0,), dtype="int64", maxshape=(None,), chunks=(FEATURE_CHUNK_ROWS,), **checked
             )
+            if views and name == VIEWS_SPLIT:  # one chunk per view of 32 rows: as large as a features chunk
+                group.create_dataset(
+                    "view_features", (0, views, *feature_shape), dtype=dtype, maxshape=(None, views, *feature_shape),
+                    chunks=(FEATURE_CHUNK_ROWS, 1, *feature_shape), **checked,
+                )
+                group.create_dataset(
+                    "view_pooled", (0, views, n_channels), dtype="float32", maxshape=(None, views, n_channels),
+                    chunks=(POOLED_CHUNK_ROWS, views, n_channels), **checked,
+                )
             group.create_dataset("keys", (0,), dtype=_STR, maxshape=(None,), chunks=(4096,))
             group.create_dataset(CONTENT, (0, 32), dtype="uint8", maxshape=(None, 32),
                                  chunks=(FEATURE_CHUNK_ROWS, 32), **checked)
@@ -230,26 +247,34 @@ class PartialCache:
         group = self.file[split]
         return int(group.attrs["n_done"]), bool(group.attrs["complete"])
 
-    def append(self, split: str, features, pooled, labels, keys, skipped, n_done: int, contents=None) -> None:
-        """Write one batch's rows, then commit them (attributes, flush, fsync). ``contents``: the
-        rows' (n, 32) content digests."""
+    def append(self, split: str, features, pooled, labels, keys, skipped, n_done: int, views=None,
+               contents=None) -> None:
+        """Write one batch's rows, then commit them (attributes, flush, fsync). ``views``: the rows'
+        ``(view_features, view_pooled)`` in a split built with views; ``contents``: the rows' (n, 32)
+        content digests."""
         group = self.file[split]
+        view_keys = [k for k in VIEW_DATASETS if k in group]
         rows, n = int(group.attrs["n_rows"]), len(labels)
         # every chunk this batch touches, at its raw size, and the strings: the most it can write
         need = sum(len(str(text).encode("utf-8")) + 64 for text in [*keys, *(t for pair in skipped for t in pair)])
         n_skipped = int(group.attrs["n_skipped"])
-        for key in ("features", "pooled", "labels", "keys", CONTENT, "skipped"):
+        for key in ("features", "pooled", "labels", "keys", CONTENT, "skipped", *view_keys):
             first, count = (n_skipped, len(skipped)) if key == "skipped" else (rows, n)
             dataset, per_chunk = group[key], group[key].chunks[0]
             if count:
                 touched = (first + count - 1) // per_chunk - first // per_chunk + 1
                 itemsize = 16 if dataset.dtype.kind == "O" else dataset.dtype.itemsize  # a string: its heap reference
-                need += touched * int(np.prod(dataset.chunks)) * itemsize
+                per_row_chunks = int(np.prod(dataset.shape[1:])) // int(np.prod(dataset.chunks[1:]))  # views: K
+                need += touched * per_row_chunks * int(np.prod(dataset.chunks)) * itemsize
         # Whole chunks are compressed and checksummed here, with the GIL released (chunks.py);
         # HDF5 would do it inside the write, holding the GIL the engine's thread needs.
         contents = np.zeros((n, 32), np.uint8) if contents is None else contents
-        columns = (("features", features), ("pooled", pooled), ("labels", labels), ("keys", keys),
-                   (CONTENT, contents)) if n else ()
+        columns = [("features", features), ("pooled", pooled), ("labels", labels), ("keys", keys),
+                   (CONTENT, contents)] if n else []
+        if n and view_keys:
+            if views is None:
+                raise ValueError(f"split {split!r} holds views: a batch without them cannot be appended")
+            columns += list(zip(VIEW_DATASETS, views))
         encoded = {key: encode_rows(group[key], rows, values) for key, values in columns if key != "keys"}
         self._reserve(need)
         for key, values in columns:
@@ -393,7 +418,7 @@ class Cache:
         self.build_info: dict = dict(record.build)
         self.created: str = record.created
         self.versions: dict = dict(record.versions)
-        expected = bottleneck_shape(self.image_size, self.config["model"])
+        expected = feature_shape_of(self.config)
         for split in self.splits:
             group = self.file.get(split)
             if not isinstance(group, h5py.Group):
@@ -403,6 +428,11 @@ class Cache:
                 raise BottlecacheError(f"{where}: split {split!r} has no {', '.join(missing)}; {DAMAGED_ADVICE}")
             n = group["labels"].shape[0] if group["labels"].ndim == 1 else -1
             shapes = {"features": (n, *expected), "pooled": (n, expected[-1]), "keys": (n,)}
+            if self.n_views and split == VIEWS_SPLIT:
+                missing = [k for k in VIEW_DATASETS if not isinstance(group.get(k), h5py.Dataset)]
+                if missing:
+                    raise BottlecacheError(f"{where}: split {split!r} has no {', '.join(missing)}; {DAMAGED_ADVICE}")
+                shapes.update(view_features=(n, self.n_views, *expected), view_pooled=(n, self.n_views, expected[-1]))
             if CONTENT in group:
                 shapes[CONTENT] = (n, 32)
             wrong = [f"{k} {group[k].shape}" for k, shape in shapes.items() if group[k].shape != shape]
@@ -443,6 +473,19 @@ class Cache:
     @property
     def image_size(self) -> int:
         return int(self.config["image_size"])
+
+    @property
+    def n_views(self) -> int:
+        """Augmented views per train row (0: built without ``--views``)."""
+        return int((self.config.get("views") or {}).get("k", 0))
+
+    def view_features(self, rows: slice | None = None) -> np.ndarray:
+        """The train rows' augmented views of the features: (n, K, s, s, C)."""
+        return self._read(VIEWS_SPLIT, "view_features", rows)
+
+    def view_pooled(self, rows: slice | None = None) -> np.ndarray:
+        """The train rows' augmented views, pooled: (n, K, C) float32."""
+        return self._read(VIEWS_SPLIT, "view_pooled", rows)
 
     @property
     def feature_shape(self) -> tuple[int, int, int]:
@@ -498,7 +541,7 @@ class Cache:
 
     def nbytes(self, split: str) -> int:
         group = self._group(split)
-        return sum(group[k].id.get_storage_size() for k in (*SPLIT_DATASETS, CONTENT) if k in group)
+        return sum(group[k].id.get_storage_size() for k in (*SPLIT_DATASETS, CONTENT, *VIEW_DATASETS) if k in group)
 
     def dataset(self, split: str, what: str = "features", batch_size: int | None = None):
         """A ``tf.data.Dataset`` of ``(x, label)`` streamed from the file chunk by chunk.
@@ -659,7 +702,7 @@ def verify_cache(path) -> VerifyReport:
     with cache:
         if not cache.path.stem.endswith(cache.fingerprint[:12]):
             report.problems.append("the file name does not carry the cache's fingerprint")
-        expected_shape = bottleneck_shape(cache.image_size, cache.config["model"])
+        expected_shape = feature_shape_of(cache.config)
         n_classes = len(cache.class_names)
         for split in cache.splits:
             if split not in cache.file:
@@ -677,7 +720,7 @@ def verify_cache(path) -> VerifyReport:
                 )
             if n + group["skipped"].shape[0] != int(group.attrs.get("n_examples", -1)):
                 report.problems.append(f"split {split!r}: {n} rows + skipped is not the split's n_examples")
-            for name in ("features", "pooled", "labels", CONTENT):
+            for name in ("features", "pooled", "labels", CONTENT, *(k for k in VIEW_DATASETS if k in group)):
                 if name not in group:
                     continue
                 dataset = group[name]

@@ -53,6 +53,10 @@ def build(
     executor: Annotated[str, typer.Option(help="local (this process) or ray (shard by shard on a Ray cluster; see docs/scaling-out.md).")] = "local",
     ray_address: Annotated[Optional[str], typer.Option(help="ray: auto or HOST:PORT of a running cluster (default: start a local Ray).")] = None,
     shard_size: Annotated[Optional[int], typer.Option(help="ray: input rows per shard, a multiple of the commit window (default 32768).")] = None,
+    cut: Annotated[Optional[int], typer.Option(help="Store the activation at the cut below this fine-tune layer instead of the bottleneck (for `finetune run --from-cache`).")] = None,
+    views: Annotated[int, typer.Option(help="Augmented views of each train image to store beside its features (0: none).")] = 0,
+    augment: Annotated[Optional[str], typer.Option(help="How views are made: 'tutorial' (default; flip,rotate=0.2) or e.g. flip,rotate=0.2,zoom=0.1.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the views (with the image key and the view index).")] = 0,
     as_json: JsonOpt = False,
 ):
     """Run the frozen base (--model) once over each split and store the features in an HDF5 cache."""
@@ -66,6 +70,7 @@ def build(
             data, split, image_size=image_size, weights=weights, cache_dir=cache_dir, dtype=dtype,
             batch_size=batch_size, engine=engine, tfds_data_dir=tfds_data_dir, wait=wait, fast_decode=fast_decode,
             reuse=reuse, progress=progress, executor=executor, ray_address=ray_address, shard_size=shard_size, model=model,
+            cut=cut, views=views, augment=augment, seed=seed,
         )
     if as_json:
         print_json(report.to_dict())
@@ -205,6 +210,7 @@ def train_head_command(
     class_weight: Annotated[str, typer.Option(help="none, or balanced: weigh each class by the inverse of its train frequency (both kinds).")] = "none",
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Folder for the trained head (default: under the cache dir).")] = None,
     cache_dir: CacheDirOpt = None,
+    views: Annotated[bool, typer.Option("--views", help="Train on the cache's augmented views (cache build --views K).")] = False,
     as_json: JsonOpt = False,
 ):
     """Train a head on a cache's features and report its metrics on the other splits."""
@@ -217,7 +223,7 @@ def train_head_command(
     result = train_head(
         path, kind, C=c or [1.0], epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
         optimizer=optimizer, dropout=dropout, seed=seed, early_stopping=early_stopping, class_weight=class_weight,
-        out=out_dir, cache_dir=cache_dir,
+        out=out_dir, cache_dir=cache_dir, views=views,
     )
     record = result.to_dict()
     if as_json:

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..config import DEFAULT_DATA, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL
+from ..config import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL
 from ._common import (
     CacheDirOpt,
     DataOpt,
@@ -48,6 +48,10 @@ def run(
     early_stopping: Annotated[Optional[int], typer.Option(help="Stop after this many epochs without a better validation loss.")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Folder for model.keras (default: under the cache dir).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last finished epoch.")] = False,
+    from_cache: Annotated[bool, typer.Option("--from-cache", help="Train above the cut below --fine-tune-at on cached activations (built if missing); see docs/heads-and-finetuning.md.")] = False,
+    views: Annotated[Optional[int], typer.Option(help="With --from-cache --augment: augmented views of each train image in the cut cache (default 8).")] = None,
+    dtype: Annotated[str, typer.Option(help="Storage type of the caches this run builds: float16 or float32.")] = DEFAULT_DTYPE,
+    cut_cache: Annotated[Optional[str], typer.Option(help="With --from-cache: a cut cache file (`cache build --cut L`) to use.")] = None,
     as_json: JsonOpt = False,
 ):
     """Unfreeze the base (--model) from --fine-tune-at on and train it with the head on the images."""
@@ -58,7 +62,8 @@ def run(
             data, split, image_size=image_size, weights=weights, cache_dir=cache_dir, head=head,
             head_epochs=head_epochs, fine_tune_at=fine_tune_at, epochs=epochs, learning_rate=learning_rate,
             batch_size=batch_size, seed=seed, augment=augment, early_stopping=early_stopping, out=out_dir,
-            resume=resume, tfds_data_dir=tfds_data_dir, progress=progress, model=model,
+            resume=resume, tfds_data_dir=tfds_data_dir, from_cache=from_cache, views=views, dtype=dtype, cut_cache=cut_cache,
+            progress=progress, model=model,
         )
     record = result.to_dict()
     if as_json:
