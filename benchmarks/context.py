@@ -102,7 +102,8 @@ class Run:
         if key not in self._builds:
             from bottlecache.build import build_cache
 
-            cache_dir = self.work_dir / f"cache-{engine}{'-fast-decode' if fast_decode else ''}"
+            cache_dir = self.work_dir / (f"cache-{engine}{'-fast-decode' if fast_decode else ''}"
+                                         f"{'' if executor == 'local' else '-' + executor}")
             self.give_flatbuffer(cache_dir, engine)
             started, cpu_started = time.perf_counter(), cpu_seconds()
             report = build_cache(self.data, self.splits, image_size=self.image_size, weights=self.weights.path,
