@@ -229,10 +229,7 @@ def join_shards(resolved, specs: list[ShardSpec], folder: Path, versions: dict, 
                 f[name].attrs.update(spec=str(split.spec), n_examples=split.n_examples, n_done=split.n_examples,
                                      complete=True, seconds=seconds.get(name, 0.0))
             f.attrs["complete"] = True
-        with open(staged, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(staged, final)
-        _fsync_dir(final.parent)
+        _publish(staged, final)
     except OSError as error:
         raise write_error(final, error, "every shard is kept; run the same command again to join them") from None
     finally:
@@ -292,10 +289,7 @@ def consolidate_cache(path, *, keep_shards: bool = False, progress=None) -> Path
                     out.attrs[key] = value
                 for split in cache.splits:
                     _copy_split(cache, split, out.create_group(split), progress)
-            with open(staged, "rb+") as handle:
-                os.fsync(handle.fileno())
-            os.replace(staged, path)
-            _fsync_dir(path.parent)
+            _publish(staged, path)
         except OSError as error:
             raise write_error(path, error, "the cache and its shards are unchanged") from None
         finally:
@@ -334,3 +328,11 @@ def _copy_split(cache: Cache, split: str, group, progress) -> None:
         group.attrs[key] = value
     if progress is not None:
         progress.end_split(split)
+
+
+def _publish(staged: Path, final: Path) -> None:
+    """Sync the finished staged file, rename it to ``final`` (atomic) and sync the folder."""
+    with open(staged, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(staged, final)
+    _fsync_dir(final.parent)
