@@ -474,20 +474,21 @@ def tutorial_frozen(run: Run) -> dict:
 
 def tutorial_augmented(run: Run) -> dict:
     """The tutorial with its augmentation layers (RandomFlip('horizontal') + RandomRotation(0.2))
-    in the model before the frozen base."""
-    return _tutorial(run, augment=True)
+    in the model before the frozen base; on data without a test split, half of validation is lent
+    as one (``lent_test_splits``), as for cached-keras-views."""
+    return _tutorial(run, augment=True, splits=lent_test_splits(run))
 
 
-def _tutorial(run: Run, augment: bool) -> dict:
+def _tutorial(run: Run, augment: bool, splits=None) -> dict:
     from bottlecache._tf import import_keras
     from bottlecache.backbone import load_backbone
-    from bottlecache.data import training_dataset
+    from bottlecache.data import open_source, training_dataset
     from bottlecache.heads import build_head_model, compile_for, epoch_timer
 
     keras = import_keras()
     started = time.perf_counter()
     keras.utils.set_random_seed(run.seed)
-    source = run.source()
+    source = run.source() if splits is None else open_source(run.data, splits)
     n_classes = len(source.class_names)
     base = load_backbone(run.weights, run.image_size)
     inputs = keras.Input(shape=(run.image_size, run.image_size, 3))
@@ -519,7 +520,8 @@ def _tutorial(run: Run, augment: bool) -> dict:
         "epoch_seconds": epoch_seconds,
         "accuracy": {"validation": float(history.history["val_accuracy"][-1]), "test": test},
         "note": f"{'flip + rotate(0.2) layers, ' if augment else ''}frozen base inside fit, images decoded every "
-                f"epoch; first epoch {epoch_seconds[0]:.1f} s, mean {fit_seconds / run.epochs:.1f} s",
+                f"epoch; first epoch {epoch_seconds[0]:.1f} s, mean {fit_seconds / run.epochs:.1f} s"
+                + (f"; {_splits_note({n: p.n_examples for n, p in source.splits.items()})}" if splits is not None else ""),
     }
 
 
@@ -569,30 +571,43 @@ VIEWS = 8  # the augmented views of cached-keras-views
 
 def cached_keras_views(run: Run) -> dict:
     """A cache with K = 8 tutorial views of each train image (its build counted) + the Keras head
-    drawing one view per image per epoch, same epochs as tutorial-augmented."""
+    drawing one view per image per epoch, same epochs and splits as tutorial-augmented. The cost of
+    the views: this build's train split against the clean build's (same engine, same train images)."""
     from bottlecache.build import build_cache
     from bottlecache.heads import train_head
 
+    splits = lent_test_splits(run)
     report, build_seconds = _timed(lambda: build_cache(
-        run.data, run.splits, image_size=run.image_size, weights=run.weights.path, engine=run.engine,
+        run.data, splits, image_size=run.image_size, weights=run.weights.path, engine=run.engine,
         cache_dir=run.work_dir / "cache-views", views=VIEWS, augment="tutorial", seed=run.seed,
         model=run.weights.model))
     head, head_seconds = _timed(lambda: train_head(report.path, "keras", epochs=run.epochs, seed=run.seed, views=True,
                                                    out=run.work_dir / "heads" / "keras-views"))
     sklearn, sklearn_seconds = _timed(lambda: train_head(report.path, "sklearn", views=True, save=False))
+    storage = cache_storage(report.path)
+    train = next(s for s in report.splits if s.name == "train")
+    clean = next(s for s in run.build(run.engine).report.splits if s.name == "train")
     out = {
         "seconds": build_seconds + head_seconds,
         "build_seconds": build_seconds,
         "build_engine": report.engine,
+        "views": VIEWS,
+        "train_build_seconds": train.seconds,
+        "clean_train_build_seconds": clean.seconds,
+        "train_build_ratio": train.seconds / clean.seconds,
+        "views_build_seconds_per_image_per_view": (train.seconds - clean.seconds) / (train.n_processed * VIEWS),
+        "bytes_per_image": storage["bytes_per_image"],
+        "view_bytes_per_image_per_view": storage["view_bytes_per_image_per_view"],
         "head_seconds": head_seconds,
         "epochs": head.params["epochs_run"],
         "seconds_per_epoch": statistics.median(head.history["seconds"]),
         "accuracy": accuracy(head.metrics),
         "sklearn_views_accuracy": accuracy(sklearn.metrics),
         "sklearn_views_seconds": sklearn_seconds,
-        "train_bytes_per_image": sum(s.nbytes for s in report.splits if s.name == "train")
-                                 / max(1, next(s.n_images for s in report.splits if s.name == "train")),
-        "note": f"K = {VIEWS} tutorial views; build {build_seconds:.1f} s ({report.engine}) + head {head_seconds:.1f} s",
+        "note": f"K = {VIEWS} tutorial views; build {build_seconds:.1f} s ({report.engine}; train split "
+                f"{train.seconds / clean.seconds:.1f}x the clean build's) + head {head_seconds:.1f} s; "
+                f"{storage['view_bytes_per_image_per_view'] / 1024:.1f} KiB/image per view; "
+                + _splits_note({s.name: s.n_images for s in report.splits}),
     }
     plain = run.results.get("tutorial-augmented")
     if plain and "seconds" in plain:
@@ -719,21 +734,28 @@ def finetune_cached_views(run: Run) -> dict:
     return finetune_cached(run, augment=True)
 
 
-def finetune_cached(run: Run, augment: bool = False) -> dict:
+def finetune_cached_float32(run: Run) -> dict:
+    """finetune-cached with the cut cache stored float32 (``--dtype float32``): what float16 storage
+    of the cut costs in accuracy, against finetune and finetune-cached of the same run."""
+    return finetune_cached(run, dtype="float32")
+
+
+def finetune_cached(run: Run, augment: bool = False, dtype: str = "float16") -> dict:
     """``finetune`` from the cached cut (``--from-cache``): same warm start, same epochs; the cut
-    cache's build (float16) is counted in ``seconds`` and given apart."""
+    cache's build (``dtype``, float16 by default) is counted in ``seconds`` and given apart."""
     from bottlecache.finetune import finetune as run_finetune
 
     build = run.build(run.engine)
+    name = "finetune-cached" + ("-views" if augment else "") + ("-float32" if dtype == "float32" else "")
     result, seconds = _timed(lambda: run_finetune(
         run.data, run.splits, image_size=run.image_size, weights=run.weights.path, cache_dir=build.cache_dir,
         head=run.keras_head_path, head_epochs=run.epochs, epochs=run.finetune_epochs, seed=run.seed,
-        out=run.work_dir / ("finetune-cached-views" if augment else "finetune-cached"), from_cache=True,
-        augment=augment, model=run.weights.model,
+        out=run.work_dir / name, from_cache=True, augment=augment, dtype=dtype, model=run.weights.model,
     ))
     run.keras_head_path = run.keras_head_path or result.head_path
     before, after = accuracy(result.head_metrics), accuracy(result.metrics)
     per_epoch = statistics.median(result.history["seconds"])
+    storage = cache_storage(result.cut_cache)
     out = {
         "seconds": seconds,
         "cut_build_seconds": seconds - result.train_seconds,  # the cut cache's build, the evaluations, loading
@@ -745,18 +767,55 @@ def finetune_cached(run: Run, augment: bool = False) -> dict:
         "best_epoch": result.best_epoch,
         "accuracy": after,
         "accuracy_before": before,
-        "note": f"from the cut at block_10_project_BN (float16{', 8 views' if augment else ''}); build and evaluation "
-                f"{seconds - result.train_seconds:.0f} s",
+        "dtype": dtype,
+        "cut_layer": storage["cut_layer"],
+        "cut_bytes_per_image": storage["bytes_per_image"],
+        "note": f"from the cut at {storage['cut_layer']} ({dtype}, {storage['bytes_per_image'] / 1024:.1f} KiB/image"
+                + (f", {storage['views']} views of {storage['view_bytes_per_image_per_view'] / 1024:.1f} KiB/image each"
+                   if augment else "")
+                + f"); build and evaluation {seconds - result.train_seconds:.0f} s",
     }
+    if augment:
+        out["views"] = storage["views"]
+        out["view_bytes_per_image_per_view"] = storage["view_bytes_per_image_per_view"]
     plain = run.results.get("finetune-augment" if augment else "finetune")
     if plain and "seconds_per_epoch" in plain:
         out["speedup_per_epoch"] = plain["seconds_per_epoch"] / per_epoch
-        gap = None
-        if after["validation"] is not None and plain["accuracy"]["validation"] is not None:
-            gap = 100 * (after["validation"] - plain["accuracy"]["validation"])
-        out["validation_gap_points"] = gap
+        out["validation_gap_points"] = _gap_points(after, plain)
         out["note"] += f"; {out['speedup_per_epoch']:.2f}x {'finetune-augment' if augment else 'finetune'}'s s/epoch" + (
-            f", validation {gap:+.2f} points" if gap is not None else "")
+            f", validation {out['validation_gap_points']:+.2f} points" if out["validation_gap_points"] is not None else "")
+    float16 = run.results.get("finetune-cached")
+    if dtype == "float32" and float16 and "accuracy" in float16:
+        out["validation_gap_to_float16_points"] = _gap_points(after, float16)
+        if out["validation_gap_to_float16_points"] is not None:
+            out["note"] += f"; {out['validation_gap_to_float16_points']:+.2f} points vs the float16 cut"
+    return out
+
+
+def _gap_points(accuracy_of: dict, other: dict) -> float | None:
+    """``accuracy_of``'s validation accuracy minus ``other`` case's, in points (None if either is missing)."""
+    mine, theirs = accuracy_of["validation"], (other.get("accuracy") or {}).get("validation")
+    return None if mine is None or theirs is None else 100 * (mine - theirs)
+
+
+def cache_storage(path) -> dict:
+    """Bytes on disk per image of a cache file: every split's rows (features, pooled, labels, keys,
+    digests) over its images, and, with views, the train split's views per image per view."""
+    from bottlecache.store import VIEW_DATASETS, VIEWS_SPLIT, Cache
+
+    with Cache(path) as cache:
+        n_images = sum(cache.n_examples(split) for split in cache.splits)
+        k = cache.n_views
+        group = cache.file[VIEWS_SPLIT] if k else {}
+        view_bytes = sum(group[name].id.get_storage_size() for name in VIEW_DATASETS if name in group)
+        out = {
+            "file_bytes": Path(path).stat().st_size,
+            "bytes_per_image": (sum(cache.nbytes(split) for split in cache.splits) - view_bytes) / n_images,
+            "cut_layer": (cache.config.get("cut") or {}).get("layer"),
+            "views": k,
+        }
+        if k:
+            out["view_bytes_per_image_per_view"] = view_bytes / (cache.n_examples(VIEWS_SPLIT) * k)
     return out
 
 
@@ -775,6 +834,19 @@ SWEEP_SPLITS = ["train", "validation=validation[:50%]", "test=validation[50%:]"]
 QUICK_SWEEP_SPLITS = ["train=train[:64]", "validation=validation[:32]", "test=validation[32:64]"]
 
 
+def lent_test_splits(run: Run):
+    """The run's splits, or, for a folder without a test split, the sweep's: half of validation
+    (quick: validation[32:64]) lent as the test split, the rest kept as validation."""
+    if Path(str(run.data)).expanduser().is_dir() and "test" not in run.source().splits:
+        return QUICK_SWEEP_SPLITS if run.quick else SWEEP_SPLITS
+    return run.splits
+
+
+def _splits_note(sizes: dict) -> str:
+    """'validation N, test M images' from ``split name → images``."""
+    return ", ".join(f"{name} {sizes[name]}" for name in ("validation", "test") if name in sizes) + " images"
+
+
 def sweep(run: Run) -> dict:
     """``bottlecache sweep`` from nothing over image sizes × sklearn/keras heads (builds timed in it), and
     after it, for comparison only, the test accuracy of the smallest size's sklearn head."""
@@ -783,9 +855,7 @@ def sweep(run: Run) -> dict:
     from bottlecache.sweep import sweep as run_sweep
 
     sizes = SWEEP_SIZES["quick" if run.quick else "full"]
-    splits = run.splits
-    if Path(str(run.data)).expanduser().is_dir() and "test" not in run.source().splits:
-        splits = QUICK_SWEEP_SPLITS if run.quick else SWEEP_SPLITS
+    splits = lent_test_splits(run)
     board, seconds = _timed(lambda: run_sweep(
         run.data, splits, image_sizes=sizes, kinds=("sklearn", "keras"), epochs=run.epochs, seed=run.seed,
         weights=run.weights.path, cache_dir=run.work_dir / "cache-sweep", engine=run.engine, plot=True,
@@ -903,6 +973,7 @@ CASES = {
     "cached-keras-views": cached_keras_views,
     "finetune": finetune,
     "finetune-cached": finetune_cached,
+    "finetune-cached-float32": finetune_cached_float32,
     "finetune-augment": finetune_augment,
     "finetune-cached-views": finetune_cached_views,
     "export-keras": export_keras,

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from . import REPO, RESULTS_DIR
-from .report import cases_table, checks_table, summary_line
+from .report import CACHED_TRAINING_HEADING, cached_training_line, cached_training_table, cases_table, checks_table, \
+    summary_line
 
 START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 FULL_PAGE = REPO / "docs" / "benchmarks.md"
@@ -35,10 +36,14 @@ def readme_section(result: dict, source: str) -> str:
     failed = [check["claim"] for check in checks if check["pass"] is False]
     verdict = (f"{sum(check['pass'] is True for check in checks)} of {len(result['checks'])} claims hold"
                + (f"; not: {'; '.join(failed)}" if failed else "") + ".")
+    cached_training = cached_training_line(result["cases"])
+    anchor = CACHED_TRAINING_HEADING.lstrip("# ").lower().replace(" ", "-")
     return "\n".join([
         *_header(result, source),
         cases_table(cases),
         "",
+        *([f"Augmented views and the cached cut: {cached_training} "
+           f"[Table](docs/benchmarks.md#{anchor}).", ""] if cached_training else []),
         f"{verdict} Every case, the claims and how to read them: [benchmarks](docs/benchmarks.md#the-latest-full-run).",
         "",
         "```sh",
@@ -72,6 +77,7 @@ def section(result: dict, source: str) -> str:
         "python -m benchmarks.check benchmarks/results/latest-full.json",
         "python -m benchmarks.readme          # rewrite this section from latest-full.json",
         "```",
+        *(["", table] if (table := cached_training_table(result["cases"])) else []),
         END,
     ])
 

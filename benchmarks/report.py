@@ -165,6 +165,94 @@ def cases_table(cases: dict) -> str:
     return "\n".join(rows)
 
 
+# Augmented views and the cached cut (issue 12): (case, what it is compared with, the time compared)
+CACHED_TRAINING = (
+    ("finetune-cached", "finetune", "seconds_per_epoch"),
+    ("finetune-cached-float32", "finetune", "seconds_per_epoch"),
+    ("finetune-cached-float32", "finetune-cached", "seconds_per_epoch"),
+    ("cached-keras-views", "tutorial-augmented", "seconds"),
+    ("finetune-cached-views", "finetune-augment", "seconds_per_epoch"),
+)
+CACHED_TRAINING_HEADING = "### Augmented views and the cached cut"
+LENT_TEST_NOTE = ("cats_and_dogs_filtered has no test split: tutorial-augmented and cached-keras-views lend half of "
+                  "validation as one (`validation[50%:]`; quick: `validation[32:64]`), as *sweep* does, and measure "
+                  "validation on the other half, so their validation figures are not on the same images as the other "
+                  "rows'")
+
+
+def _kib(value) -> str:
+    return "–" if value is None else f"{value / 1024:.1f} KiB"
+
+
+def _ran(cases: dict, *names: str) -> bool:
+    return all(name in cases and "error" not in cases[name] for name in names)
+
+
+def _side_by_side(case: dict, reference: dict, split: str) -> str:
+    mine, theirs = (case.get("accuracy") or {}).get(split), (reference.get("accuracy") or {}).get(split)
+    if mine is None and theirs is None:
+        return "–"
+    gap = f" ({100 * (mine - theirs):+.2f})" if mine is not None and theirs is not None else ""
+    return f"{_percent(mine)} / {_percent(theirs)}{gap}"
+
+
+def cached_training_table(cases: dict) -> str | None:
+    """Each case of issue 12 against what it replaces, with the storage and the views' build cost;
+    None when none of those pairs ran (older results)."""
+    pairs = [(a, b, time) for a, b, time in CACHED_TRAINING if _ran(cases, a, b)]
+    if not pairs:
+        return None
+    rows = ["| case | against | speed-up | validation acc. (case / against, points) | test acc. | stored per image |",
+            "| --- | --- | ---: | ---: | ---: | --- |"]
+    for name, against, time in pairs:
+        case, reference = cases[name], cases[against]
+        speedup = (f"{reference[time] / case[time]:.2f}× {'s/epoch' if time == 'seconds_per_epoch' else 'total s'}"
+                   if case.get(time) and reference.get(time) else "–")
+        rows.append(f"| {name} | {against} | {speedup} | {_side_by_side(case, reference, 'validation')} | "
+                    f"{_side_by_side(case, reference, 'test')} | {_stored(case)} |")
+    lines = [CACHED_TRAINING_HEADING, "", "\n".join(rows), ""]
+    views = cases.get("cached-keras-views") or {}
+    if "views_build_seconds_per_image_per_view" in views:
+        lines += [f"Building K = {views['views']} views: the views cache took {views['build_seconds']:.1f} s in all; its "
+                  f"train split {views['train_build_seconds']:.1f} s against {views['clean_train_build_seconds']:.1f} s "
+                  f"for the clean build's ({views['train_build_ratio']:.1f}×), "
+                  f"{1000 * views['views_build_seconds_per_image_per_view']:.1f} ms more per image per view. ", ""]
+    lines.append("*speed-up*: the time of *against* over the case's (s/epoch: medians over the epochs; total s: "
+                 "builds counted). *stored per image*: bytes on disk of every split's rows over their images, and "
+                 f"each augmented view's per train image. {LENT_TEST_NOTE}.")
+    return "\n".join(lines)
+
+
+def _stored(case: dict) -> str:
+    parts = []
+    if case.get("cut_bytes_per_image") is not None:
+        parts.append(f"cut {case.get('dtype', '')} {_kib(case['cut_bytes_per_image'])}".replace("  ", " "))
+    elif case.get("bytes_per_image") is not None:
+        parts.append(f"bottleneck {_kib(case['bytes_per_image'])}")
+    if case.get("view_bytes_per_image_per_view") is not None:
+        parts.append(f"+ {_kib(case['view_bytes_per_image_per_view'])} per view (K = {case.get('views', '?')})")
+    return " ".join(parts) or "–"
+
+
+def cached_training_line(cases: dict) -> str | None:
+    """The README's one line of the same figures; None when none of them ran."""
+    parts = []
+    for name, against, time in CACHED_TRAINING:
+        if not _ran(cases, name, against) or (name, against) == ("finetune-cached-float32", "finetune"):
+            continue
+        case, reference = cases[name], cases[against]
+        if not (case.get(time) and reference.get(time)):
+            continue
+        unit = "s/epoch" if time == "seconds_per_epoch" else "total s, build counted"
+        tests = ""
+        if (case["accuracy"].get("test") is not None) and (reference["accuracy"].get("test") is not None):
+            tests = f", test {_percent(case['accuracy']['test'])} vs {_percent(reference['accuracy']['test'])}"
+        parts.append(f"{name} {reference[time] / case[time]:.2f}× {against}'s {unit}, validation "
+                     f"{_percent(case['accuracy']['validation'])} vs {_percent(reference['accuracy']['validation'])}"
+                     f"{tests} ({_stored(case)})")
+    return "; ".join(parts) + "." if parts else None
+
+
 def checks_table(result_checks: dict) -> str:
     rows = ["| claim | value | threshold | pass |", "| --- | ---: | ---: | :---: |"]
     for name, check in result_checks.items():

@@ -52,6 +52,7 @@ class FinetuneResult:
     best_epoch: int
     head_path: Path | None = None
     params: dict = field(default_factory=dict)
+    cut_cache: Path | None = None  # with from_cache: the cut cache it trained on
 
     def to_dict(self) -> dict:
         return {
@@ -63,6 +64,7 @@ class FinetuneResult:
             "epochs_run": self.epochs_run,
             "best_epoch": self.best_epoch,
             "params": self.params,
+            "cut_cache": str(self.cut_cache) if self.cut_cache else None,
             "head_metrics": self.head_metrics,
             "metrics": self.metrics,
         }
@@ -180,14 +182,20 @@ def _resolve_cut(settings: CacheSettings, params: dict, cut_cache):
     return cut
 
 
-def _cut_data(cut, cut_cache, params: dict, progress):
-    """``(train, validation, n_train)`` from the cut cache; the cache is built first if missing."""
+def _ensure_cut_cache(cut, cut_cache, progress) -> Path:
+    """The cut cache's path: the given one, or the one under the cache dir, built first if missing."""
     from .build import build_resolved
+
+    if cut_cache is not None:
+        return Path(cut_cache)
+    progress.message(f"caching the activations at the cut {cut.config['cut']['layer']} (or finding them cached)")
+    return build_resolved(cut, progress=progress).path
+
+
+def _cut_data(cut, cut_cache: Path, params: dict):
+    """``(train, validation, n_train)`` from the cut cache."""
     from .cut import cut_datasets, open_cut_cache
 
-    if cut_cache is None:
-        progress.message(f"caching the activations at the cut {cut.config['cut']['layer']} (or finding them cached)")
-        cut_cache = build_resolved(cut, progress=progress).path
     with open_cut_cache(cut_cache, cut) as cache:
         train, validation = cut_datasets(cache, params["batch_size"], params["seed"])
         if params["augment"]:  # one cached view of each image per epoch (bottlecache.views)
@@ -409,7 +417,10 @@ def _run(out: Path, resolved, loaded, head: Path, run_config: dict, state: dict 
     params, source, image_size = run_config["params"], resolved.source, resolved.settings.image_size
     base_name = resolved.settings.model
     # from the cache: batches of cut activations instead of images (built first if missing)
-    data = _cut_data(cut, cut_cache, params, progress) if cut is not None else None
+    data = None
+    if cut is not None:
+        cut_cache = _ensure_cut_cache(cut, cut_cache, progress)
+        data = _cut_data(cut, cut_cache, params)
     checkpoint = out / CHECKPOINT_DIR
     keras = import_keras()
     import_tf()
@@ -436,7 +447,7 @@ def _run(out: Path, resolved, loaded, head: Path, run_config: dict, state: dict 
     seconds = state["history"].get("seconds", [])
     result = FinetuneResult(
         out, metrics, head_metrics, state["history"], float(np.mean(seconds)) if seconds else 0.0,
-        train_seconds, state["epoch"], state["best_epoch"], head, params,
+        train_seconds, state["epoch"], state["best_epoch"], head, params, cut_cache if cut is not None else None,
     )
     _save_model(out, model, resolved, head, params, state, result)
     shutil.rmtree(checkpoint, ignore_errors=True)
