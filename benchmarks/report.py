@@ -174,10 +174,10 @@ CACHED_TRAINING = (
     ("finetune-cached-views", "finetune-augment", "seconds_per_epoch"),
 )
 CACHED_TRAINING_HEADING = "### Augmented views and the cached cut"
-LENT_TEST_NOTE = ("cats_and_dogs_filtered has no test split: tutorial-augmented and cached-keras-views lend half of "
-                  "validation as one (`validation[50%:]`; quick: `validation[32:64]`), as *sweep* does, and measure "
-                  "validation on the other half, so their validation figures are not on the same images as the other "
-                  "rows'")
+LENT_TEST_NOTE = ("Where the data has no test split (cats_and_dogs_filtered), tutorial-augmented and cached-keras-views "
+                  "lend part of validation as one, as *sweep* does (full run: validation `[:50%]`, test `[50%:]`, so "
+                  "their validation figures are on half of the other rows' images; quick: validation `[:32]`, test "
+                  "`[32:64]`)")
 
 
 def _kib(value) -> str:
@@ -216,7 +216,7 @@ def cached_training_table(cases: dict) -> str | None:
         lines += [f"Building K = {views['views']} views: the views cache took {views['build_seconds']:.1f} s in all; its "
                   f"train split {views['train_build_seconds']:.1f} s against {views['clean_train_build_seconds']:.1f} s "
                   f"for the clean build's ({views['train_build_ratio']:.1f}×), "
-                  f"{1000 * views['views_build_seconds_per_image_per_view']:.1f} ms more per image per view. ", ""]
+                  f"{1000 * views['views_build_seconds_per_image_per_view']:.1f} ms more per image per view.", ""]
     lines.append("*speed-up*: the time of *against* over the case's (s/epoch: medians over the epochs; total s: "
                  "builds counted). *stored per image*: bytes on disk of every split's rows over their images, and "
                  f"each augmented view's per train image. {LENT_TEST_NOTE}.")
@@ -230,7 +230,7 @@ def _stored(case: dict) -> str:
     elif case.get("bytes_per_image") is not None:
         parts.append(f"bottleneck {_kib(case['bytes_per_image'])}")
     if case.get("view_bytes_per_image_per_view") is not None:
-        parts.append(f"+ {_kib(case['view_bytes_per_image_per_view'])} per view (K = {case.get('views', '?')})")
+        parts.append(f"+ {_kib(case['view_bytes_per_image_per_view'])} per view × {case.get('views', '?')}")
     return " ".join(parts) or "–"
 
 

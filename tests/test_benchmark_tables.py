@@ -44,7 +44,7 @@ def test_table_figures_come_from_the_cases():
     assert got["finetune-cached-float32", "finetune-cached"][:2] == ["0.80× s/epoch", "96.50 % / 96.00 % (+0.50)"]
     assert got["cached-keras-views", "tutorial-augmented"] == [
         "4.00× total s", "96.00 % / 95.00 % (+1.00)", "93.00 % / 94.00 % (-1.00)",
-        "bottleneck 20.0 KiB + 10.0 KiB per view (K = 8)"]
+        "bottleneck 20.0 KiB + 10.0 KiB per view × 8"]
     assert "finetune-cached-views" not in table  # neither it nor finetune-augment ran
     assert "80.0 s against 10.0 s" in table and "4.0 ms more per image per view" in table
 
