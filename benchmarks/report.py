@@ -250,6 +250,11 @@ def cached_training_line(cases: dict) -> str | None:
         parts.append(f"{name} {reference[time] / case[time]:.2f}× {against}'s {unit}, validation "
                      f"{_percent(case['accuracy']['validation'])} vs {_percent(reference['accuracy']['validation'])}"
                      f"{tests} ({_stored(case)})")
+    views = cases.get("cached-keras-views") or {}
+    if parts and "views_build_seconds_per_image_per_view" in views:
+        parts.append(f"building K = {views['views']} views: the train split {views['train_build_ratio']:.1f}× the "
+                     f"clean build's seconds ({1000 * views['views_build_seconds_per_image_per_view']:.1f} ms more "
+                     "per image per view)")
     return "; ".join(parts) + "." if parts else None
 
 

@@ -148,6 +148,8 @@ def test_finetune_from_cache_builds_the_cut_and_saves_the_usual_model(cats_dogs,
             cuts.append(cache.config.get("cut"))
     assert {"layer": "block_10_project_BN", "shape": [10, 10, 96]} in cuts and None in cuts  # the head's and the cut's
     assert result.params["from_cache"] is True and result.epochs_run == 2
+    with Cache(result.cut_cache) as cache:  # the result names the cut cache it trained on (benchmarks read it)
+        assert cache.config["cut"]["layer"] == "block_10_project_BN" and cache.config["dtype"] == "float32"
     assert result.metrics["validation"]["n"] == 8 and 0 <= result.metrics["validation"]["accuracy"] <= 1
     predictor = load_model(result.path)  # checks that model.keras takes 160 px images
     assert predictor.kind == "model" and predictor.image_size == 160
