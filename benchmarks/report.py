@@ -226,7 +226,7 @@ def cached_training_table(cases: dict) -> str | None:
 def _stored(case: dict) -> str:
     parts = []
     if case.get("cut_bytes_per_image") is not None:
-        parts.append(f"cut {case.get('dtype', '')} {_kib(case['cut_bytes_per_image'])}".replace("  ", " "))
+        parts.append(f"cut {case.get('dtype', '?')} {_kib(case['cut_bytes_per_image'])}")
     elif case.get("bytes_per_image") is not None:
         parts.append(f"bottleneck {_kib(case['bytes_per_image'])}")
     if case.get("view_bytes_per_image_per_view") is not None:
