@@ -44,7 +44,7 @@ def readme_section(result: dict, source: str) -> str:
         cases_table(cases),
         "",
         *([f"Augmented views and the cached cut: {cached_training} "
-           f"[Table](docs/benchmarks.md#{anchor}).", ""] if cached_training else []),
+           f"[Table](docs/benchmarks.md#{anchor})."] if cached_training else []),  # one paragraph with the verdict
         f"{verdict} Every case, the claims and how to read them: [benchmarks](docs/benchmarks.md#the-latest-full-run).",
         "",
         "```sh",
