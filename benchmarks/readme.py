@@ -13,8 +13,14 @@ import sys
 from pathlib import Path
 
 from . import REPO, RESULTS_DIR
-from .report import CACHED_TRAINING_HEADING, cached_training_line, cached_training_table, cases_table, checks_table, \
-    summary_line
+from .report import (
+    CACHED_TRAINING_HEADING,
+    cached_training_line,
+    cached_training_table,
+    cases_table,
+    checks_table,
+    summary_line,
+)
 
 START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 FULL_PAGE = REPO / "docs" / "benchmarks.md"
@@ -43,8 +49,8 @@ def readme_section(result: dict, source: str) -> str:
         *_header(result, source),
         cases_table(cases),
         "",
-        *([f"Augmented views and the cached cut: {cached_training} "
-           f"[Table](docs/benchmarks.md#{anchor})."] if cached_training else []),  # one paragraph with the verdict
+        *([(f"Augmented views and the cached cut: {cached_training} "
+            f"[Table](docs/benchmarks.md#{anchor}).")] if cached_training else []),  # one paragraph with the verdict
         f"{verdict} Every case, the claims and how to read them: [benchmarks](docs/benchmarks.md#the-latest-full-run).",
         "",
         "```sh",

@@ -213,10 +213,10 @@ def cached_training_table(cases: dict) -> str | None:
     lines = [CACHED_TRAINING_HEADING, "", "\n".join(rows), ""]
     views = cases.get("cached-keras-views") or {}
     if "views_build_seconds_per_image_per_view" in views:
-        lines += [f"Building K = {views['views']} views: the views cache took {views['build_seconds']:.1f} s in all; its "
-                  f"train split {views['train_build_seconds']:.1f} s against {views['clean_train_build_seconds']:.1f} s "
-                  f"for the clean build's ({views['train_build_ratio']:.1f}×), "
-                  f"{1000 * views['views_build_seconds_per_image_per_view']:.1f} ms more per image per view.", ""]
+        lines += [(f"Building K = {views['views']} views: the views cache took {views['build_seconds']:.1f} s in all; "
+                   f"its train split {views['train_build_seconds']:.1f} s against "
+                   f"{views['clean_train_build_seconds']:.1f} s for the clean build's ({views['train_build_ratio']:.1f}×), "
+                   f"{1000 * views['views_build_seconds_per_image_per_view']:.1f} ms more per image per view."), ""]
     lines.append("*speed-up*: the time of *against* over the case's (s/epoch: medians over the epochs; total s: "
                  "builds counted). *stored per image*: bytes on disk of every split's rows over their images, and "
                  f"each augmented view's per train image. {LENT_TEST_NOTE}.")
