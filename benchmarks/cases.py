@@ -184,12 +184,16 @@ QUICK_UPDATE_PER_FOLDER = 40  # quick runs: photos copied per class folder (the 
 
 
 def _same_arrays(a_path, b_path) -> bool:
-    """Every array of every split equal (the keys are relative paths: folders in other places compare)."""
+    """Every array of every split equal (the keys are relative paths: folders in other places compare),
+    but each row's file listing (``file_stat``: size and modification time, which a ``cp -r`` changes)."""
     import h5py
+
+    from bottlecache.store import FILE_STAT
 
     with h5py.File(a_path, "r") as a, h5py.File(b_path, "r") as b:
         return sorted(a) == sorted(b) and all(
-            sorted(a[s]) == sorted(b[s]) and all(np.array_equal(a[s][k][:], b[s][k][:]) for k in a[s]) for s in a
+            sorted(a[s]) == sorted(b[s])
+            and all(np.array_equal(a[s][k][:], b[s][k][:]) for k in a[s] if k != FILE_STAT) for s in a
         )
 
 

@@ -319,12 +319,12 @@ def test_verify_detects_a_flipped_byte(small_cache, tmp_path):
 
     copy = tmp_path / small_cache.path.name
     shutil.copy(small_cache.path, copy)
-    first, last = flip_byte_in_chunk(copy, "train", 1)
-    assert (first, last) == (32, 63)
+    first, last = flip_byte_in_chunk(copy, "train", 33)  # one row per features chunk
+    assert (first, last) == (33, 33)
     report = verify_cache(copy)
     assert not report.ok
     assert len(report.problems) == 1, report.problems
-    assert report.problems[0].startswith("split 'train': features rows 32-63 fail to read")
+    assert report.problems[0].startswith("split 'train': features row 33 fails to read")
     with open_cache(copy) as cache, Cache(small_cache.path) as original:
         np.testing.assert_array_equal(cache.features("train", slice(0, 32)), original.features("train", slice(0, 32)))
         with pytest.raises(BottlecacheError, match="split 'train' features failed to read.*cache verify"):

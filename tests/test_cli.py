@@ -176,14 +176,14 @@ def test_verify_flipped_byte_exits_1(small_cache, tmp_path):
     copy = tmp_path / small_cache.path.name
     shutil.copy(small_cache.path, copy)
     first, last = flip_byte_in_chunk(copy, "validation", 0)
-    assert (first, last) == (0, 31)
+    assert (first, last) == (0, 0)  # one row per features chunk
     result = invoke(["cache", "verify", copy])
     assert result.exit_code == 1
     assert "Traceback" not in result.output
     faults = [line for line in result.stdout.splitlines() if line.startswith("fault: ")]
-    assert len(faults) == 1 and "split 'validation': features rows 0-31 fail to read" in faults[0]
+    assert len(faults) == 1 and "split 'validation': features row 0 fails to read" in faults[0]
     line = error_line(result)  # one line on stderr: the fault, and what to do
-    assert "split 'validation': features rows 0-31 fail to read" in line and "delete or move the file" in line
+    assert "split 'validation': features row 0 fails to read" in line and "delete or move the file" in line
     record = json.loads(invoke(["cache", "verify", copy, "--json"]).stdout)
     assert record["ok"] is False and record["problems"] == [faults[0][len("fault: "):]]
 

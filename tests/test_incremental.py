@@ -191,18 +191,21 @@ def test_photo_moved_to_another_class_keeps_features_and_takes_new_label(world):
     world.assert_equals_clean_build(report)
 
 
-def test_rows_of_a_damaged_source_are_computed_not_copied(world):
+@pytest.mark.parametrize("dataset,rows", [("features", 1), ("pooled", 16)])
+def test_rows_of_a_damaged_source_are_computed_not_copied(world, dataset, rows):
+    """A features chunk holds one row (copied as stored, its checksum checked without HDF5); a
+    pooled chunk holds 32 rows, so all 16 of train's rows share chunk 0."""
     first = world.build()
-    first_row, last_row = flip_byte_in_chunk(first.path, "train", 0)  # train's 16 rows share chunk 0
+    first_row, last_row = flip_byte_in_chunk(first.path, "train", 0, dataset)
     added = next((world.held / "validation/cats").iterdir())
     shutil.copy(added, world.data / "validation/cats" / added.name)
 
     progress = Messages()
     report = world.build(progress=progress)
     n_damaged = last_row - first_row + 1
-    assert report.reuse.unreadable == n_damaged == 16
-    assert (report.reuse.reused, report.reuse.computed) == (8, 16 + 1)
-    assert any("16 rows of" in line and "fail their checksums" in line for line in progress.lines), progress.lines
+    assert report.reuse.unreadable == n_damaged == rows
+    assert (report.reuse.reused, report.reuse.computed) == (24 - rows, rows + 1)
+    assert any(f"{rows} rows of" in line and "fail their checksums" in line for line in progress.lines), progress.lines
     world.assert_equals_clean_build(report)
 
 

@@ -49,7 +49,7 @@ import pytest
 from bottlecache import build_cache, open_cache, verify_cache
 from bottlecache.data import open_source
 from bottlecache.errors import BottlecacheError
-from bottlecache.store import FEATURE_CHUNK_ROWS, Cache
+from bottlecache.store import COMMIT_ROWS, Cache
 
 from conftest import (POLL_SECONDS, REPO, CommitClock, error_line, flip_byte_in_chunk, invoke, wait_until,
                       write_images)
@@ -57,7 +57,7 @@ from conftest import (POLL_SECONDS, REPO, CommitClock, error_line, flip_byte_in_
 SEED = 20240607
 IMAGE_SIZE = 96  # the smallest input: the faults do not depend on it, and every forward pass is cheaper
 BATCH = 32
-COMMIT = FEATURE_CHUNK_ROWS  # a build commits whole chunks: 32 examples at a time
+COMMIT = COMMIT_ROWS  # a build commits 32 examples at a time
 SPLITS = ["train=train[:192]", "validation=validation[:64]"]  # 6 + 2 commits
 N_EXAMPLES = {"train": 192, "validation": 64}
 N_KILLS = 20
@@ -773,8 +773,9 @@ def test_tampered_caches_are_detected(reference, tmp_path):
     # a flipped byte in a features chunk: verify names split and rows; a head on the features stops
     flipped = _copy_into(tmp_path / "features", original)
     first, last = flip_byte_in_chunk(flipped, "train", 1)
+    assert first == last == 1  # one row per features chunk
     faults = _verify_cli(flipped)
-    assert len(faults) == 1 and faults[0].startswith(f"fault: split 'train': features rows {first}-{last} fail to read")
+    assert len(faults) == 1 and faults[0].startswith("fault: split 'train': features row 1 fails to read")
     result = invoke(["cache", "train-head", flipped, "--kind", "keras", "--epochs", 1, "--out", tmp_path / "h1"])
     assert result.exit_code == 2, result.output
     line = error_line(result)

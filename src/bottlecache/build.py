@@ -28,10 +28,13 @@ from .progress import NullProgress
 from .records import DECODE_FAST
 from .augment import parse_spec, view_features
 from .reuse import ReuseReport, engine_from_source, expected_engine, plan_reuse
-from .store import FEATURE_CHUNK_ROWS, VIEWS_SPLIT, Cache, PartialCache, build_lock, root_attrs
+from .store import COMMIT_ROWS, VIEWS_SPLIT, Cache, PartialCache, build_lock, root_attrs
 
 
 PREFETCH_WINDOWS = 2
+# An incremental build commits up to this many rows at once (the commit's fixed cost, about 10 ms
+# with its two fsyncs, would otherwise be most of the time of a row copied as stored)
+COPY_WINDOW_ROWS = 1024
 
 
 @dataclass
@@ -288,11 +291,12 @@ def _build_locked(resolved: ResolvedCache, base, engine, batch_size, engine_name
                 progress.start_split(name, split.n_examples, done)
                 n_processed, n_reused = run_split(committer, engine, resolved, name, done, split.n_examples,
                                                   batch_size, progress, on_window=first_window, plan=plan)
-                committer.wait()
-                partial.complete_split(name, time.perf_counter() - started)
+                # after the split's last commit, in the commit thread: the next split starts meanwhile
+                committer.call(partial.complete_split, name, time.perf_counter() - started)
                 progress.end_split(name)
             processed[name] = (n_processed, time.perf_counter() - started if n_processed else 0.0)
             reused[name] = n_reused
+        committer.wait()
         reports = split_reports(partial.file, processed)
         for report in reports:
             report.n_reused = reused.get(report.name, 0)
@@ -321,7 +325,7 @@ def _build_locked(resolved: ResolvedCache, base, engine, batch_size, engine_name
 def window_rows(batch_size: int) -> int:
     """Rows per commit: whole chunks (a batch smaller than a chunk would make HDF5 decompress,
     recompress and checksum the same chunk again at every batch), at least one batch."""
-    return -(-max(batch_size, FEATURE_CHUNK_ROWS) // FEATURE_CHUNK_ROWS) * FEATURE_CHUNK_ROWS
+    return -(-max(batch_size, COMMIT_ROWS) // COMMIT_ROWS) * COMMIT_ROWS
 
 
 def run_split(committer, engine, resolved: ResolvedCache, name: str, start: int, stop: int, batch_size, progress,
@@ -340,8 +344,10 @@ def run_split(committer, engine, resolved: ResolvedCache, name: str, start: int,
     views = resolved.config.get("views") or {}
     only = None if plan is None else plan.compute_mask(name)
     n_processed = n_reused = 0
-    for window in _windows(source, name, image_size, start, stop, window_rows(size), fast, only,
-                          resolved.settings.model):
+    windows = _windows(source, name, image_size, start, stop, window_rows(size), fast, only, resolved.settings.model)
+    if only is not None:  # an incremental build: copied rows need no engine, so commit more of them at once
+        windows = _merged(windows, COPY_WINDOW_ROWS, window_rows(size))
+    for window in windows:
         if on_window is not None:
             on_window()
         lo, hi, indices, keys, labels, images = window
@@ -354,14 +360,15 @@ def run_split(committer, engine, resolved: ResolvedCache, name: str, start: int,
         if views and name == VIEWS_SPLIT:  # K augmented views of each train image (bottlecache.augment)
             augmented = view_features(engine, images, keys, views["k"], parse_spec(views["augment"]),
                                       views["seed"], size, dtype)
-        contents, n_copied = None, 0
+        contents = stats = stored = None
+        n_copied = 0
         if plan is not None:  # (a build with views copies nothing: the keys above are the window's)
-            indices, keys, labels, features, pooled, contents, n_copied = plan.fill(
+            indices, keys, labels, features, pooled, contents, stats, stored, n_copied = plan.fill(
                 name, lo, hi, indices, features, pooled)
         skipped = _skipped(source, name, lo, hi, indices)
         committer.submit(
             name, None if features is None else features.astype(dtype), pooled, labels, keys, skipped, hi - offset,
-            augmented, contents,
+            augmented, contents, stats, stored,
         )
         n_processed += hi - lo
         n_reused += n_copied
@@ -370,34 +377,54 @@ def run_split(committer, engine, resolved: ResolvedCache, name: str, start: int,
 
 
 class Committer:
-    """Commits windows in a background thread, in order, at most one waiting.
+    """Commits windows in a background thread, in order, at most ``depth`` waiting.
 
     Compressing, checksumming and syncing a window (about a fifth of the work per image) then
-    overlaps decoding the next one instead of holding up the engine. A failed commit raises in
-    the build's thread at the next ``submit`` or ``wait``; the commit protocol itself
+    overlaps decoding the next one instead of holding up the engine; in an incremental build,
+    reading the next copied rows overlaps writing and syncing the last. A failed commit raises in
+    the build's thread at the next ``submit`` or ``wait``, and no commit queued after it runs (its
+    rows would land where the failed one's belong); the commit protocol itself
     (``PartialCache.append``) is unchanged, so a killed build loses at most the windows whose
     commit had not finished, and runs them again on resume.
     """
 
-    def __init__(self, partial: PartialCache):
+    def __init__(self, partial: PartialCache, depth: int = 2):
         self.partial = partial
+        self.depth = depth
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="bottlecache-commit")
-        self._pending = None
+        self._pending: list = []
+        self._failed = False
 
     def submit(self, *args) -> None:
-        self.wait()
-        self._pending = self._pool.submit(self.partial.append, *args)
+        """Commit a window (``PartialCache.append``'s arguments) after the ones before it."""
+        self.call(self.partial.append, *args)
+
+    def call(self, function, *args) -> None:
+        """Run ``function(*args)`` in the commit thread after what was submitted before."""
+        while len(self._pending) >= self.depth:
+            self._pending.pop(0).result()
+        self._pending.append(self._pool.submit(self._run, function, args))
+
+    def _run(self, function, args):
+        if self._failed:
+            raise RuntimeError("an earlier commit failed")  # (never raised: the earlier error is)
+        try:
+            return function(*args)
+        except BaseException:
+            self._failed = True
+            raise
 
     def wait(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        """Wait for every commit submitted; raise the first that failed."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
 
     def close(self) -> None:
-        """Let a commit under way finish (on the way out of an error: that error is the one raised)."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.exception()
+        """Let the commits under way finish (on the way out of an error: that error is the one raised)."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.exception()
         self._pool.shutdown()
 
 
@@ -436,6 +463,29 @@ def _windows(source, split, image_size, start, stop, size, fast_decode=False, on
     while lo < stop:
         yield emit()
         pending, lo, hi = [], hi, min(hi + size, stop)
+
+
+def _merged(windows, max_rows: int, max_images: int):
+    """Consecutive windows joined while they span fewer than ``max_rows`` indices and hold fewer
+    than ``max_images`` decoded images (the same joins for the same windows: a resumed
+    incremental build commits the same rows together)."""
+    group: list = []
+    for window in windows:
+        if group and (window[1] - group[0][0] > max_rows or
+                      sum(len(w[2]) for w in group) + len(window[2]) > max_images):
+            yield _join(group)
+            group = []
+        group.append(window)
+    if group:
+        yield _join(group)
+
+
+def _join(group):
+    if len(group) == 1:
+        return group[0]
+    images = [w[5] for w in group if len(w[5])]
+    return (group[0][0], group[-1][1], [i for w in group for i in w[2]], [k for w in group for k in w[3]],
+            np.concatenate([w[4] for w in group]), np.concatenate(images) if images else group[0][5])
 
 
 def _skipped(source, split, lo, hi, indices) -> list[tuple[str, str]]:

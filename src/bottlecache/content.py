@@ -45,31 +45,46 @@ def digests_of_keys(source, keys) -> np.ndarray:
     return as_array([tfds_digest(name, version, key) for key in keys])
 
 
+NO_STAT = (-1, -1)  # the (size, mtime_ns) of a row that is not a file (tfds) or could not be listed
+
+
 @dataclass
 class SplitContent:
-    """Every example of a split, in its order: content digests (n, 32) uint8, keys and labels."""
+    """Every example of a split, in its order: content digests (n, 32) uint8, keys, labels, and
+    for folders each file's (size, mtime_ns) as listed, (n, 2) int64 (``NO_STAT`` rows otherwise).
+    ``n_hashed``: the files whose bytes were read (the others had a known digest)."""
 
     digests: np.ndarray
     keys: list[str]
     labels: list[int]
+    stats: np.ndarray
+    n_hashed: int = 0
 
 
-def split_content(source, split: str) -> SplitContent:
+def split_content(source, split: str, known: dict | None = None) -> SplitContent:
     """The content digest, key and label of every example of ``split``.
 
-    Folders: the files are hashed in parallel threads (keys and labels are known). tfds: the
-    split's records are listed (read, not decoded) for their ids and labels.
+    Folders: the files are hashed in parallel threads (keys and labels are known), except those
+    whose key, size and modification time (to the nanosecond) match a row of an earlier cache:
+    ``known`` maps ``(key, size, mtime_ns)`` to that row's digest, and the file is unchanged since
+    it was hashed (the check ``git status`` and ``rsync`` make). tfds: the split's records are
+    listed (read, not decoded) for their ids and labels.
     """
     entry = source.split(split)
     if source.kind == "folder":
+        stats = entry.stats or [NO_STAT] * entry.n_examples
+        found = [None if s == NO_STAT else (known or {}).get((k, *s)) for k, s in zip(entry.keys, stats)]
+        todo = [entry.paths[i] for i, digest in enumerate(found) if digest is None]
         with ThreadPoolExecutor(min(HASH_THREADS, max(2, 2 * usable_cores()))) as pool:
-            digests = as_array(list(pool.map(file_digest, entry.paths)))
-        return SplitContent(digests, list(entry.keys), list(entry.labels))
+            hashed = iter(pool.map(file_digest, todo))
+        digests = as_array([digest if digest is not None else next(hashed) for digest in found])
+        return SplitContent(digests, list(entry.keys), list(entry.labels), np.array(stats, np.int64).reshape(-1, 2),
+                            len(todo))
     keys, labels = [], []
     for _, key, label, _ in source.examples(split).as_numpy_iterator():
         keys.append(key.decode("utf-8"))
         labels.append(int(label))
-    return SplitContent(digests_of_keys(source, keys), keys, labels)
+    return SplitContent(digests_of_keys(source, keys), keys, labels, np.full((len(keys), 2), NO_STAT, np.int64))
 
 
 def as_array(digests: list[bytes]) -> np.ndarray:

@@ -173,6 +173,7 @@ class Split:
     keys: list[str] | None = None  # folder sources know every key up front
     paths: list[str] | None = None
     labels: list[int] | None = None
+    stats: list[tuple[int, int]] | None = None  # folders: each file's (size, mtime_ns) as listed
 
     @property
     def name(self) -> str:
@@ -216,7 +217,7 @@ class Source:
                     tf.constant([split.paths[i] for i in chosen], tf.string, shape=(len(chosen),)),
                 )
             )
-            return ds.map(lambda i, k, y, p: (i, k, y, tf.io.read_file(p)), num_parallel_calls=usable_cores())
+            return ds.map(plain(lambda i, k, y, p: (i, k, y, tf.io.read_file(p))), num_parallel_calls=usable_cores())
         import tensorflow_datasets as tfds
 
         ds = self.builder.as_dataset(
@@ -271,7 +272,9 @@ def _hash_fraction(relative: str) -> float:
     return int(hashlib.sha256(relative.encode("utf-8")).hexdigest()[:15], 16) / 16**15
 
 
-def _list_images(folder: Path) -> list[Path]:
+def _list_images(folder: Path) -> list[str]:
+    """The image files of ``folder`` by name, as paths (strings: a folder of 100,000 photos is
+    listed for every build, and ``Path`` objects cost most of that)."""
     entries = []
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         if entry.name.startswith(".") or not entry.name.lower().endswith(IMAGE_EXTENSIONS):
@@ -282,11 +285,11 @@ def _list_images(folder: Path) -> list[Path]:
             entry.path.encode("utf-8")
         except UnicodeEncodeError:
             raise BottlecacheError(f"The path {entry.path!r} is not valid UTF-8; rename it.") from None
-        entries.append(Path(entry.path))
+        entries.append(entry.path)
     return entries
 
 
-def _class_images(class_dir: Path) -> list[Path]:
+def _class_images(class_dir: Path) -> list[str]:
     files = _list_images(class_dir)
     if not files:
         raise BottlecacheError(f"The class folder {class_dir} has no images ({', '.join(IMAGE_EXTENSIONS)}).")
@@ -300,9 +303,9 @@ def _class_folders(folder: Path, where: str) -> list[Path]:
     return classes
 
 
-def _file_identity(path: Path, relative: str) -> list:
+def _file_identity(path: str, relative: str) -> list:
     try:
-        stat = path.stat()
+        stat = os.stat(path)
         return [relative, stat.st_size, stat.st_mtime_ns]
     except OSError:  # broken link, loop: still listed; it will be skipped with its reason
         return [relative, -1, -1]
@@ -321,8 +324,8 @@ def _open_folder(root: Path, splits) -> Source:
             classes = _class_folders(split_dir, f"{root.name}/{split_dir.name}")
             class_sets[split_name] = [c.name for c in classes]
             for class_dir in classes:
-                files = _class_images(class_dir)
-                rows += [(f.relative_to(root).as_posix(), str(f), class_dir.name) for f in files]
+                prefix = class_dir.relative_to(root).as_posix() + "/"
+                rows += [(prefix + os.path.basename(f), f, class_dir.name) for f in _class_images(class_dir)]
             base[split_name] = rows
         class_names = class_sets["train"]
         for split_name, names in class_sets.items():
@@ -338,11 +341,12 @@ def _open_folder(root: Path, splits) -> Source:
         class_names = [c.name for c in classes]
         base = {name: [] for name, _ in HASH_SPLIT}
         for class_dir in classes:
+            prefix = class_dir.relative_to(root).as_posix() + "/"
             for f in _class_images(class_dir):
-                relative = f.relative_to(root).as_posix()
+                relative = prefix + os.path.basename(f)
                 fraction = _hash_fraction(relative)
                 split_name = next(name for name, upper in HASH_SPLIT if fraction < upper)
-                base[split_name].append((relative, str(f), class_dir.name))
+                base[split_name].append((relative, f, class_dir.name))
         for split_name, rows in base.items():
             present = sorted({c for _, _, c in rows})
             if rows and present != class_names:
@@ -358,6 +362,7 @@ def _open_folder(root: Path, splits) -> Source:
 
     specs = parse_splits(splits or list(base))
     index = {name: i for i, name in enumerate(class_names)}
+    identities = {r: _file_identity(p, r) for rows in base.values() for r, p, _ in rows}
     resolved = {}
     for spec in specs:
         if spec.base not in base:
@@ -366,12 +371,13 @@ def _open_folder(root: Path, splits) -> Source:
         rows = sorted(base[spec.base], key=lambda r: (_hash_fraction("order:" + r[0]), r[0]))
         rows = [rows[i] for i in spec.select(len(rows))]
         resolved[spec.name] = Split(
-            spec, len(rows), [r[0] for r in rows], [r[1] for r in rows], [index[r[2]] for r in rows]
+            spec, len(rows), [r[0] for r in rows], [r[1] for r in rows], [index[r[2]] for r in rows],
+            [tuple(identities[r[0]][1:]) for r in rows],
         )
     empty = [name for name, s in resolved.items() if s.n_examples == 0]
     if empty:
         raise BottlecacheError(f"The split {empty[0]!r} selects no images; check its slice.")
-    files = sorted(_file_identity(Path(p), r) for rows in base.values() for r, p, _ in rows)
+    files = sorted(identities.values())
     identity = {
         "kind": "folder",
         "name": root.name,
@@ -470,11 +476,19 @@ def image_dataset(source: Source, split: str, image_size: int, *, start: int = 0
     ds = ordered if ordered is not None else source.examples(split, start, only)
     fast_size = image_size if fast_decode else None
     ds = ds.map(
-        lambda i, k, y, e: (i, k, y, preprocess(decode_image(e, fast_size), image_size, model)),
+        plain(lambda i, k, y, e: (i, k, y, preprocess(decode_image(e, fast_size), image_size, model))),
         num_parallel_calls=parallel or usable_cores(),
         deterministic=True,
     )
     return ds.ignore_errors().with_options(pipeline_options())
+
+
+def plain(function):
+    """``function`` for ``Dataset.map`` as it is, not rewritten by AutoGraph: the decoding and
+    preprocessing functions have no Python control flow on tensors (their branches are
+    ``tf.cond``), and converting them took about a second per pipeline, most of an incremental
+    build that computes a few photos."""
+    return import_tf().autograph.experimental.do_not_convert(function)
 
 
 def pipeline_options():

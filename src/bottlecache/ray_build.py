@@ -30,7 +30,7 @@ from .shards import (
     DEFAULT_SHARD_SIZE, ShardSpec, check_manifest, check_shard_size, clean_orphans, complete_shard_row, join_shards,
     plan_shards, shard_folder, write_shard,
 )
-from .store import FEATURE_CHUNK_ROWS, Cache, build_lock
+from .store import COMMIT_ROWS, Cache, build_lock
 
 INSTALL_HINT = "The ray executor needs Ray Data: pip install 'bottlecache[ray]' (or pip install 'ray[data]')."
 EXECUTORS = ("local", "ray")
@@ -73,7 +73,7 @@ def build_ray(resolved: ResolvedCache, *, batch_size: int | None = None, engine:
     ray = import_ray()
     check_ray_address(address)
     # The engines' own batches (Keras 32, LiteRT 8) commit windows of 32 rows.
-    check_shard_size(shard_size, window_rows(batch_size or FEATURE_CHUNK_ROWS))
+    check_shard_size(shard_size, window_rows(batch_size or COMMIT_ROWS))
     progress = progress or NullProgress()
     final_path = resolved.path
     if final_path.exists():

@@ -14,6 +14,8 @@ every chunk the copy will read is read once; rows in a chunk that fails are comp
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,10 @@ import numpy as np
 
 from .content import SplitContent, split_content
 from .errors import BottlecacheError
-from .store import CONTENT, Cache, list_caches
+from h5py._objects import phil
+
+from .chunks import decode_chunk, encodes_directly, stored_checksum_ok
+from .store import CONTENT, FEATURE_CHUNK_ROWS, FILE_STAT, Cache, list_caches
 
 # Settings that say where the rows came from, not what a row's values are: anything else in the
 # configuration (model, weights, image size, preprocessing, decoding, dtype, and whatever is
@@ -112,6 +117,12 @@ class ReusePlan:
     where: dict[str, np.ndarray] = field(default_factory=dict)  # split → source split index, -1: compute
     row: dict[str, np.ndarray] = field(default_factory=dict)
     file: h5py.File | None = None
+    # (source split index, "features" or "pooled") → its chunks as stored, where they are written
+    # as this build writes them (deflate, fletcher32): read and checked without HDF5's calls
+    stored: dict[tuple[int, str], "StoredChunks"] = field(default_factory=dict)
+    copy_as_stored: set[int] = field(default_factory=set)  # source splits whose features rows are copied as stored
+    feature_shape: tuple = ()
+    feature_dtype: str = "float16"
 
     def compute_mask(self, split: str) -> np.ndarray | None:
         """True where ``split``'s example is computed (None: every example is)."""
@@ -121,73 +132,178 @@ class ReusePlan:
         """The rows of window ``[lo, hi)`` in index order: the computed ones (``indices``, with
         their ``features`` and ``pooled``, None if none) merged with the copied ones.
 
-        Returns ``(indices, keys, labels, features, pooled, contents, n_reused)``.
+        Returns ``(indices, keys, labels, features, pooled, contents, stats, stored, n_reused)``:
+        ``stored`` holds the copied features rows that are copied as the source stores them
+        (position in the window → one-row chunk) and ``features`` the other rows, in order (see
+        ``PartialCache.append``).
         """
         content = self.content[split]
         copied = [] if self.file is None else [i for i in range(lo, hi) if self.where[split][i] >= 0]
+        stored = {}
         if copied:
-            copied_features, copied_pooled = self._read(split, np.array(copied))
-            if features is None:
-                features, pooled = copied_features, copied_pooled
-            else:
-                features = np.concatenate([features, copied_features.astype(features.dtype)])
-                pooled = np.concatenate([pooled, copied_pooled])
-            order = np.argsort(np.array(list(indices) + copied), kind="stable")
-            indices = list(np.array(list(indices) + copied)[order])
-            features, pooled = features[order], pooled[order]
+            decoded, copied_pooled, copied_stored = self._read(split, np.array(copied))
+            n_computed = len(indices)
+            everything = np.array(list(indices) + copied)
+            order = np.argsort(everything, kind="stable")
+            indices = everything[order]
+            pooled = copied_pooled if pooled is None else np.concatenate([pooled, copied_pooled])
+            pooled = pooled[order]
+            values = []  # (0, row of features) or (1, row of decoded) for each row not stored
+            for position, k in enumerate(order):
+                if k < n_computed:
+                    values.append((0, k))
+                elif (k - n_computed) in copied_stored:
+                    stored[position] = copied_stored[k - n_computed]
+                else:
+                    values.append((1, decoded[k - n_computed]))
+            rows = [features[j] if where == 0 else j for where, j in values]
+            features = np.stack(rows) if rows else np.zeros((0, *self.feature_shape), self.feature_dtype)
         indices = [int(i) for i in indices]
         keys = [content.keys[i] for i in indices]
         labels = np.array([content.labels[i] for i in indices], dtype=np.int64)
-        return indices, keys, labels, features, pooled, content.digests[indices], len(copied)
+        return (indices, keys, labels, features, pooled, content.digests[indices], content.stats[indices], stored,
+                len(copied))
 
     def _read(self, split: str, new_indices: np.ndarray):
+        """The copied rows: ``(features, pooled, stored)``, ``features`` a dict position → row
+        for the rows decoded, ``stored`` position → one-row chunk for those copied as stored."""
         where, rows = self.where[split][new_indices], self.row[split][new_indices]
-        features = pooled = None
+        pooled = None
+        decoded, stored = {}, {}
         for s in np.unique(where):
             picked = np.nonzero(where == s)[0]
-            unique, inverse = np.unique(rows[picked], return_inverse=True)
-            group = self.file[self.source_splits[s]]
-            span = slice(int(unique[0]), int(unique[-1]) + 1) if unique[-1] - unique[0] + 1 == len(unique) else unique
-            f, p = group["features"][span][inverse], group["pooled"][span][inverse]
-            if features is None:
-                features = np.empty((len(new_indices), *f.shape[1:]), f.dtype)
+            p = self._values(int(s), "pooled", rows[picked])
+            if pooled is None:
                 pooled = np.empty((len(new_indices), *p.shape[1:]), p.dtype)
-            features[picked], pooled[picked] = f, p
-        return features, pooled
+            pooled[picked] = p
+            if int(s) in self.copy_as_stored:  # (checked by _drop_unreadable)
+                read = self.stored[(int(s), "features")].read
+                stored.update((int(position), read(int(row))) for position, row in zip(picked, rows[picked]))
+            else:
+                f = self._values(int(s), "features", rows[picked])
+                decoded.update((int(position), row) for position, row in zip(picked, f))
+        return decoded, pooled, stored
+
+    def _values(self, s: int, key: str, rows: np.ndarray) -> np.ndarray:
+        chunks = self.stored.get((s, key))
+        if chunks is not None:
+            return chunks.rows(rows)
+        return _rows(self.file[self.source_splits[s]][key], rows)
 
     def close(self) -> None:
+        for chunks in self.stored.values():
+            chunks.close()
+        self.stored = {}
         if self.file is not None:
             self.file.close()
             self.file = None
 
 
+def _rows(dataset, rows: np.ndarray) -> np.ndarray:
+    """``dataset[rows]`` for rows in any order: one slice over them when they lie close together
+    (h5py's reads of a list of rows are much slower than of a slice), else the rows themselves."""
+    unique, inverse = np.unique(rows, return_inverse=True)
+    lo, hi = int(unique[0]), int(unique[-1]) + 1
+    if hi - lo <= 2 * len(unique) + 64:
+        return dataset[lo:hi][unique - lo][inverse]
+    return dataset[unique][inverse]
+
+
+class StoredChunks:
+    """The chunks of a source cache's dataset (deflate then fletcher32, chunked by rows), read as
+    stored straight from the file: where each lies is listed once (``H5Dchunk_iter``), then each
+    is one ``pread``, checked as HDF5 checks it (fletcher32) and, where its values are needed,
+    inflated by ISA-L, without HDF5's per-call cost and its slower inflate."""
+
+    def __init__(self, dataset):
+        self.chunk_rows, self.dtype = dataset.chunks[0], dataset.dtype
+        self.chunk_shape = dataset.chunks
+        self.where: dict[int, tuple[int, int, int]] = {}
+        with phil:
+            dataset.id.chunk_iter(lambda info: self.where.__setitem__(
+                info.chunk_offset[0] // self.chunk_rows, (info.byte_offset, info.size, info.filter_mask)))
+        self.fd = os.open(dataset.file.filename, os.O_RDONLY)
+        self._last: tuple[int, np.ndarray] | None = None  # neighbouring windows share a chunk
+
+    def read(self, chunk: int) -> bytes:
+        offset, size, _ = self.where[chunk]
+        return os.pread(self.fd, size, offset)
+
+    def checked(self, chunk: int) -> bool:
+        """Whether chunk ``chunk`` is there, was stored through every filter, and passes its fletcher32."""
+        if chunk not in self.where or self.where[chunk][2]:
+            return False
+        data = self.read(chunk)
+        return len(data) == self.where[chunk][1] and stored_checksum_ok(data)
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        """The values of ``rows`` (checked by ``_drop_unreadable`` before)."""
+        out = np.empty((len(rows), *self.chunk_shape[1:]), self.dtype)
+        for chunk in np.unique(rows // self.chunk_rows):
+            if self._last is None or self._last[0] != chunk:
+                self._last = (int(chunk), decode_chunk(self.read(int(chunk)), self.dtype, self.chunk_shape))
+            here = rows // self.chunk_rows == chunk
+            out[here] = self._last[1][rows[here] - chunk * self.chunk_rows]
+        return out
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 def plan_reuse(resolved, engine: str, *, reuse: bool = True, progress=None) -> ReusePlan:
-    """Hash the data, then (with ``reuse``) find a source cache and decide what to copy from it."""
+    """Find a source cache (with ``reuse``), hash the data (files listed as the source's rows were
+    are not read again), then decide what to copy from it."""
     source = resolved.source
     started = time.perf_counter()
-    content = {name: split_content(source, name) for name in source.splits}
-    report = ReuseReport(None, computed=sum(len(c.keys) for c in content.values()),
-                         hash_seconds=time.perf_counter() - started)
-    plan = ReusePlan(content, report, engine, reuse)
-    if not reuse:
+    path = find_source(resolved.settings.cache_dir, resolved.config, engine, resolved.path) if reuse else None
+    file = None if path is None else h5py.File(path, "r", rdcc_nbytes=READ_CACHE_BYTES)
+    try:
+        check_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        known = {} if file is None or source.kind != "folder" else _known_digests(file)
+        content = {name: split_content(source, name, known) for name in source.splits}
+        report = ReuseReport(None, computed=sum(len(c.keys) for c in content.values()),
+                             hash_seconds=time.perf_counter() - started)
+        plan = ReusePlan(content, report, engine, reuse)
+        if file is not None:
+            started = time.perf_counter()
+            plan.file, file = file, None
+            try:
+                _match(plan, path, progress)
+            except BaseException:
+                plan.close()
+                raise
+            check_seconds += time.perf_counter() - started
+        report.check_seconds = check_seconds
         return plan
-    started = time.perf_counter()
-    path = find_source(resolved.settings.cache_dir, resolved.config, engine, resolved.path)
-    if path is not None:
-        try:
-            _match(plan, path, progress)
-        except BaseException:
-            plan.close()
-            raise
-    report.check_seconds = time.perf_counter() - started
-    return plan
+    finally:
+        if file is not None:
+            file.close()
+
+
+def _known_digests(file: h5py.File) -> dict[tuple[str, int, int], bytes]:
+    """``(key, size, mtime_ns)`` → content digest of every row of a source cache that records its
+    file's listing, from chunks that pass their checksums."""
+    known = {}
+    for name in json.loads(file.attrs["splits"]):
+        group = file[name]
+        if FILE_STAT not in group:
+            continue
+        digests, readable = _read_checked(group[CONTENT])
+        stats, stats_readable = _read_checked(group[FILE_STAT])
+        keys = group["keys"][:]
+        for row in np.nonzero(readable & stats_readable & (stats[:, 0] >= 0))[0]:
+            key = keys[row].decode("utf-8") if isinstance(keys[row], bytes) else str(keys[row])
+            known[(key, int(stats[row, 0]), int(stats[row, 1]))] = digests[row].tobytes()
+    return known
 
 
 def _match(plan: ReusePlan, path: Path, progress) -> None:
     with Cache(path) as cache:
         source_splits = list(cache.splits)
         plan.source_build = dict(cache.build_info)
-    plan.file = h5py.File(path, "r", rdcc_nbytes=READ_CACHE_BYTES)
     plan.source_splits = source_splits
     stored: dict[bytes, tuple[int, int]] = {}
     source_digests: list[bytes] = []
@@ -199,6 +315,13 @@ def _match(plan: ReusePlan, path: Path, progress) -> None:
             digest = digests[row].tobytes()
             stored.setdefault(digest, (s, int(row)))
             source_digests.append(digest)
+        for key in ("features", "pooled"):
+            if encodes_directly(plan.file[name][key]) is not None:
+                plan.stored[(s, key)] = StoredChunks(plan.file[name][key])
+        if copies_as_stored(plan.file[name]["features"]):
+            plan.copy_as_stored.add(s)
+        plan.feature_shape = plan.file[name]["features"].shape[1:]
+        plan.feature_dtype = plan.file[name]["features"].dtype
     wanted = set()
     for name, content in plan.content.items():
         n = len(content.keys)
@@ -222,6 +345,13 @@ def _match(plan: ReusePlan, path: Path, progress) -> None:
         progress.message(f"reusing {report.reused} rows of {path.name}; computing {report.computed}")
 
 
+def copies_as_stored(features) -> bool:
+    """Whether a source's features rows can be copied as stored into the file this build writes:
+    one row per chunk, deflate then fletcher32 (a file written before one-row chunks is decoded)."""
+    layout = encodes_directly(features)
+    return layout is not None and layout[1] == FEATURE_CHUNK_ROWS == 1
+
+
 def _read_checked(dataset) -> tuple[np.ndarray, np.ndarray]:
     """A dataset read chunk by chunk, and which rows lie in chunks that passed their checksums."""
     n, step = dataset.shape[0], dataset.chunks[0]
@@ -237,26 +367,54 @@ def _read_checked(dataset) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _drop_unreadable(plan: ReusePlan) -> int:
-    """Read once every chunk of features and pooled that the copy will read; examples whose row
-    lies in a chunk that fails are computed instead. Returns how many."""
-    failed: dict[int, set[int]] = {}  # source split → failing chunk numbers
+    """Check once every chunk of features and pooled that the copy will read; examples whose row
+    lies in a chunk that fails are computed instead. Returns how many.
+
+    Chunks are checked as HDF5 checks them on reading (fletcher32 of the stored bytes) without
+    inflating them; those of another filter pipeline are read through HDF5."""
+    failed: dict[int, list[tuple[int, int]]] = {}  # source split → failing (first row, rows) chunks
     for s, name in enumerate(plan.source_splits):
         needed = set()
         for where, row in zip(plan.where.values(), plan.row.values()):
             needed.update(int(r) for r in row[where == s])
         group = plan.file[name]
         for key in ("features", "pooled"):
-            step = group[key].chunks[0]
-            for chunk in sorted({r // step for r in needed}):
-                try:
-                    group[key][chunk * step : (chunk + 1) * step]
-                except OSError:
-                    failed.setdefault(s, set()).add((key, chunk * step, step))
+            dataset, step = group[key], group[key].chunks[0]
+            chunks = sorted({r // step for r in needed})
+            if (s, key) in plan.stored:
+                bad = [c for c in chunks if not plan.stored[(s, key)].checked(c)]
+            else:
+                bad = _failing_chunks(dataset, chunks)
+            failed.setdefault(s, []).extend((chunk * step, step) for chunk in bad)
     count = 0
     for where, row in zip(plan.where.values(), plan.row.values()):
         for i in np.nonzero(where >= 0)[0]:
             bad = failed.get(int(where[i]), ())
-            if any(lo <= row[i] < lo + step for _, lo, step in bad):
+            if any(lo <= row[i] < lo + step for lo, step in bad):
                 where[i], row[i] = -1, -1
                 count += 1
     return count
+
+
+def _failing_chunks(dataset, chunks: list[int], together: int = 32) -> list[int]:
+    """Which of ``chunks`` fail to read through HDF5 (checksums): runs of up to ``together``
+    neighbouring chunks are read at once, and one by one only where a run fails."""
+    step, bad = dataset.chunks[0], []
+    runs, run = [], []
+    for chunk in chunks:
+        if run and (chunk != run[-1] + 1 or len(run) == together):
+            runs.append(run)
+            run = []
+        run.append(chunk)
+    if run:
+        runs.append(run)
+    for run in runs:
+        try:
+            dataset[run[0] * step : (run[-1] + 1) * step]
+        except OSError:
+            for chunk in run:
+                try:
+                    dataset[chunk * step : (chunk + 1) * step]
+                except OSError:
+                    bad.append(chunk)
+    return bad

@@ -27,7 +27,7 @@ from .config import bottleneck_shape, check_positive
 from .errors import BottlecacheError, reason
 from .files import staged_path, write_error
 from .store import (
-    COMPRESSION, COMPRESSION_LEVEL, FEATURE_CHUNK_ROWS, PARTIAL_SUFFIX, POOLED_CHUNK_ROWS, Cache, PartialCache,
+    COMMIT_ROWS, COMPRESSION, COMPRESSION_LEVEL, FEATURE_CHUNK_ROWS, PARTIAL_SUFFIX, POOLED_CHUNK_ROWS, Cache, PartialCache,
     _fsync_dir, build_lock, root_attrs,
 )
 
@@ -259,7 +259,7 @@ def _join_split(group, split: str, specs, folder: Path, shape, dtype) -> None:
         group.create_virtual_dataset(name, layout, fillvalue=np.nan)
     checked = dict(compression=COMPRESSION, compression_opts=COMPRESSION_LEVEL, fletcher32=True)
     group.create_dataset("labels", data=np.concatenate(labels) if labels else np.zeros(0, np.int64),
-                         dtype="int64", maxshape=(None,), chunks=(FEATURE_CHUNK_ROWS,), **checked)
+                         dtype="int64", maxshape=(None,), chunks=(COMMIT_ROWS,), **checked)
     text = h5py.string_dtype("utf-8")
     group.create_dataset("keys", data=np.array(keys, dtype=object), dtype=text, maxshape=(None,), chunks=(4096,))
     group.create_dataset("skipped", data=np.array(skipped, dtype=object).reshape(-1, 2), dtype=text,
@@ -314,7 +314,7 @@ def _copy_split(cache: Cache, split: str, group, progress) -> None:
         data = source[name]
         target = group.create_dataset(name, data.shape, dtype=data.dtype, maxshape=(None, *data.shape[1:]),
                                       chunks=(chunk, *data.shape[1:]), **checked)
-        step = chunk * 32
+        step = COMMIT_ROWS * 32
         for lo in range(0, n, step):
             target[lo : lo + step] = cache._read(split, name, slice(lo, lo + step))
             if progress is not None and name == "features":
