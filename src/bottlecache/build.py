@@ -31,7 +31,14 @@ from .reuse import ReuseReport, engine_from_source, expected_engine, plan_reuse
 from .store import COMMIT_ROWS, VIEWS_SPLIT, Cache, PartialCache, build_lock, root_attrs
 
 
-PREFETCH_WINDOWS = 2
+# Decoding and the engine take turns instead of overlapping: images are decoded DECODE_BLOCK at a
+# time (tf.data's threads on every core, the last block's commits beside them), then run through
+# the engine with nothing else under way: XNNPACK's threads wait for each other at every layer, so
+# one of them losing its core stalls both. Overlapped (two windows prefetched), the forward pass
+# ran at 225 images/s inside the build against 325 alone, and the build reached 0.75-0.77 of the
+# forward + decode bound; taking turns, 0.79-0.83 (docs/engines.md, "Where the build's time goes").
+PREFETCH_WINDOWS = 0
+DECODE_BLOCK = 64
 # An incremental build commits up to this many rows at once (the commit's fixed cost, about 10 ms
 # with its two fsyncs, would otherwise be most of the time of a row copied as stored)
 COPY_WINDOW_ROWS = 1024
@@ -344,7 +351,15 @@ def run_split(committer, engine, resolved: ResolvedCache, name: str, start: int,
     views = resolved.config.get("views") or {}
     only = None if plan is None else plan.compute_mask(name)
     n_processed = n_reused = 0
-    windows = _windows(source, name, image_size, start, stop, window_rows(size), fast, only, resolved.settings.model)
+    held: list = []  # computed windows, committed while the next images decode (see DECODE_BLOCK)
+
+    def release():
+        if held:
+            committer.submit_all(list(held))
+            held.clear()
+
+    windows = _windows(source, name, image_size, start, stop, window_rows(size), fast, only, resolved.settings.model,
+                       before_decode=release)
     if only is not None:  # an incremental build: copied rows need no engine, so commit more of them at once
         windows = _merged(windows, COPY_WINDOW_ROWS, window_rows(size))
     for window in windows:
@@ -352,8 +367,9 @@ def run_split(committer, engine, resolved: ResolvedCache, name: str, start: int,
             on_window()
         lo, hi, indices, keys, labels, images = window
         if len(images):
+            committer.wait()  # the engine runs alone: its threads wait for each other at every layer
             features = np.concatenate([engine(images[i : i + size]) for i in range(0, len(images), size)])
-            pooled = features.astype(np.float32).mean(axis=(1, 2))
+            pooled = features.mean(axis=(1, 2), dtype=np.float32)
         else:
             features = pooled = None
         augmented = None
@@ -366,13 +382,16 @@ def run_split(committer, engine, resolved: ResolvedCache, name: str, start: int,
             indices, keys, labels, features, pooled, contents, stats, stored, n_copied = plan.fill(
                 name, lo, hi, indices, features, pooled)
         skipped = _skipped(source, name, lo, hi, indices)
-        committer.submit(
+        held.append((
             name, None if features is None else features.astype(dtype), pooled, labels, keys, skipped, hi - offset,
             augmented, contents, stats, stored,
-        )
+        ))
+        if not len(images):  # nothing decodes for it: commit it now
+            release()
         n_processed += hi - lo
         n_reused += n_copied
         progress.advance(name, hi - lo)
+    release()
     return n_processed, n_reused
 
 
@@ -398,6 +417,14 @@ class Committer:
     def submit(self, *args) -> None:
         """Commit a window (``PartialCache.append``'s arguments) after the ones before it."""
         self.call(self.partial.append, *args)
+
+    def submit_all(self, windows: list[tuple]) -> None:
+        """Commit windows (each ``PartialCache.append``'s arguments), in order, as one queued call."""
+        self.call(self._append_all, windows)
+
+    def _append_all(self, windows):
+        for args in windows:
+            self.partial.append(*args)
 
     def call(self, function, *args) -> None:
         """Run ``function(*args)`` in the commit thread after what was submitted before."""
@@ -428,12 +455,14 @@ class Committer:
         self._pool.shutdown()
 
 
-def _windows(source, split, image_size, start, stop, size, fast_decode=False, only=None, model=DEFAULT_MODEL):
+def _windows(source, split, image_size, start, stop, size, fast_decode=False, only=None, model=DEFAULT_MODEL,
+             before_decode=None):
     """Group decoded images into windows of input indices ``[lo, hi)`` aligned to ``size``.
 
     A window holds the examples that decoded; the rest of its indices were skipped (or, outside
     the mask ``only``, not read: an incremental build copies them). Windows depend only on
-    indices, so a resumed build runs exactly the batches a clean build runs.
+    indices, so a resumed build runs exactly the batches a clean build runs. Images are decoded
+    ``DECODE_BLOCK`` at a time; ``before_decode()`` runs before each block is asked for.
     """
     if only is not None and not any(only[start:stop]):
         batches = ()  # every row is copied: no input pipeline (building one costs about a second)
@@ -443,23 +472,36 @@ def _windows(source, split, image_size, start, stop, size, fast_decode=False, on
         ordered = ordered.take(stop - start) if only is None else ordered.filter(lambda i, k, y, e: i < stop)
         ds = image_dataset(source, split, image_size, ordered=ordered, fast_decode=fast_decode,
                            model=model)
-        batches = ds.batch(size).prefetch(PREFETCH_WINDOWS).as_numpy_iterator() if PREFETCH_WINDOWS else ds.batch(size).as_numpy_iterator()
+        block = max(size, DECODE_BLOCK)
+        batches = (ds.batch(block).prefetch(PREFETCH_WINDOWS) if PREFETCH_WINDOWS else ds.batch(block)).as_numpy_iterator()
     lo, hi = start, min((start // size + 1) * size, stop)
-    pending: list = []
+    pending: list = []  # (index, key, label, decoded block, row in it)
 
     def emit():
         indices = [p[0] for p in pending]
         keys = [p[1] for p in pending]
         labels = np.array([p[2] for p in pending], dtype=np.int64)
-        images = np.stack([p[3] for p in pending]) if pending else np.zeros((0, image_size, image_size, 3), np.float32)
+        if not pending:
+            images = np.zeros((0, image_size, image_size, 3), np.float32)
+        elif all(p[3] is pending[0][3] for p in pending) and pending[-1][4] - pending[0][4] == len(pending) - 1:
+            images = pending[0][3][pending[0][4] : pending[-1][4] + 1]  # rows of one block: a view, no copy
+        else:
+            images = np.stack([p[3][p[4]] for p in pending])
         return lo, hi, indices, keys, labels, images
 
-    for indices, keys, labels, images in batches:
+    batches = iter(batches)
+    while True:
+        if before_decode is not None:
+            before_decode()
+        try:
+            indices, keys, labels, images = next(batches)
+        except StopIteration:
+            break
         for j, index in enumerate(indices):
             while index >= hi:
                 yield emit()
                 pending, lo, hi = [], hi, min(hi + size, stop)
-            pending.append((int(index), keys[j].decode("utf-8"), int(labels[j]), images[j]))
+            pending.append((int(index), keys[j].decode("utf-8"), int(labels[j]), images, j))
     while lo < stop:
         yield emit()
         pending, lo, hi = [], hi, min(hi + size, stop)
