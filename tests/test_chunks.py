@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from bottlecache import chunks
-from bottlecache.chunks import encode_rows, encodes_directly, fletcher32, fletcher32_numpy, write_chunks
+from bottlecache.chunks import (decode_chunk, encode_rows, encodes_directly, fletcher32, fletcher32_numpy,
+                               stored_checksum_ok, write_chunks)
 
 CHECKED = dict(compression="gzip", compression_opts=1, fletcher32=True)
 
@@ -90,3 +91,37 @@ def test_other_layouts_go_through_hdf5(tmp_path):
         assert encodes_directly(plain) is None and encodes_directly(shuffled) is None
         assert encodes_directly(checked) == (1, 32)
         assert encode_rows(checked, 5, np.zeros((3, 8), np.float32)) is None  # starts inside a chunk
+
+
+def test_rows_copied_as_stored_read_back_and_a_damaged_one_is_caught(tmp_path):
+    """One-row chunks of one file written into another as they are (an incremental build's copy),
+    between rows encoded here: plain h5py reads every value back; a flipped byte fails the check."""
+    rng = np.random.default_rng(3)
+    old = (rng.standard_normal((6, 5, 5, 8)) * 10).astype("float16")
+    new = (rng.standard_normal((2, 5, 5, 8)) * 10).astype("float16")
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        a = _dataset(f, "x", "float16", (5, 5, 8), chunk_rows=1)
+        a.resize(6, axis=0)
+        write_chunks(a, encode_rows(a, 0, old))
+        stored = {i: a.id.read_direct_chunk((i, 0, 0, 0))[1] for i in range(6)}
+    assert all(stored_checksum_ok(data) for data in stored.values())
+    assert np.array_equal(decode_chunk(stored[4], "float16", (1, 5, 5, 8))[0], old[4])
+    damaged = bytearray(stored[2])
+    damaged[len(damaged) // 2] ^= 0xFF
+    assert not stored_checksum_ok(bytes(damaged))
+
+    # rows 0, 2 copied as stored from old rows 5 and 1; rows 1, 3 encoded from ``new``
+    with h5py.File(tmp_path / "b.h5", "w") as f:
+        b = _dataset(f, "x", "float16", (5, 5, 8), chunk_rows=1)
+        b.resize(4, axis=0)
+        write_chunks(b, encode_rows(b, 0, new, {0: stored[5], 2: stored[1]}))
+    with h5py.File(tmp_path / "b.h5", "r") as f:
+        assert np.array_equal(f["x"][:], np.stack([old[5], new[0], old[1], new[1]]))
+
+
+def test_stored_rows_need_one_row_chunks(tmp_path):
+    with h5py.File(tmp_path / "c.h5", "w") as f:
+        d = _dataset(f, "x", "float32", (4,))
+        d.resize(32, axis=0)
+        with pytest.raises(ValueError, match="one row per chunk"):
+            encode_rows(d, 0, np.zeros((31, 4), np.float32), {0: b"x"})

@@ -174,6 +174,29 @@ def test_changed_bytes_are_computed_and_old_rows_dropped(world):
     assert forced.reuse.source is None and forced.reuse.computed == 24
 
 
+def test_files_listed_as_before_are_not_read_again(world):
+    """A file whose relative path, size and modification time match a row's ``file_stat`` takes
+    that row's digest; a new file, and one touched (same bytes, new mtime), are hashed."""
+    import os
+
+    first = world.build()
+    assert first.reuse.hashed == 24
+    with h5py.File(first.path, "r") as f:  # each row records its file's listing
+        keys = [k.decode() for k in f["train"]["keys"][:]]
+        stats = f["train"]["file_stat"][:]
+    listed = os.stat(world.data / keys[0])
+    assert stats[0].tolist() == [listed.st_size, listed.st_mtime_ns]
+
+    added = next((world.held / "train/cats").iterdir())
+    shutil.copy(added, world.data / "train/cats" / added.name)
+    touched = world.data / keys[1]
+    os.utime(touched, ns=(listed.st_atime_ns, stats[1][1] + 10**9))
+    report = world.build()
+    assert report.reuse.hashed == 2  # the added file and the touched one
+    assert (report.reuse.reused, report.reuse.computed, report.reuse.dropped) == (24, 1, 0)
+    world.assert_equals_clean_build(report)
+
+
 def test_photo_moved_to_another_class_keeps_features_and_takes_new_label(world):
     first = world.build()
     moved = world.data / "train/cats" / sorted(p.name for p in (world.data / "train/cats").iterdir())[3]

@@ -84,7 +84,8 @@ def split_content(source, split: str, known: dict | None = None) -> SplitContent
     for _, key, label, _ in source.examples(split).as_numpy_iterator():
         keys.append(key.decode("utf-8"))
         labels.append(int(label))
-    return SplitContent(digests_of_keys(source, keys), keys, labels, np.full((len(keys), 2), NO_STAT, np.int64))
+    return SplitContent(digests_of_keys(source, keys), keys, labels, np.full((len(keys), 2), NO_STAT, np.int64),
+                        len(keys))
 
 
 def as_array(digests: list[bytes]) -> np.ndarray:

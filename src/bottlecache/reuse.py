@@ -47,6 +47,7 @@ class ReuseReport:
     dropped: int = 0  # rows of the source whose content is no longer in the data (removed or changed files)
     unreadable: int = 0  # rows that matched but failed their checksums: computed instead
     hash_seconds: float = 0.0  # hashing the data's files (every build does it, to store the digests)
+    hashed: int = 0  # files read to hash them (the others were listed as the source cache recorded them)
     check_seconds: float = 0.0  # finding the source and reading its chunks once before copying
 
 
@@ -265,7 +266,8 @@ def plan_reuse(resolved, engine: str, *, reuse: bool = True, progress=None) -> R
         known = {} if file is None or source.kind != "folder" else _known_digests(file)
         content = {name: split_content(source, name, known) for name in source.splits}
         report = ReuseReport(None, computed=sum(len(c.keys) for c in content.values()),
-                             hash_seconds=time.perf_counter() - started)
+                             hash_seconds=time.perf_counter() - started,
+                             hashed=sum(c.n_hashed for c in content.values()))
         plan = ReusePlan(content, report, engine, reuse)
         if file is not None:
             started = time.perf_counter()

@@ -87,7 +87,8 @@ def build(
         r = report.reuse
         origin = f" from {Path(r.source).name}" if r.source else " (no compatible cache to reuse)" if reuse else ""
         unreadable = f"; {r.unreadable} rows failed their checksums and were computed" if r.unreadable else ""
-        out.print(f"reused {r.reused}, computed {r.computed}, dropped {r.dropped}{origin}{unreadable}", markup=False)
+        out.print(f"reused {r.reused}, computed {r.computed}, dropped {r.dropped}{origin}{unreadable}; "
+                  f"{r.hashed} files hashed", markup=False)
     n_skipped = sum(s.n_skipped for s in report.splits)
     engine_text = f", engine {report.engine}" if report.engine else ""
     if report.startup_seconds is not None:
