@@ -7,6 +7,7 @@ file, run each split batch by batch, commit each batch, and rename the file when
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import time
@@ -345,7 +346,7 @@ def run_split(committer, engine, resolved: ResolvedCache, name: str, start: int,
     Windows are aligned to absolute indices, so any ``[start, stop)`` on window boundaries runs
     exactly the batches the whole split runs. Returns the input rows run and the rows copied.
     """
-    source, image_size, dtype = resolved.source, resolved.settings.image_size, resolved.settings.dtype
+    source, image_size = resolved.source, resolved.settings.image_size
     size = batch_size or engine.batch_size
     fast = resolved.config["decode"] == DECODE_FAST
     views = resolved.config.get("views") or {}
@@ -362,37 +363,51 @@ def run_split(committer, engine, resolved: ResolvedCache, name: str, start: int,
                        before_decode=release)
     if only is not None:  # an incremental build: copied rows need no engine, so commit more of them at once
         windows = _merged(windows, COPY_WINDOW_ROWS, window_rows(size))
-    for window in windows:
-        if on_window is not None:
-            on_window()
-        lo, hi, indices, keys, labels, images = window
-        if len(images):
-            committer.wait()  # the engine runs alone: its threads wait for each other at every layer
-            features = np.concatenate([engine(images[i : i + size]) for i in range(0, len(images), size)])
-            pooled = features.mean(axis=(1, 2), dtype=np.float32)
-        else:
-            features = pooled = None
-        augmented = None
-        if views and name == VIEWS_SPLIT:  # K augmented views of each train image (bottlecache.augment)
-            augmented = view_features(engine, images, keys, views["k"], parse_spec(views["augment"]),
-                                      views["seed"], size, dtype)
-        contents = stats = stored = None
-        n_copied = 0
-        if plan is not None:  # (a build with views copies nothing: the keys above are the window's)
-            indices, keys, labels, features, pooled, contents, stats, stored, n_copied = plan.fill(
-                name, lo, hi, indices, features, pooled)
-        skipped = _skipped(source, name, lo, hi, indices)
-        held.append((
-            name, None if features is None else features.astype(dtype), pooled, labels, keys, skipped, hi - offset,
-            augmented, contents, stats, stored,
-        ))
-        if not len(images):  # nothing decodes for it: commit it now
-            release()
-        n_processed += hi - lo
-        n_reused += n_copied
-        progress.advance(name, hi - lo)
+    try:
+        for window in windows:
+            n_done, n_copied = _run_window(window, committer, engine, resolved, name, size, offset, on_window,
+                                           plan, held, release, views)
+            n_processed += n_done
+            n_reused += n_copied
+            progress.advance(name, n_done)
+    except BaseException:
+        with contextlib.suppress(Exception):  # (a failed commit is the error being raised)
+            release()  # computed windows are committed: an interrupted build resumes after them
+        raise
     release()
     return n_processed, n_reused
+
+
+def _run_window(window, committer, engine, resolved, name, size, offset, on_window, plan, held, release, views):
+    """Run one window through the engine, merge the rows a reuse plan copies, and hold it for its
+    commit. Returns the input rows it covers and the rows copied."""
+    source, dtype = resolved.source, resolved.settings.dtype
+    if on_window is not None:
+        on_window()
+    lo, hi, indices, keys, labels, images = window
+    if len(images):
+        committer.wait()  # the engine runs alone: its threads wait for each other at every layer
+        features = np.concatenate([engine(images[i : i + size]) for i in range(0, len(images), size)])
+        pooled = features.mean(axis=(1, 2), dtype=np.float32)
+    else:
+        features = pooled = None
+    augmented = None
+    if views and name == VIEWS_SPLIT:  # K augmented views of each train image (bottlecache.augment)
+        augmented = view_features(engine, images, keys, views["k"], parse_spec(views["augment"]),
+                                  views["seed"], size, dtype)
+    contents = stats = stored = None
+    n_copied = 0
+    if plan is not None:  # (a build with views copies nothing: the keys above are the window's)
+        indices, keys, labels, features, pooled, contents, stats, stored, n_copied = plan.fill(
+            name, lo, hi, indices, features, pooled)
+    skipped = _skipped(source, name, lo, hi, indices)
+    held.append((
+        name, None if features is None else features.astype(dtype), pooled, labels, keys, skipped, hi - offset,
+        augmented, contents, stats, stored,
+    ))
+    if not len(images):  # nothing decodes for it: commit it now
+        release()
+    return hi - lo, n_copied
 
 
 class Committer:
