@@ -38,8 +38,7 @@ from .store import COMMIT_ROWS, VIEWS_SPLIT, Cache, PartialCache, build_lock, ro
 # one of them losing its core stalls both. Overlapped (two windows prefetched), the forward pass
 # ran at 225 images/s inside the build against 325 alone, and the build reached 0.75-0.77 of the
 # forward + decode bound; taking turns, 0.79-0.83 (docs/engines.md, "Where the build's time goes").
-PREFETCH_WINDOWS = 0
-DECODE_BLOCK = 64
+DECODE_BLOCK = 64  # no prefetching: decoding ahead would run beside the engine again
 # An incremental build commits up to this many rows at once (the commit's fixed cost, about 10 ms
 # with its two fsyncs, would otherwise be most of the time of a row copied as stored)
 COPY_WINDOW_ROWS = 1024
@@ -488,7 +487,7 @@ def _windows(source, split, image_size, start, stop, size, fast_decode=False, on
         ds = image_dataset(source, split, image_size, ordered=ordered, fast_decode=fast_decode,
                            model=model)
         block = max(size, DECODE_BLOCK)
-        batches = (ds.batch(block).prefetch(PREFETCH_WINDOWS) if PREFETCH_WINDOWS else ds.batch(block)).as_numpy_iterator()
+        batches = ds.batch(block).as_numpy_iterator()
     lo, hi = start, min((start // size + 1) * size, stop)
     pending: list = []  # (index, key, label, decoded block, row in it)
 
