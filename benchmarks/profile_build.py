@@ -9,6 +9,12 @@ waiting shows up as well as work. Writes ``profile.svg`` (a flame graph) and ``p
 the build: the engine's forward pass, waiting for decoded images, waiting for the previous
 commit, encoding chunks, HDF5 writes, fsync. ``--native`` adds C/C++ frames.
 
+``--timing``: one real build in this process with its parts timed: the engine's calls, the
+waits for decoded images, the commits (their wall and CPU seconds, in the commit thread) and the
+main thread's waits for them; then, in the same process, the forward pass alone on random input
+and decoding alone, and the bound they allow together (as ``python -m benchmarks`` computes it).
+Without sampling, so the build runs at full speed; ``--repeat`` builds again for the spread.
+
 ``--engine-grid``: the LiteRT forward rate on random input for each batch size and thread count
 (``--batch-sizes``, ``--threads``), the best of three rounds each; how the engine's default batch
 size and threads were chosen.
@@ -89,6 +95,110 @@ def profile(args) -> int:
     return 0
 
 
+class _Clock:
+    """Seconds (and calls) spent inside wrapped functions; ``cpu`` also counts the thread's CPU."""
+
+    def __init__(self):
+        self.seconds, self.cpu, self.calls = Counter(), Counter(), Counter()
+
+    def wrap(self, name: str, function, cpu: bool = False):
+        def timed(*args, **kwargs):
+            started, thread_started = time.perf_counter(), time.thread_time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - started
+                self.calls[name] += 1
+                if cpu:
+                    self.cpu[name] += time.thread_time() - thread_started
+        return timed
+
+    def wrap_iterator(self, name: str, function):
+        def timed(*args, **kwargs):
+            iterator = function(*args, **kwargs)
+            while True:
+                started = time.perf_counter()
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    return
+                finally:
+                    self.seconds[name] += time.perf_counter() - started
+                yield item
+        return timed
+
+
+def timing(args) -> int:
+    import numpy as np
+
+    from bottlecache import build as build_module
+    from bottlecache import engines, store
+    from bottlecache.backbone import resolve_weights
+    from bottlecache.data import image_dataset, open_source
+
+    clock = _Clock()
+    build_module._windows = clock.wrap_iterator("waiting for decoded images", build_module._windows)
+    used = []  # the build's engine, run alone afterwards
+
+    def recorded(call):
+        def engine_call(self, images):
+            used[:] = [self]
+            return call(self, images)
+        return engine_call
+
+    for engine_class in (engines.LiteRTEngine, engines.KerasEngine):
+        engine_class.__call__ = recorded(clock.wrap("inside the engine", engine_class.__call__))
+    store.PartialCache.append = clock.wrap("commits (commit thread)", store.PartialCache.append, cpu=True)
+    build_module.Committer.wait = clock.wrap("waiting for commits", build_module.Committer.wait)
+    with tempfile.TemporaryDirectory(prefix="bottlecache-timing-") as cache_dir:
+        if args.engines_from:
+            shutil.copytree(args.engines_from, Path(cache_dir) / "engines")
+        for round_ in range(args.repeat):
+            for counter in (clock.seconds, clock.cpu, clock.calls):
+                counter.clear()
+            started, cpu_started = time.perf_counter(), time.process_time()
+            report = build_module.build_cache(args.data, image_size=args.image_size, weights=args.weights,
+                                              cache_dir=cache_dir, engine=args.engine, reuse=False)
+            wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+            n = sum(s.n_processed for s in report.splits)
+            split_seconds = sum(s.seconds for s in report.splits)
+            print(f"build {round_ + 1}: {n} images, {n / split_seconds:.1f} images/s over the splits' "
+                  f"{split_seconds:.2f} s ({report.engine}, start-up {report.startup_seconds:.2f} s); "
+                  f"CPU use {cpu / wall / os.cpu_count():.2f} of {os.cpu_count()} cores")
+            main = {k: clock.seconds[k] for k in ("inside the engine", "waiting for decoded images",
+                                                   "waiting for commits")}
+            for name, seconds in main.items():
+                print(f"  {name}: {seconds:.2f} s")
+            print(f"  the rest of the main thread: {split_seconds - sum(main.values()):.2f} s")
+            name = "commits (commit thread)"
+            print(f"  {name}: {clock.calls[name]}, {clock.seconds[name]:.2f} s, {clock.cpu[name]:.2f} s of CPU")
+            for path in Path(cache_dir).glob("*.h5"):
+                path.unlink()  # the next round builds again
+    engine = used[0]
+    weights = resolve_weights(args.weights, args.image_size)
+    batch = np.asarray(weights.backbone.preprocess(np.random.default_rng(0).uniform(
+        0, 255, (engine.batch_size, args.image_size, args.image_size, 3)).astype(np.float32)), np.float32)
+    engine(batch)
+    rounds = []
+    for _ in range(3):
+        started = time.perf_counter()
+        for _ in range(1000 // engine.batch_size):
+            engine(batch)
+        rounds.append((1000 // engine.batch_size) * engine.batch_size / (time.perf_counter() - started))
+    forward = sorted(rounds)[1]
+    source, decoded = open_source(args.data), 0
+    started = time.perf_counter()
+    for split in source.splits:
+        for _, _, labels, _ in image_dataset(source, split, args.image_size, model=weights.model).batch(32).prefetch(
+                2).as_numpy_iterator():
+            decoded += len(labels)
+    decode = decoded / (time.perf_counter() - started)
+    bound = 1 / (1 / forward + 1 / decode)
+    print(f"forward alone {forward:.1f} images/s (median of 3 rounds of 1,000), decoding alone {decode:.1f}: "
+          f"bound {bound:.1f}; the last build {n / split_seconds / bound:.3f} of it")
+    return 0
+
+
 def engine_grid(args) -> int:
     import numpy as np
 
@@ -133,9 +243,13 @@ def main(argv=None) -> int:
     parser.add_argument("--engines-from", type=Path,
                         help="copy this engines/ folder (converted, checked flatbuffers) into the fresh cache folder")
     parser.add_argument("--engine-grid", action="store_true", help="LiteRT images/s per batch size and threads")
+    parser.add_argument("--timing", action="store_true", help="a build's parts timed, against the bound")
+    parser.add_argument("--repeat", type=int, default=1, help="--timing: builds to run")
     parser.add_argument("--batch-sizes", type=_ints, default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--threads", type=_ints, default=sorted({1, os.cpu_count() or 1}))
     args = parser.parse_args(argv)
+    if args.timing:
+        return timing(args)
     return engine_grid(args) if args.engine_grid else profile(args)
 
 

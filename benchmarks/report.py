@@ -143,6 +143,8 @@ def summary_line(result: dict) -> str:
         f"TensorFlow {v.get('tensorflow', '?')}, Keras {v.get('keras', '?')}, LiteRT {v.get('ai-edge-litert', '–')} · "
         f"whole run {result['wall_seconds'] / 60:.1f} min, 1-minute load average {_load(result, 'start')} at the "
         f"start, {_load(result, 'end')} at the end (other work on the machine makes timings noisy)"
+        + (f" · run with --load {c['background_load']} ({c['background_load']} busy processes beside the cases)"
+           if c.get("background_load") else "")
     )
 
 

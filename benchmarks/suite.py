@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -57,7 +59,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="a small slice (train[:64], validation[:32]), 1 epoch each: for CI, a few minutes")
     parser.add_argument("--cases", type=lambda s: [c.strip() for c in s.split(",") if c.strip()],
                         help=f"comma-separated subset of: {', '.join(CASES)} (default all)")
+    parser.add_argument("--load", type=int, default=0, metavar="N",
+                        help="keep N busy processes running beside the cases (a loaded machine, reproducibly)")
     args = parser.parse_args(argv)
+    if args.load < 0:
+        parser.error(f"--load must be 0 or more, got {args.load}")
     unknown = [c for c in args.cases or [] if c not in CASES]
     if unknown:
         parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
@@ -112,7 +118,21 @@ def config(args, run) -> dict:
         "engine": run.engine,
         "quick": run.quick,
         "cases": args.cases,
+        "background_load": args.load,
     }
+
+
+@contextlib.contextmanager
+def background_load(n: int):
+    """``n`` processes spinning on the CPU for as long as the block runs (``--load``): the same
+    load on any machine, where other people's work is never the same twice."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield [spinner.pid for spinner in spinners]
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
 
 
 def run_cases(run, names: list[str]) -> dict:
@@ -150,7 +170,8 @@ def main(argv=None) -> int:
         except BottlecacheError as error:  # bad --data / --weights: one line, as the CLI says it
             print(f"error: {error}", file=sys.stderr)
             return 2
-        cases = run_cases(run, args.cases)
+        with background_load(args.load):
+            cases = run_cases(run, args.cases)
         result = {
             "schema_version": SCHEMA_VERSION,
             "date": now.isoformat(timespec="seconds"),

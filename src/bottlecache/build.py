@@ -33,11 +33,12 @@ from .store import COMMIT_ROWS, VIEWS_SPLIT, Cache, PartialCache, build_lock, ro
 
 
 # Decoding and the engine take turns instead of overlapping: images are decoded DECODE_BLOCK at a
-# time (tf.data's threads on every core, the last block's commits beside them), then run through
+# time (tf.data's threads on every core, the last block's commit beside them), then run through
 # the engine with nothing else under way: XNNPACK's threads wait for each other at every layer, so
 # one of them losing its core stalls both. Overlapped (two windows prefetched), the forward pass
 # ran at 225 images/s inside the build against 325 alone, and the build reached 0.75-0.77 of the
-# forward + decode bound; taking turns, 0.79-0.83 (docs/engines.md, "Where the build's time goes").
+# forward + decode bound; taking turns, 0.79-0.83; with one commit per block and the float16 cast
+# in the commit thread, 0.86-0.92 (docs/engines.md, "Where the build's time goes").
 DECODE_BLOCK = 64  # no prefetching: decoding ahead would run beside the engine again
 # An incremental build commits up to this many rows at once (the commit's fixed cost, about 10 ms
 # with its two fsyncs, would otherwise be most of the time of a row copied as stored)
@@ -355,7 +356,7 @@ def run_split(committer, engine, resolved: ResolvedCache, name: str, start: int,
 
     def release():
         if held:
-            committer.submit_all(list(held))
+            committer.submit(*_joined(held))
             held.clear()
 
     windows = _windows(source, name, image_size, start, stop, window_rows(size), fast, only, resolved.settings.model,
@@ -401,7 +402,7 @@ def _run_window(window, committer, engine, resolved, name, size, offset, on_wind
             name, lo, hi, indices, features, pooled)
     skipped = _skipped(source, name, lo, hi, indices)
     held.append((
-        name, None if features is None else features.astype(dtype), pooled, labels, keys, skipped, hi - offset,
+        name, features, pooled, labels, keys, skipped, hi - offset,
         augmented, contents, stats, stored,
     ))
     if not len(images):  # nothing decodes for it: commit it now
@@ -412,8 +413,8 @@ def _run_window(window, committer, engine, resolved, name, size, offset, on_wind
 class Committer:
     """Commits windows in a background thread, in order, at most ``depth`` waiting.
 
-    Compressing, checksumming and syncing a window (about a fifth of the work per image) then
-    overlaps decoding the next one instead of holding up the engine; in an incremental build,
+    Casting, compressing, checksumming and syncing a block's rows then overlaps decoding the next
+    block instead of holding up the engine; in an incremental build,
     reading the next copied rows overlaps writing and syncing the last. A failed commit raises in
     the build's thread at the next ``submit`` or ``wait``, and no commit queued after it runs (its
     rows would land where the failed one's belong); the commit protocol itself
@@ -431,14 +432,6 @@ class Committer:
     def submit(self, *args) -> None:
         """Commit a window (``PartialCache.append``'s arguments) after the ones before it."""
         self.call(self.partial.append, *args)
-
-    def submit_all(self, windows: list[tuple]) -> None:
-        """Commit windows (each ``PartialCache.append``'s arguments), in order, as one queued call."""
-        self.call(self._append_all, windows)
-
-    def _append_all(self, windows):
-        for args in windows:
-            self.partial.append(*args)
 
     def call(self, function, *args) -> None:
         """Run ``function(*args)`` in the commit thread after what was submitted before."""
@@ -542,6 +535,30 @@ def _join(group):
     images = [w[5] for w in group if len(w[5])]
     return (group[0][0], group[-1][1], [i for w in group for i in w[2]], [k for w in group for k in w[3]],
             np.concatenate([w[4] for w in group]), np.concatenate(images) if images else group[0][5])
+
+
+def _joined(windows: list[tuple]) -> tuple:
+    """Consecutive computed windows of one split as one commit (``PartialCache.append``'s
+    arguments): a decoded block's windows are committed together, one commit's fixed cost (two
+    fsyncs, the attribute writes) for all of them. Their rows and the last one's ``n_done`` are
+    what committing them one by one would leave."""
+    if len(windows) == 1:
+        return windows[0]
+    name, n_done = windows[0][0], windows[-1][6]
+    labels = [w[3] for w in windows]
+    offsets = np.cumsum([0, *(len(y) for y in labels)])
+
+    def joined(field: int):
+        parts = [w[field] for w in windows if w[field] is not None and len(w[field])]
+        return np.concatenate(parts) if parts else next((w[field] for w in windows if w[field] is not None), None)
+
+    augmented = None
+    if any(w[7] is not None for w in windows):
+        with_views = [w[7] for w in windows if w[7] is not None]
+        augmented = tuple(np.concatenate(parts) for parts in zip(*with_views))
+    stored = {offset + row: data for w, offset in zip(windows, offsets) for row, data in (w[10] or {}).items()}
+    return (name, joined(1), joined(2), np.concatenate(labels), [k for w in windows for k in w[4]],
+            [s for w in windows for s in w[5]], n_done, augmented, joined(8), joined(9), stored or None)
 
 
 def _skipped(source, split, lo, hi, indices) -> list[tuple[str, str]]:

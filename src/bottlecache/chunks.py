@@ -128,16 +128,16 @@ def encode_chunk(rows: np.ndarray, chunk_rows: int, level: int) -> bytes:
     return body + struct.pack("<I", fletcher32(body))
 
 
-def encode_rows(dataset, first_row: int, values, stored: dict[int, bytes] | None = None
-                ) -> list[tuple[tuple, bytes]] | None:
+def encode_rows(dataset, first_row: int, values, stored: dict[int, bytes] | None = None, *,
+                layout: tuple[int, int] | None | str = "find") -> list[tuple[tuple, bytes]] | None:
     """The chunks that store ``values`` at rows ``first_row…`` of ``dataset``, encoded, or ``None``
     when they cannot be written directly (another filter pipeline, or a start inside a chunk).
 
     ``stored``: rows already encoded as one-row chunks of this layout (row → bytes, copied from
     a dataset with the same dtype, shape and filters), used as they are; ``values`` then holds
-    the other rows, in order.
+    the other rows, in order. ``layout``: ``encodes_directly(dataset)`` when the caller knows it.
     """
-    layout = encodes_directly(dataset)
+    layout = encodes_directly(dataset) if layout == "find" else layout
     if layout is None:
         if stored:
             raise ValueError("stored chunks need a dataset whose chunks are written directly")

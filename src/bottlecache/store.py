@@ -34,7 +34,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .chunks import encode_rows, write_chunks
+from .chunks import encode_rows, encodes_directly, write_chunks
 from .config import resolve_cache_dir
 from .cut import feature_shape_of
 from .errors import BottlecacheError, CacheMismatchError, reason
@@ -165,6 +165,7 @@ class PartialCache:
         self.fingerprint = fp
         self.file: h5py.File | None = None
         self.resumed = False
+        self._found: dict[str, dict[str, _Column]] = {}  # _columns of the open file
 
     # -- opening ----------------------------------------------------------------------------
     def open(self, root_attrs: dict, splits: dict[str, dict], feature_shape, dtype: str,
@@ -266,23 +267,23 @@ class PartialCache:
         the rows' (n, 32) content digests and (n, 2) file sizes and times; ``stored``: features
         rows already encoded as this file stores them (row in the batch → one-row chunk, copied
         from another cache by an incremental build; their rows of ``features`` are not used)."""
-        group = self.file[split]
-        view_keys = [k for k in VIEW_DATASETS if k in group]
-        records = [k for k in ROW_RECORDS if k in group]
+        group, columns_of = self.file[split], self._columns(split)
+        view_keys = [k for k in VIEW_DATASETS if k in columns_of]
+        records = [k for k in ROW_RECORDS if k in columns_of]
         rows, n = int(group.attrs["n_rows"]), len(labels)
         # every chunk this batch touches, at its raw size, and the strings: the most it can write
         need = sum(len(str(text).encode("utf-8")) + 64 for text in [*keys, *(t for pair in skipped for t in pair)])
         n_skipped = int(group.attrs["n_skipped"])
         for key in ("features", "pooled", "labels", "keys", "skipped", *records, *view_keys):
             first, count = (n_skipped, len(skipped)) if key == "skipped" else (rows, n)
-            dataset, per_chunk = group[key], group[key].chunks[0]
             if count:
-                touched = (first + count - 1) // per_chunk - first // per_chunk + 1
-                itemsize = 16 if dataset.dtype.kind == "O" else dataset.dtype.itemsize  # a string: its heap reference
-                per_row_chunks = int(np.prod(dataset.shape[1:])) // int(np.prod(dataset.chunks[1:]))  # views: K
-                need += touched * per_row_chunks * int(np.prod(dataset.chunks)) * itemsize
+                column = columns_of[key]
+                touched = (first + count - 1) // column.chunk_rows - first // column.chunk_rows + 1
+                need += touched * column.chunk_bytes
         # Whole chunks are compressed and checksummed here, with the GIL released (chunks.py);
         # HDF5 would do it inside the write, holding the GIL the engine's thread needs.
+        if features is not None:  # (computed in float32: cast here, in the commit thread, by NumPy)
+            features = np.asarray(features, dtype=columns_of["features"].dataset.dtype)
         contents = np.zeros((n, 32), np.uint8) if contents is None else contents
         stats = np.full((n, 2), -1, np.int64) if stats is None else stats
         columns = [("features", features), ("pooled", pooled), ("labels", labels), ("keys", keys)] if n else []
@@ -291,21 +292,33 @@ class PartialCache:
             if views is None:
                 raise ValueError(f"split {split!r} holds views: a batch without them cannot be appended")
             columns += list(zip(VIEW_DATASETS, views))
-        encoded = {key: encode_rows(group[key], rows, values, stored if key == "features" else None)
+        encoded = {key: encode_rows(columns_of[key].dataset, rows, values, stored if key == "features" else None,
+                                    layout=columns_of[key].layout)
                    for key, values in columns if key != "keys"}
         self._reserve(need)
         for key, values in columns:
-            group[key].resize(rows + n, axis=0)
+            dataset = columns_of[key].dataset
+            dataset.resize(rows + n, axis=0)
             if encoded.get(key) is not None:
-                write_chunks(group[key], encoded[key])
+                write_chunks(dataset, encoded[key])
             else:
-                group[key][rows:] = values
+                dataset[rows:] = values
         if skipped:
             group["skipped"].resize(n_skipped + len(skipped), axis=0)
             group["skipped"][n_skipped:] = np.array(skipped, dtype=object)
         self._sync()  # the rows on disk first: a commit record must never be there before its rows
         group.attrs.update(n_rows=rows + n, n_skipped=n_skipped + len(skipped), n_done=n_done)
         self._sync()
+
+    def _columns(self, split: str) -> dict[str, "_Column"]:
+        """The datasets of ``split`` and what ``append`` needs to know of them, looked up once per
+        file (each h5py lookup costs about 0.2 ms, with the GIL held: 30 of them per commit)."""
+        if self.file is None:
+            raise ValueError("the partial cache is not open")
+        if split not in self._found:
+            group = self.file[split]
+            self._found[split] = {key: _Column.of(group[key]) for key in group}
+        return self._found[split]
 
     def complete_split(self, split: str, seconds: float) -> None:
         self._reserve(0)
@@ -349,6 +362,24 @@ class PartialCache:
             with contextlib.suppress(Exception):
                 self.file.close()
             self.file = None
+        self._found = {}
+
+
+@dataclass(frozen=True)
+class _Column:
+    """A row dataset of a split being written, with its fixed layout."""
+
+    dataset: h5py.Dataset
+    chunk_rows: int
+    chunk_bytes: int  # the raw bytes of the chunks holding one chunk's rows (a string: its heap reference)
+    layout: tuple[int, int] | None  # chunks.encodes_directly
+
+    @classmethod
+    def of(cls, dataset) -> "_Column":
+        itemsize = 16 if dataset.dtype.kind == "O" else dataset.dtype.itemsize
+        per_row_chunks = int(np.prod(dataset.shape[1:])) // int(np.prod(dataset.chunks[1:]))  # views: K
+        return cls(dataset, dataset.chunks[0], per_row_chunks * int(np.prod(dataset.chunks)) * itemsize,
+                   encodes_directly(dataset))
 
 
 def _clear_strings_from(dataset, n: int) -> None:
