@@ -38,7 +38,7 @@ from .store import COMMIT_ROWS, VIEWS_SPLIT, Cache, PartialCache, build_lock, ro
 # one of them losing its core stalls both. Overlapped (two windows prefetched), the forward pass
 # ran at 225 images/s inside the build against 325 alone, and the build reached 0.75-0.77 of the
 # forward + decode bound; taking turns, 0.79-0.83; with one commit per block and the float16 cast
-# in the commit thread, 0.86-0.92 (docs/engines.md, "Where the build's time goes").
+# in the commit thread, 0.86-0.95, 0.88 in the full suite (docs/engines.md, "Where the build's time goes").
 DECODE_BLOCK = 64  # no prefetching: decoding ahead would run beside the engine again
 # An incremental build commits up to this many rows at once (the commit's fixed cost, about 10 ms
 # with its two fsyncs, would otherwise be most of the time of a row copied as stored)
