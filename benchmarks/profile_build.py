@@ -129,12 +129,13 @@ class _Clock:
 
 
 def timing(args) -> int:
-    import numpy as np
-
     from bottlecache import build as build_module
     from bottlecache import engines, store
     from bottlecache.backbone import resolve_weights
-    from bottlecache.data import image_dataset, open_source
+    from bottlecache.config import usable_cores
+
+    from .cases import _forward_case, decode_only
+    from .context import Run
 
     clock = _Clock()
     build_module._windows = clock.wrap_iterator("waiting for decoded images", build_module._windows)
@@ -164,7 +165,7 @@ def timing(args) -> int:
             split_seconds = sum(s.seconds for s in report.splits)
             print(f"build {round_ + 1}: {n} images, {n / split_seconds:.1f} images/s over the splits' "
                   f"{split_seconds:.2f} s ({report.engine}, start-up {report.startup_seconds:.2f} s); "
-                  f"CPU use {cpu / wall / os.cpu_count():.2f} of {os.cpu_count()} cores")
+                  f"CPU use {cpu / wall / usable_cores():.2f} of {usable_cores()} cores")
             main = {k: clock.seconds[k] for k in ("inside the engine", "waiting for decoded images",
                                                    "waiting for commits")}
             for name, seconds in main.items():
@@ -174,27 +175,14 @@ def timing(args) -> int:
             print(f"  {name}: {clock.calls[name]}, {clock.seconds[name]:.2f} s, {clock.cpu[name]:.2f} s of CPU")
             for path in Path(cache_dir).glob("*.h5"):
                 path.unlink()  # the next round builds again
-    engine = used[0]
-    weights = resolve_weights(args.weights, args.image_size)
-    batch = np.asarray(weights.backbone.preprocess(np.random.default_rng(0).uniform(
-        0, 255, (engine.batch_size, args.image_size, args.image_size, 3)).astype(np.float32)), np.float32)
-    engine(batch)
-    rounds = []
-    for _ in range(3):
-        started = time.perf_counter()
-        for _ in range(1000 // engine.batch_size):
-            engine(batch)
-        rounds.append((1000 // engine.batch_size) * engine.batch_size / (time.perf_counter() - started))
-    forward = sorted(rounds)[1]
-    source, decoded = open_source(args.data), 0
-    started = time.perf_counter()
-    for split in source.splits:
-        for _, _, labels, _ in image_dataset(source, split, args.image_size, model=weights.model).batch(32).prefetch(
-                2).as_numpy_iterator():
-            decoded += len(labels)
-    decode = decoded / (time.perf_counter() - started)
+    # the forward pass and decoding alone, measured as the suite's cases measure them
+    run = Run(data=args.data, splits=None, weights=resolve_weights(args.weights, args.image_size), epochs=0,
+              image_size=args.image_size, finetune_epochs=0, seed=0, engine=args.engine, quick=False,
+              work_dir=Path(tempfile.gettempdir()))
+    forward = _forward_case(run, used[0])["images_per_second"]
+    decode = decode_only(run)["images_per_second"]
     bound = 1 / (1 / forward + 1 / decode)
-    print(f"forward alone {forward:.1f} images/s (median of 3 rounds of 1,000), decoding alone {decode:.1f}: "
+    print(f"forward alone {forward:.1f} images/s (as forward-limit measures it), decoding alone {decode:.1f}: "
           f"bound {bound:.1f}; the last build {n / split_seconds / bound:.3f} of it")
     return 0
 
@@ -249,7 +237,13 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=_ints, default=sorted({1, os.cpu_count() or 1}))
     args = parser.parse_args(argv)
     if args.timing:
-        return timing(args)
+        from bottlecache.errors import BottlecacheError
+
+        try:
+            return timing(args)
+        except BottlecacheError as error:  # bad --data / --weights: one line, as the CLI says it
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     return engine_grid(args) if args.engine_grid else profile(args)
 
 

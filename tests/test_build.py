@@ -362,23 +362,23 @@ def test_bad_weights_file_leaves_nothing_behind(kind, expected, tmp_path, cats_d
 
 
 def test_a_blocks_windows_are_committed_as_one():
-    """``_joined``: the rows, strings and records of consecutive windows in order, the last
+    """``Rows.joined``: the rows, strings and records of consecutive windows in order, the last
     window's ``n_done``, and stored rows at their positions in the joined commit."""
-    from bottlecache.build import _joined
+    from bottlecache.build import Rows
 
     def window(first, n, n_done, stored=None, computed=None):
         computed = n if computed is None else computed
         features = np.full((computed, 2, 2, 3), first, np.float32)
-        return ("train", features, np.full((n, 3), first, np.float32), np.arange(first, first + n),
-                [f"k{first + i}" for i in range(n)], [(f"bad{first}", "not an image")], n_done, None,
-                np.full((n, 32), first, np.uint8), np.full((n, 2), first, np.int64), stored)
+        return Rows("train", features, np.full((n, 3), first, np.float32), np.arange(first, first + n),
+                    [f"k{first + i}" for i in range(n)], [(f"bad{first}", "not an image")], n_done, None,
+                    np.full((n, 32), first, np.uint8), np.full((n, 2), first, np.int64), stored)
 
     a, b = window(0, 3, 4), window(10, 2, 8, stored={1: b"row 11"}, computed=1)
-    name, features, pooled, labels, keys, skipped, n_done, views, contents, stats, stored = _joined([a, b])
+    name, features, pooled, labels, keys, skipped, n_done, views, contents, stats, stored = Rows.joined([a, b])
     assert (name, n_done, views) == ("train", 8, None)
     assert features[:, 0, 0, 0].tolist() == [0, 0, 0, 10]  # the stored row is not among them
     assert pooled[:, 0].tolist() == [0, 0, 0, 10, 10] and labels.tolist() == [0, 1, 2, 10, 11]
     assert keys == ["k0", "k1", "k2", "k10", "k11"] and [s[0] for s in skipped] == ["bad0", "bad10"]
     assert contents[:, 0].tolist() == stats[:, 0].tolist() == [0, 0, 0, 10, 10]
     assert stored == {4: b"row 11"}  # row 1 of the second window: row 4 of the commit
-    assert _joined([a]) is a
+    assert Rows.joined([a]) is a

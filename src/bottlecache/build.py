@@ -14,6 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -356,7 +357,7 @@ def run_split(committer, engine, resolved: ResolvedCache, name: str, start: int,
 
     def release():
         if held:
-            committer.submit(*_joined(held))
+            committer.submit(*Rows.joined(held))
             held.clear()
 
     windows = _windows(source, name, image_size, start, stop, window_rows(size), fast, only, resolved.settings.model,
@@ -401,13 +402,49 @@ def _run_window(window, committer, engine, resolved, name, size, offset, on_wind
         indices, keys, labels, features, pooled, contents, stats, stored, n_copied = plan.fill(
             name, lo, hi, indices, features, pooled)
     skipped = _skipped(source, name, lo, hi, indices)
-    held.append((
-        name, features, pooled, labels, keys, skipped, hi - offset,
-        augmented, contents, stats, stored,
-    ))
+    held.append(Rows(name, features, pooled, labels, keys, skipped, hi - offset, augmented, contents, stats, stored))
     if not len(images):  # nothing decodes for it: commit it now
         release()
     return hi - lo, n_copied
+
+
+class Rows(NamedTuple):
+    """A computed window's rows: ``PartialCache.append``'s arguments, in its order."""
+
+    split: str
+    features: np.ndarray | None  # float32 as computed; the commit casts them to the cache's dtype
+    pooled: np.ndarray | None
+    labels: np.ndarray
+    keys: list
+    skipped: list
+    n_done: int
+    views: tuple | None = None
+    contents: np.ndarray | None = None
+    stats: np.ndarray | None = None
+    stored: dict | None = None
+
+    @staticmethod
+    def joined(windows: list["Rows"]) -> "Rows":
+        """Consecutive windows of one split as one commit: a decoded block's windows are committed
+        together, one commit's fixed cost (two fsyncs, the attribute writes) for all of them.
+        Their rows and the last one's ``n_done`` are what committing them one by one would leave."""
+        if len(windows) == 1:
+            return windows[0]
+        offsets = np.cumsum([0, *(len(w.labels) for w in windows)])
+
+        def arrays(field: str):
+            given = [getattr(w, field) for w in windows if getattr(w, field) is not None]
+            parts = [part for part in given if len(part)]
+            return np.concatenate(parts) if parts else next(iter(given), None)
+
+        with_views = [w.views for w in windows if w.views is not None]
+        stored = {offset + row: data for w, offset in zip(windows, offsets) for row, data in (w.stored or {}).items()}
+        return Rows(
+            windows[0].split, arrays("features"), arrays("pooled"), np.concatenate([w.labels for w in windows]),
+            [k for w in windows for k in w.keys], [s for w in windows for s in w.skipped], windows[-1].n_done,
+            tuple(np.concatenate(parts) for parts in zip(*with_views)) if with_views else None,
+            arrays("contents"), arrays("stats"), stored or None,
+        )
 
 
 class Committer:
@@ -535,30 +572,6 @@ def _join(group):
     images = [w[5] for w in group if len(w[5])]
     return (group[0][0], group[-1][1], [i for w in group for i in w[2]], [k for w in group for k in w[3]],
             np.concatenate([w[4] for w in group]), np.concatenate(images) if images else group[0][5])
-
-
-def _joined(windows: list[tuple]) -> tuple:
-    """Consecutive computed windows of one split as one commit (``PartialCache.append``'s
-    arguments): a decoded block's windows are committed together, one commit's fixed cost (two
-    fsyncs, the attribute writes) for all of them. Their rows and the last one's ``n_done`` are
-    what committing them one by one would leave."""
-    if len(windows) == 1:
-        return windows[0]
-    name, n_done = windows[0][0], windows[-1][6]
-    labels = [w[3] for w in windows]
-    offsets = np.cumsum([0, *(len(y) for y in labels)])
-
-    def joined(field: int):
-        parts = [w[field] for w in windows if w[field] is not None and len(w[field])]
-        return np.concatenate(parts) if parts else next((w[field] for w in windows if w[field] is not None), None)
-
-    augmented = None
-    if any(w[7] is not None for w in windows):
-        with_views = [w[7] for w in windows if w[7] is not None]
-        augmented = tuple(np.concatenate(parts) for parts in zip(*with_views))
-    stored = {offset + row: data for w, offset in zip(windows, offsets) for row, data in (w[10] or {}).items()}
-    return (name, joined(1), joined(2), np.concatenate(labels), [k for w in windows for k in w[4]],
-            [s for w in windows for s in w[5]], n_done, augmented, joined(8), joined(9), stored or None)
 
 
 def _skipped(source, split, lo, hi, indices) -> list[tuple[str, str]]:
