@@ -36,6 +36,7 @@ by its content): the same objects, loaded once, so that a hundred cases take sec
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import json
@@ -50,6 +51,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import invoke, write_images
+
+# Over 1,500 quick cases behind one world: a long unit of work, started early under pytest-xdist
+# (tests/conftest.py, pytest_collection_modifyitems)
+pytestmark = pytest.mark.xdist_group("bad-input")
 
 SIZE = 96
 # A slice of cats_and_dogs_filtered copied into the world (real photos; listing it is quick)
@@ -726,8 +731,10 @@ def _kind(param) -> str:
     return "other"
 
 
+@functools.cache
 def cli_params():
-    """(command path, click parameter) for every parameter of every command."""
+    """(command path, click parameter) for every parameter of every command (walked once per run:
+    the app does not change, and building its click command takes tens of milliseconds)."""
     import typer.main
 
     from bottlecache.cli import app
