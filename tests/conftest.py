@@ -13,13 +13,34 @@ a larger value lets more work happen between two looks, as on a machine that man
 
 from __future__ import annotations
 
-import itertools
 import os
-import time
-from pathlib import Path
 
-import numpy as np
-import pytest
+
+def _pin_xdist_worker() -> None:
+    """Under pytest-xdist, each worker runs on its own share of the cores (on 2 cores with 2
+    workers: one each). TensorFlow, tf.data and the LiteRT engine size their thread pools from the
+    process's CPU affinity (``config.usable_cores``), so two workers no longer run four busy
+    threads on two cores: one engine thread per worker. Done before numpy starts its threads."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not worker or not count or not hasattr(os, "sched_setaffinity"):
+        return
+    cores, index, count = sorted(os.sched_getaffinity(0)), int(worker.removeprefix("gw")), int(count)
+    if count <= len(cores):
+        os.sched_setaffinity(0, cores[index::count])
+
+
+_pin_xdist_worker()
+
+import contextlib  # noqa: E402 (after the pinning)
+import fcntl  # noqa: E402 (after the pinning)
+import itertools  # noqa: E402 (after the pinning)
+import json  # noqa: E402 (after the pinning)
+import shutil  # noqa: E402 (after the pinning)
+import time  # noqa: E402 (after the pinning)
+from pathlib import Path  # noqa: E402 (after the pinning)
+
+import numpy as np  # noqa: E402 (after the pinning)
+import pytest  # noqa: E402 (after the pinning)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("BOTTLECACHE_SHARED", REPO.parent / "shared"))
@@ -51,6 +72,98 @@ def weights_path() -> Path:
 @pytest.fixture(scope="session")
 def cats_dogs() -> Path:
     return _need(CATS_DOGS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scheduling under pytest-xdist (``--dist loadgroup``, pyproject.toml)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups into the test ids
+def pytest_collection_modifyitems(config, items):
+    """A test file is one unit of work, so its module fixtures are made once, on one worker,
+    unless its tests name a group of their own (``xdist_group``: the backbones' whole paths, the
+    longest tests here, spread over the workers). Those units go first, then files by their count
+    of slow tests: the longest work starts early and the short tests fill in behind it."""
+    def group(item):
+        return next(item.iter_markers("xdist_group")).args[0]
+
+    own = set()
+    for item in items:
+        if any(item.iter_markers("xdist_group")):
+            own.add(group(item))
+        else:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+    n_slow = {}
+    for item in items:
+        n_slow[group(item)] = n_slow.get(group(item), 0) + (item.get_closest_marker("slow") is not None)
+    items[:] = sorted(items, key=lambda item: (group(item) not in own, -n_slow[group(item)]))  # stable
+
+
+# ---------------------------------------------------------------------------------------------
+# One shared world: what several test files need is made once per run, keyed by its configuration.
+# Under pytest-xdist every worker has its own session; the first worker to ask makes the thing in
+# a folder all workers share (the run's base folder), under a lock, and the others wait and reuse it.
+
+
+def run_folder(tmp_path_factory) -> Path:
+    """The folder this whole test run shares: under xdist, the parent of every worker's base folder."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@contextlib.contextmanager
+def made_once(tmp_path_factory, name: str):
+    """``(folder, done)``: ``folder`` is this run's shared folder for ``name``, held under a lock
+    for the block; ``done`` is True when a worker already made it (it wrote ``folder/.done``)."""
+    root = run_folder(tmp_path_factory) / "shared-world"
+    root.mkdir(exist_ok=True)
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        folder = root / name
+        done = (folder / ".done").exists()
+        if not done and folder.exists():  # a worker failed half-way: start clean
+            shutil.rmtree(folder)
+        folder.mkdir(exist_ok=True)
+        yield folder, done
+        (folder / ".done").touch()
+
+
+def shared_json(tmp_path_factory, name: str, make):
+    """``make(folder)`` once per run (any worker), its JSON-able result for every caller."""
+    with made_once(tmp_path_factory, name) as (folder, done):
+        if not done:
+            (folder / "result.json").write_text(json.dumps(make(folder)))
+        return json.loads((folder / "result.json").read_text())
+
+
+def copy_engines(source: Path, cache_dir: Path) -> Path:
+    """Copy the converted flatbuffers of cache folder ``source`` into ``cache_dir/engines``, as a
+    user's second build finds them (a conversion costs 10-20 s; the tests of conversion convert)."""
+    target = Path(cache_dir) / "engines"
+    target.mkdir(parents=True, exist_ok=True)
+    for path in (Path(source) / "engines").iterdir():
+        shutil.copy2(path, target / path.name)
+    return Path(cache_dir)
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory, weights_path):
+    """``converted(image_size)``: a cache folder holding MobileNetV2's LiteRT flatbuffer (the real
+    weights) for that size, converted once per run; copy it with ``copy_engines``."""
+
+    def get(image_size: int) -> Path:
+        def make(folder):
+            from bottlecache.backbone import load_backbone, resolve_weights
+            from bottlecache.engines import convert_to_flatbuffer, flatbuffer_path
+
+            weights = resolve_weights(weights_path, image_size)
+            path = convert_to_flatbuffer(load_backbone(weights, image_size),
+                                         flatbuffer_path(folder, weights.sha256, image_size))
+            return str(path)
+
+        return Path(shared_json(tmp_path_factory, f"mobilenet_v2-{image_size}-litert", make)).parent.parent
+
+    return get
 
 
 @pytest.fixture(autouse=True)
@@ -92,6 +205,28 @@ def float32_train_cache(tmp_path_factory, weights_path, cats_dogs):
     return build_cache(
         cats_dogs, ["train=train[:48]"], weights=weights_path, cache_dir=cache_dir, dtype="float32", engine="keras"
     )
+
+
+def _command_built_once():
+    """typer's CliRunner turns the Typer app into a click command on every ``invoke``, reading each
+    command's signature and evaluating its annotations: about 45 ms a call here, most of the
+    contract suite's time (tests/test_bad_input.py runs over 1,500 commands). The app does not
+    change within a run, so the command is built once per app; each invoke still parses, runs and
+    captures as before."""
+    import typer.main
+    import typer.testing
+
+    build, built = typer.main.get_command, {}
+
+    def get_command(app):
+        if id(app) not in built:
+            built[id(app)] = (app, build(app))  # the app is kept, so its id is not reused
+        return built[id(app)][1]
+
+    typer.testing._get_command = get_command
+
+
+_command_built_once()
 
 
 def invoke(args, **kwargs):
@@ -189,3 +324,14 @@ class CommitClock:
         intervals = self.intervals()
         assert intervals, "too few commits to measure a rate"
         return 1.0 / max(float(np.quantile(intervals, 0.25)), 1e-6)
+
+
+@pytest.fixture(scope="session")
+def launcher(tmp_path_factory):
+    """The session's warm interpreter: ``launcher.start(argv, stdout=, stderr=)`` runs ``bottlecache
+    ARGV`` in a child forked from a process with TensorFlow imported (tests/launcher.py)."""
+    from launcher import WarmLauncher
+
+    server = WarmLauncher(tmp_path_factory.mktemp("launcher"))
+    yield server
+    server.close()

@@ -7,8 +7,6 @@ import json
 import math
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -36,6 +34,7 @@ def _read_all(path) -> dict:
 # Content
 
 
+@pytest.mark.slow
 def test_features_equal_the_keras_model(small_cache, weights_path, cats_dogs):
     """The stored features are the Keras base's output on the shared preprocessing (float16)."""
     from bottlecache.backbone import load_backbone, resolve_weights
@@ -120,7 +119,9 @@ def _partial_rows(path: Path, errors: list):
         return None
 
 
-def test_resume_after_kill_equals_clean_build(tmp_path, weights_path, cats_dogs):
+@pytest.mark.slow
+@pytest.mark.faults
+def test_resume_after_kill_equals_clean_build(tmp_path, weights_path, cats_dogs, launcher):
     """A build killed as soon as a look sees its first commit resumes from what it committed and
     equals the clean build.
 
@@ -147,14 +148,13 @@ def test_resume_after_kill_equals_clean_build(tmp_path, weights_path, cats_dogs)
 
     killed_dir = tmp_path / "killed"
     command = [
-        sys.executable, "-m", "bottlecache", "cache", "build", "--data", cats_dogs, "--weights", weights_path,
+        "cache", "build", "--data", cats_dogs, "--weights", weights_path,
         "--cache-dir", killed_dir, "--batch-size", "8", "--engine", "keras",
     ]
     for spec in splits:
         command += ["--split", spec]
     log = tmp_path / "build.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen([str(c) for c in command], stdout=out, stderr=subprocess.STDOUT)
+    process = launcher.start(command, stdout=log)  # a child of the warm launcher (TensorFlow imported)
 
     def no_final_name():  # the final name never exists while the partial is incomplete
         assert not list(killed_dir.glob("*.h5")), "a final cache file exists beside an incomplete partial"

@@ -259,6 +259,7 @@ def test_train_head_errors(small_cache, float32_train_cache, tmp_path):
 # Quiet by default, a cache folder that explains itself
 
 
+@pytest.mark.slow
 def test_tensorflow_start_up_lines_are_quiet_unless_verbose(tmp_path):
     """A command that imports TensorFlow prints only its own line; --verbose lets TensorFlow's
     start-up lines through (whatever this machine's TensorFlow prints at import)."""

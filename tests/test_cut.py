@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import copy_engines
 
-from conftest import SMALL_SPLITS
 
 CUT_SPLITS = ["train=train[:16]", "validation=validation[:8]"]
 
@@ -89,6 +89,7 @@ def _images(cats_dogs, splits, n):
     return np.stack([r[3] for r in rows]), np.asarray([r[2] for r in rows])
 
 
+@pytest.mark.slow
 def test_one_step_from_the_float32_cut_equals_one_end_to_end_step(float32_cut, cats_dogs, weights_path):
     import keras
 
@@ -134,12 +135,13 @@ def test_one_step_from_the_float32_cut_equals_one_end_to_end_step(float32_cut, c
                                np.asarray(end_to_end(images, training=False)), atol=1e-4)
 
 
-def test_finetune_from_cache_builds_the_cut_and_saves_the_usual_model(cats_dogs, weights_path, tmp_path):
+@pytest.mark.slow
+def test_finetune_from_cache_builds_the_cut_and_saves_the_usual_model(cats_dogs, weights_path, converted, tmp_path):
     from bottlecache.finetune import finetune
     from bottlecache.predict import load_model
     from bottlecache.store import Cache, list_caches
 
-    cache_dir = tmp_path / "cache"
+    cache_dir = copy_engines(converted(160), tmp_path / "cache")  # the head's cache: the run's conversion
     result = finetune(cats_dogs, CUT_SPLITS, weights=weights_path, cache_dir=cache_dir, head_epochs=1, epochs=2,
                       from_cache=True, dtype="float32", out=tmp_path / "ft", batch_size=8)
     cuts = []

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import SMALL_SPLITS
+from conftest import SMALL_SPLITS, copy_engines
 
 pytest.importorskip("ai_edge_litert", reason="ai-edge-litert is a dependency; install the project")
 
@@ -24,22 +24,13 @@ def base_and_images(weights_path, cats_dogs):
 
 
 @pytest.fixture(scope="module")
-def engines_dir(base_and_images, tmp_path_factory):
-    """A cache dir holding the converted flatbuffer (conversion takes ~20 s: done once here)."""
-    from bottlecache.engines import convert_to_flatbuffer, flatbuffer_path
-
-    model, weights, _ = base_and_images
-    folder = tmp_path_factory.mktemp("engines-cache")
-    convert_to_flatbuffer(model, flatbuffer_path(folder, weights.sha256, 160))
-    return folder
+def engines_dir(converted, tmp_path_factory):
+    """A cache dir holding the converted flatbuffer (a conversion takes 10-20 s: the run's one,
+    copied; tests/test_engines.py::test_flatbuffer_is_reused_and_a_corrupted_one_rebuilt converts)."""
+    return copy_engines(converted(160), tmp_path_factory.mktemp("engines-cache"))
 
 
-def _copy_engines(source_dir, cache_dir):
-    import shutil
-
-    shutil.copytree(source_dir / "engines", cache_dir / "engines")
-
-
+@pytest.mark.slow
 def test_litert_matches_keras_on_real_images(base_and_images, engines_dir):
     from bottlecache.engines import KerasEngine
     from bottlecache.engines import MAX_ABS_DIFF, make_engine
@@ -55,11 +46,12 @@ def test_litert_matches_keras_on_real_images(base_and_images, engines_dir):
     np.testing.assert_allclose(engine(images[:3]), out[:3], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_flatbuffer_is_reused_and_a_corrupted_one_rebuilt(base_and_images, engines_dir, tmp_path):
     from bottlecache.engines import LiteRTEngine, convert_to_flatbuffer, flatbuffer_path
 
     model, weights, images = base_and_images
-    _copy_engines(engines_dir, tmp_path)
+    copy_engines(engines_dir, tmp_path)
     path = flatbuffer_path(tmp_path, weights.sha256, 160)
     first = path.stat()
     assert convert_to_flatbuffer(model, path) == path
@@ -78,11 +70,12 @@ def test_flatbuffer_is_reused_and_a_corrupted_one_rebuilt(base_and_images, engin
     assert LiteRTEngine(path)(images[:2]).shape == (2, 5, 5, 1280)
 
 
+@pytest.mark.slow
 def test_auto_build_records_the_engine_and_its_difference(weights_path, cats_dogs, tmp_path, small_cache, engines_dir):
     from bottlecache import build_cache
     from bottlecache.store import Cache
 
-    _copy_engines(engines_dir, tmp_path)
+    copy_engines(engines_dir, tmp_path)
     report = build_cache(cats_dogs, SMALL_SPLITS, weights=weights_path, cache_dir=tmp_path, engine="auto")
     assert report.engine == "litert"
     flatbuffers = list((tmp_path / "engines").glob("*.tflite"))
@@ -119,6 +112,7 @@ def test_fast_decode_is_part_of_the_fingerprint_and_close_to_full_decode(weights
         assert not np.array_equal(pa, pb)
 
 
+@pytest.mark.slow
 def test_a_checked_flatbuffer_starts_the_next_build_without_keras(weights_path, cats_dogs, tmp_path, engines_dir,
                                                                    monkeypatch):
     """The first build checks the flatbuffer against Keras and records it; the next build reuses
@@ -129,7 +123,7 @@ def test_a_checked_flatbuffer_starts_the_next_build_without_keras(weights_path, 
     from bottlecache.engines import flatbuffer_path
     from bottlecache.store import Cache
 
-    _copy_engines(engines_dir, tmp_path)
+    copy_engines(engines_dir, tmp_path)
     path = flatbuffer_path(tmp_path, resolve_weights(weights_path, 160).sha256, 160)
     unchecked = json.loads(path.with_suffix(".json").read_text())
     unchecked.pop("check", None)  # as converted, before any build checked it (other tests here check it)

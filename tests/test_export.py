@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,10 +34,17 @@ def head(small_cache, tmp_path_factory):
     return train_head(small_cache.path, "sklearn", out=out).path
 
 
+# Made through the command line (`bottlecache export ... --json`) rather than the library; its
+# output is checked by test_export_command_prints_both_accuracies_size_and_speed (one conversion
+# fewer than exporting it twice).
+CLI_EXPORT = ("litert", "dynamic")
+
+
 @pytest.fixture(scope="module")
 def exports(head, cats_dogs, tmp_path_factory):
-    """Export folders, made on first use (format, quantize) → ExportResult."""
-    from bottlecache.export import export_model
+    """Export folders, made on first use (format, quantize) → ExportResult; ``get.cli`` holds the
+    command line's JSON output for ``CLI_EXPORT``."""
+    from bottlecache.export import ExportResult, export_model, read_export
 
     made = {}
 
@@ -44,13 +52,24 @@ def exports(head, cats_dogs, tmp_path_factory):
         if (fmt, quantize) not in made:
             out = tmp_path_factory.mktemp("exports") / f"{fmt}-{quantize}"
             # tolerance 100: measured here, judged by the test (one image of 48 is 2.1 points)
-            made[fmt, quantize] = export_model(head, fmt, quantize, out=out, data=cats_dogs, calibration=16,
-                                               tolerance=100.0)
+            if (fmt, quantize) == CLI_EXPORT:
+                result = invoke(["export", head, "--format", fmt, "--quantize", quantize, "--out", out,
+                                 "--data", cats_dogs, "--calibration", 16, "--tolerance", 100, "--json"])
+                assert result.exit_code == 0, result.output
+                get.cli = summary = json.loads(result.stdout)
+                fields = {name: summary[name] for name in ExportResult.__dataclass_fields__ if name in summary}
+                fields.update(path=Path(summary["path"]), artifact=Path(summary["artifact"]),
+                              evaluation=read_export(out)[1].evaluation)  # from the record the command wrote
+                made[fmt, quantize] = ExportResult(**fields)
+            else:
+                made[fmt, quantize] = export_model(head, fmt, quantize, out=out, data=cats_dogs, calibration=16,
+                                                   tolerance=100.0)
         return made[fmt, quantize]
 
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt,quantize", FORMATS, ids=[f"{f}-{q}" for f, q in FORMATS])
 def test_export_is_evaluated_and_ships_its_labels(fmt, quantize, exports, head, cats_dogs):
     from bottlecache.export import ARTIFACTS, read_export
@@ -85,6 +104,7 @@ def test_export_is_evaluated_and_ships_its_labels(fmt, quantize, exports, head, 
         assert g["probability"] == pytest.approx(w["probability"], abs=0.05)
 
 
+@pytest.mark.slow
 def test_litert_int8_takes_uint8_and_is_quantized(exports):
     from ai_edge_litert.interpreter import Interpreter
 
@@ -97,12 +117,10 @@ def test_litert_int8_takes_uint8_and_is_quantized(exports):
     assert len(int8_weights) > 50  # the convolutions run in int8, not float with int8 storage only
 
 
-def test_export_command_prints_both_accuracies_size_and_speed(head, cats_dogs, tmp_path):
-    out = tmp_path / "exported"
-    result = invoke(["export", head, "--format", "litert", "--quantize", "dynamic", "--out", out,
-                     "--data", cats_dogs, "--json"])
-    assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout)
+@pytest.mark.slow
+def test_export_command_prints_both_accuracies_size_and_speed(exports, head, cats_dogs, tmp_path):
+    out = exports(*CLI_EXPORT).path  # exported by `bottlecache export --format litert --quantize dynamic --json`
+    summary = exports.cli
     assert {"accuracy", "source_accuracy", "size_bytes", "ms_per_image", "source_ms_per_image"} <= set(summary)
     assert summary["artifact"] == str(out / "model.tflite") and (out / "labels.txt").is_file()
     table = invoke(["export", head, "--format", "keras", "--out", tmp_path / "k", "--data", cats_dogs])
@@ -122,6 +140,7 @@ def _flattened_head(head, folder):
     return folder
 
 
+@pytest.mark.slow
 def test_tolerance_exceeded_is_one_line_and_writes_nothing(head, cats_dogs, tmp_path):
     flat = _flattened_head(head, tmp_path / "flat-head")
     out = tmp_path / "int8"
@@ -144,6 +163,7 @@ def test_export_refuses_other_data_before_loading(head, tmp_path):
     assert "not the data the head's cache was built from" in error_line(result)
 
 
+@pytest.mark.slow
 def test_predict_on_artifacts_recursive_batched_csv(exports, head, cats_dogs, tmp_path):
     photos = sorted((cats_dogs / "validation" / "cats").glob("*.jpg"))[:3] + \
         sorted((cats_dogs / "validation" / "dogs").glob("*.jpg"))[:2]

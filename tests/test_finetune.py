@@ -6,8 +6,6 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import POLL_SECONDS, SMALL_SPLITS, wait_until
+from conftest import POLL_SECONDS, wait_until
 
 FT_SPLITS = ["train=train[:32]", "validation=validation[:16]"]
 
@@ -82,6 +80,7 @@ def test_head_on_the_base_predicts_like_the_head_on_cached_features(small_cache,
     np.testing.assert_allclose(from_images, from_cache, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_finetune_keeps_frozen_batchnorm_statistics_and_trains_the_top(finetuned, weights_path):
     import keras
 
@@ -110,6 +109,7 @@ def test_finetune_keeps_frozen_batchnorm_statistics_and_trains_the_top(finetuned
         assert changed_top == 0, "best epoch 0 (the warm start) but the saved base is not the warm start's"
 
 
+@pytest.mark.slow
 def test_finetune_artifacts_and_metrics(finetuned):
     files = {p.name for p in finetuned.path.iterdir()}
     assert {"model.keras", "model.json", "metrics.json", "history.json"} <= files
@@ -123,6 +123,7 @@ def test_finetune_artifacts_and_metrics(finetuned):
     assert validation["log_loss"] <= metrics["head_metrics"]["validation"]["log_loss"] + 1e-3
 
 
+@pytest.mark.slow
 def test_predict_on_model_and_head_folders(finetuned, keras_head, cats_dogs, weights_path, tmp_path):
     from bottlecache.cli import app
 
@@ -190,8 +191,10 @@ def test_head_with_other_weights_or_kind_is_refused(small_cache, keras_head, cat
                  out=tmp_path / "c")
 
 
+@pytest.mark.slow
+@pytest.mark.faults
 def test_finetune_killed_mid_run_resumes_from_last_finished_epoch(finetuned, keras_head, cats_dogs, weights_path,
-                                                                    tmp_path):
+                                                                    launcher, tmp_path):
     """Killed as soon as a look sees its first finished epoch, a run resumes from its last finished
     epoch. The kill point is observed progress, never a time; the run gets enough epochs after the
     first that the kill lands before the last, at the epoch time the ``finetuned`` run measured
@@ -203,11 +206,11 @@ def test_finetune_killed_mid_run_resumes_from_last_finished_epoch(finetuned, ker
     epochs = 1 + max(1, math.ceil(20 * look / finetuned.seconds_per_epoch))
     figures = f"{epochs} epochs of {finetuned.seconds_per_epoch:.2f} s measured, a look every {look:.3f} s"
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "bottlecache", "finetune", "run", "--data", str(cats_dogs),
+    command = ["finetune", "run", "--data", str(cats_dogs),
                "--weights", str(weights_path), "--head", str(keras_head), "--epochs", str(epochs), "--out", str(out),
                "--cache-dir", str(tmp_path / "c"), "--json"]
     command += [a for s in FT_SPLITS for a in ("--split", s)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = launcher.start(command, stdout=tmp_path / "run.log")  # forked: TensorFlow imported already
     state_path = out / ".checkpoint" / "state.json"
 
     def an_epoch_finished():
@@ -229,16 +232,18 @@ def test_finetune_killed_mid_run_resumes_from_last_finished_epoch(finetuned, ker
     assert 1 <= len(first["loss"]) < epochs, f"the kill landed after the last epoch ({figures})"
     assert not (out / "model.keras").exists()
 
-    again = subprocess.run(command, capture_output=True, text=True)
-    assert again.returncode == 2 and "--resume" in again.stderr  # no silent restart over a checkpoint
-    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    again = launcher.start(command, stdout=tmp_path / "again.out", stderr=tmp_path / "again.err")
+    assert again.wait(timeout=300) == 2 and "--resume" in (tmp_path / "again.err").read_text()  # no silent restart
+    resumed = launcher.start(command + ["--resume"], stdout=tmp_path / "resumed.out", stderr=tmp_path / "resumed.err")
+    assert resumed.wait(timeout=600) == 0, (tmp_path / "resumed.err").read_text()[-2000:]
     history = json.loads((out / "history.json").read_text())
     assert len(history["loss"]) == epochs
     assert history["loss"][: len(first["loss"])] == first["loss"]  # finished epochs were kept, not rerun
     assert (out / "model.keras").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.faults
 def test_resume_with_other_settings_is_refused_and_epochs_may_grow(keras_head, cats_dogs, weights_path, tmp_path):
     """An interrupted run is resumed only with its own settings: a changed --learning-rate or
     --augment is refused in one line naming each; more --epochs is honoured."""

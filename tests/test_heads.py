@@ -241,6 +241,7 @@ def test_streamed_training_equals_in_memory(small_cache):
 # The key one: a head on the cache == the same head trained through the frozen base
 
 
+@pytest.mark.slow
 def test_keras_head_on_cache_equals_end_to_end_training(float32_train_cache, weights_path, cats_dogs):
     """Same seed, no dropout, no shuffling, the same batches: the same weights after 2 epochs.
 

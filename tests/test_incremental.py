@@ -4,7 +4,7 @@ compatible cache and computes only new or changed files; the result equals a cle
 Real photos (a few dozen of cats_and_dogs_filtered, copied into tmp_path) at 96 px, built with
 the LiteRT engine, whose rows do not depend on which other images share their batch (measured in
 docs/cache-format.md, "Incremental builds"): an incremental build must then equal a clean build
-array for array. The flatbuffer is converted once per module and copied into each cache folder.
+array for array. The flatbuffer is converted once per run (conftest.converted) and copied into each cache folder.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import pytest
 from conftest import flip_byte_in_chunk, invoke, write_images
 
 pytest.importorskip("ai_edge_litert", reason="ai-edge-litert is a dependency; install the project")
+
+pytestmark = pytest.mark.slow  # every test builds with the run's converted flatbuffer
 
 SIZE = 96
 LAYOUT = {"train/cats": 8, "train/dogs": 8, "validation/cats": 4, "validation/dogs": 4}
@@ -61,13 +63,10 @@ def photo_pool(tmp_path_factory, cats_dogs) -> Path:
 
 
 @pytest.fixture(scope="module")
-def flatbuffer(tmp_path_factory, weights_path) -> Path:
-    from bottlecache.backbone import load_backbone, resolve_weights
-    from bottlecache.engines import convert_to_flatbuffer, flatbuffer_path
-
-    weights = resolve_weights(weights_path, SIZE)
-    folder = tmp_path_factory.mktemp("converted")
-    return convert_to_flatbuffer(load_backbone(weights, SIZE), flatbuffer_path(folder, weights.sha256, SIZE))
+def flatbuffer(converted) -> Path:
+    """The run's converted flatbuffer at SIZE (conftest.converted), copied into each cache folder."""
+    (path,) = (converted(SIZE) / "engines").glob("*.tflite")
+    return path
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -27,6 +26,8 @@ from bottlecache import build_cache
 from bottlecache.config import CacheSettings
 from bottlecache.errors import BottlecacheError
 from bottlecache.store import open_cache, verify_cache
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 SIZE = 96
 SPLITS = ["train=train[:64]", "validation=validation[:32]"]
@@ -147,6 +148,7 @@ def test_consolidate_writes_a_standalone_file(ray_build, local_build, tmp_path):
     assert verify_cache(path).ok
 
 
+@pytest.mark.faults
 def test_an_injected_failure_is_retried_then_stops_naming_the_shard_and_a_rerun_finishes(
         ray_session, local_build, weights_path, cats_dogs, tmp_path):
     retried = _ray_build(cats_dogs, weights_path, tmp_path / "retried", inject_failures={1: 1})
@@ -180,6 +182,7 @@ def _partial_progress(folder: Path):
     return None
 
 
+@pytest.mark.faults
 def test_a_worker_killed_mid_shard_is_restarted_and_the_build_is_equal(
         ray_session, local_build, weights_path, cats_dogs, tmp_path):
     cache_dir = tmp_path / "killed-worker"
@@ -206,15 +209,17 @@ def test_a_worker_killed_mid_shard_is_restarted_and_the_build_is_equal(
     assert_same_cache(report.path, local_build.path)
 
 
-def test_a_killed_driver_reruns_and_skips_finished_shards(ray_session, local_build, weights_path, cats_dogs, tmp_path):
+@pytest.mark.faults
+def test_a_killed_driver_reruns_and_skips_finished_shards(ray_session, local_build, weights_path, cats_dogs, launcher,
+                                                          tmp_path):
     cache_dir = tmp_path / "killed-driver"
     folder = cache_dir / f"{local_build.path.stem}.shards"
-    argv = [sys.executable, "-m", "bottlecache", "cache", "build", "--data", cats_dogs, *sum((["--split", s] for s in SPLITS), []),
+    argv = ["cache", "build", "--data", cats_dogs, *sum((["--split", s] for s in SPLITS), []),
             "--image-size", SIZE, "--weights", weights_path, "--cache-dir", cache_dir, "--engine", "keras",
             "--executor", "ray", "--shard-size", SHARD]
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    driver = subprocess.Popen([str(a) for a in argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              start_new_session=True)
+    env = {"PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}  # for Ray's workers
+    # a child of the warm launcher, in a process group of its own with the local Ray it starts
+    driver = launcher.start(argv, stdout=tmp_path / "driver.log", env=env)
     try:
         finished = wait_until(lambda: folder.is_dir() and sorted(p.name for p in folder.glob("shard-*.h5")),
                               what="a finished shard", processes=[driver], timeout=900)

@@ -31,7 +31,6 @@ import ast
 import json
 import math
 import os
-import resource
 import shutil
 import signal
 import struct
@@ -51,8 +50,8 @@ from bottlecache.data import open_source
 from bottlecache.errors import BottlecacheError
 from bottlecache.store import COMMIT_ROWS, Cache
 
-from conftest import (POLL_SECONDS, REPO, CommitClock, error_line, flip_byte_in_chunk, invoke, wait_until,
-                      write_images)
+from conftest import (POLL_SECONDS, REPO, CommitClock, copy_engines, error_line, flip_byte_in_chunk, invoke,
+                      wait_until, write_images)
 
 SEED = 20240607
 IMAGE_SIZE = 96  # the smallest input: the faults do not depend on it, and every forward pass is cheaper
@@ -226,8 +225,10 @@ class KillPlan:
                 "poll_seconds": POLL_SECONDS}
 
 
+@pytest.mark.slow
+@pytest.mark.faults
 def test_build_killed_at_random_points_resumes_to_the_clean_build(reference_build, weights_path, cats_dogs,
-                                                                   tmp_path):
+                                                                   launcher, tmp_path):
     """SIGKILL the build at 20 seeded random points of its observed progress (each resume is
     killed again), then let it finish: the result equals the clean build array for array, and no
     file under the final name is ever incomplete.
@@ -238,9 +239,8 @@ def test_build_killed_at_random_points_resumes_to_the_clean_build(reference_buil
     clean build) and the time one look takes; as the kills go, each next one waits for fewer
     commits if the kills so far overshot more than planned.
 
-    To keep this within CI's budget, each next run is started while the current one works: it
-    imports TensorFlow (the slow part of a start) and waits on its stdin, which is closed when the
-    current run has been killed."""
+    Each run is a child forked by the session's warm launcher (tests/launcher.py): TensorFlow is
+    imported once, not 21 times, and a run starts when the one before it has been killed."""
     started = time.monotonic()
     rng = np.random.default_rng(SEED)
     available = {name: split.n_examples
@@ -269,22 +269,12 @@ def test_build_killed_at_random_points_resumes_to_the_clean_build(reference_buil
     final = cache_dir / reference.path.name
     partial = final.with_name(final.name + ".partial")
     watcher = FinalWatcher(final, counts)
-    preload = ("import sys, tensorflow, keras, h5py, bottlecache.build, bottlecache.engines; "
-               "from bottlecache.cli import main; sys.stdin.read(); sys.argv[0] = 'bottlecache'; main()")
-    command = [sys.executable, "-c", preload,
-               *build_command(cats_dogs, weights_path, cache_dir, "--json", splits=splits)[3:]]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    argv = build_command(cats_dogs, weights_path, cache_dir, "--json", splits=splits)[3:]
     kills, logs, runs, looks = [], [], [], []
 
-    def start(run):  # imports, then waits for its stdin to close
+    def start(run):  # a child of the warm launcher: TensorFlow is imported already
         logs.append(tmp_path / f"run{run}.log")
-        with open(logs[-1], "wb") as err, open(tmp_path / f"run{run}.json", "wb") as out:
-            runs.append(subprocess.Popen(command, stdin=subprocess.PIPE, stdout=out, stderr=err, env=env))
-
-    def go(run):
-        runs[run].stdin.close()
-        if run + 1 <= N_KILLS:
-            start(run + 1)
+        runs.append(launcher.start(argv, stdout=tmp_path / f"run{run}.json", stderr=logs[-1]))
 
     last = {"key": None, "commits": None, "reused": 0}
 
@@ -318,7 +308,6 @@ def test_build_killed_at_random_points_resumes_to_the_clean_build(reference_buil
 
     try:
         start(0)
-        go(0)
         resumed_at = 0
         for run in range(N_KILLS):
             process, log = runs[run], logs[run]
@@ -366,7 +355,7 @@ def test_build_killed_at_random_points_resumes_to_the_clean_build(reference_buil
                 "uncommitted_rows_on_disk": uncommitted_rows_on_disk(partial),
                 "ready_s": round(t_ready, 2), "killed_s": round(t_kill, 2),
             })
-            go(run + 1)
+            start(run + 1)
         process = runs[N_KILLS]
         wait_until(lambda: process.poll() is not None, what="the last run finishing", timeout=600, look=note)
     finally:
@@ -414,18 +403,30 @@ def test_build_killed_at_random_points_resumes_to_the_clean_build(reference_buil
     assert resumed >= 1
 
 
+def test_the_warm_launcher_runs_each_command_as_a_process_of_its_own(launcher, tmp_path):
+    """The launcher (tests/launcher.py) the fault tests run their commands with: each command is a
+    process of its own with its own exit status and output files. That a SIGKILL ends one with
+    -9 (tests/test_build.py) and that what a forked child builds equals an in-process build, array
+    for array, the fault tests check."""
+    listed = launcher.start(["models", "--json"], stdout=tmp_path / "models.json", stderr=tmp_path / "models.err")
+    assert listed.wait(timeout=120) == 0, (tmp_path / "models.err").read_text()
+    assert json.loads((tmp_path / "models.json").read_text())[0]["model"] == "mobilenet_v2"
+    refused = launcher.start(["cache", "build", "--image-size", "150"], stdout=tmp_path / "out",
+                             stderr=tmp_path / "err", cwd=tmp_path)
+    assert refused.wait(timeout=120) == 2
+    assert one_error_line((tmp_path / "err").read_text()).startswith("error: The 'image_size' option")
+    assert listed.pid != refused.pid != os.getpid()
+
+
 # ---------------------------------------------------------------------------------------------
 # Faults: the disk fills up
 
 
 def _limited_disk(kind: str, tmp_path: Path, limit: int):
-    """``(cache_dir, preexec_fn, release)``: a cache folder that holds at most ``limit`` bytes."""
+    """``(cache_dir, fsize, release)``: a cache folder that holds at most ``limit`` bytes; ``fsize``
+    the file-size limit the build runs under (SIGXFSZ ignored, so that write() fails with EFBIG)."""
     if kind == "rlimit":  # any user: the process may not grow a file beyond `limit` (EFBIG)
-        def preexec():
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so that write() fails instead of killing
-            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-        return tmp_path / "cache", preexec, lambda: None
+        return tmp_path / "cache", limit, lambda: None
     folder = tmp_path / "tmpfs"  # a real full file system (ENOSPC); needs root
     folder.mkdir()
     size = f"size={-(-limit // 4096) * 4}k"
@@ -439,8 +440,10 @@ def _limited_disk(kind: str, tmp_path: Path, limit: int):
     return folder, None, release
 
 
+@pytest.mark.slow
+@pytest.mark.faults
 @pytest.mark.parametrize("kind", ["rlimit", "tmpfs"])
-def test_disk_full_keeps_the_partial_and_resumes(kind, reference, weights_path, cats_dogs, tmp_path):
+def test_disk_full_keeps_the_partial_and_resumes(kind, reference, weights_path, cats_dogs, launcher, tmp_path):
     # A build claims the space of its next batch before writing any of it: the raw size of each
     # chunk the batch touches plus 1 MiB (about 7 MB here). With the limit one such claim above
     # half the finished cache, the disk fills about half-way through the build.
@@ -450,12 +453,14 @@ def test_disk_full_keeps_the_partial_and_resumes(kind, reference, weights_path, 
         claim = 2**20 + sum(int(np.prod(group[k].chunks)) * itemsize[k]
                             for k in ("features", "pooled", "labels", "keys"))
     limit = reference.file_size // 2 + claim
-    cache_dir, preexec, release = _limited_disk(kind, tmp_path, limit)
+    cache_dir, fsize, release = _limited_disk(kind, tmp_path, limit)
     try:
-        failed = subprocess.run(build_command(cats_dogs, weights_path, cache_dir), preexec_fn=preexec,
-                                capture_output=True, text=True, timeout=300)
-        line = one_error_line(failed.stderr)
-        assert failed.returncode == 2, failed.stderr[-3000:]
+        failed = launcher.start(build_command(cats_dogs, weights_path, cache_dir)[3:], stdout=tmp_path / "out",
+                                stderr=tmp_path / "err", fsize=fsize)
+        failed.wait(timeout=300)
+        stderr = (tmp_path / "err").read_text(errors="replace")
+        line = one_error_line(stderr)
+        assert failed.returncode == 2, stderr[-3000:]
         assert "partial file is kept" in line and "free space in" in line and "run the same command" in line
         final = cache_dir / reference.path.name
         partial = final.with_name(final.name + ".partial")
@@ -489,16 +494,17 @@ def test_disk_full_keeps_the_partial_and_resumes(kind, reference, weights_path, 
 # Faults: two builds of the same cache at once
 
 
-def test_two_builds_of_the_same_cache_one_writes(reference, weights_path, cats_dogs, tmp_path):
+@pytest.mark.slow
+@pytest.mark.faults
+def test_two_builds_of_the_same_cache_one_writes(reference, weights_path, cats_dogs, launcher, tmp_path):
     cache_dir = tmp_path / "cache"
     final = cache_dir / reference.path.name
     lock = final.with_name("." + final.name + ".lock")
-    command = build_command(cats_dogs, weights_path, cache_dir, "--json")
+    argv = build_command(cats_dogs, weights_path, cache_dir, "--json")[3:]
     processes, logs = [], []
     for i in range(2):  # started together
         logs.append(tmp_path / f"build{i}.log")
-        with open(logs[-1], "wb") as err, open(tmp_path / f"build{i}.json", "wb") as out:
-            processes.append(subprocess.Popen(command, stdout=out, stderr=err))
+        processes.append(launcher.start(argv, stdout=tmp_path / f"build{i}.json", stderr=logs[-1]))
     pids = {p.pid for p in processes}
 
     def lock_holder():
@@ -544,7 +550,9 @@ def test_two_builds_of_the_same_cache_one_writes(reference, weights_path, cats_d
 # Faults: the default engine (LiteRT) interrupted and resumed
 
 
-def test_litert_build_interrupted_and_resumed_is_bit_identical(weights_path, cats_dogs, tmp_path):
+@pytest.mark.slow
+@pytest.mark.faults
+def test_litert_build_interrupted_and_resumed_is_bit_identical(weights_path, cats_dogs, converted, tmp_path):
     """A resumed build with the default engine (auto → LiteRT) equals its uninterrupted build bit
     for bit: the engine is deterministic for the same batches."""
     from bottlecache.progress import NullProgress
@@ -553,10 +561,11 @@ def test_litert_build_interrupted_and_resumed_is_bit_identical(weights_path, cat
     if not litert_available():
         pytest.skip("ai-edge-litert is not installed (auto is Keras then, covered above)")
     splits = ["train=train[:96]", "validation=validation[:32]"]  # 3 + 1 commits
-    # the defaults: engine auto, the engine's batch size
+    # the defaults: engine auto, the engine's batch size; the run's flatbuffer (converted once)
+    for name in ("clean", "resumed"):
+        copy_engines(converted(IMAGE_SIZE), tmp_path / name)
     clean = build_cache(cats_dogs, splits, image_size=IMAGE_SIZE, weights=weights_path, cache_dir=tmp_path / "clean")
     assert clean.engine == "litert"
-    shutil.copytree(tmp_path / "clean" / "engines", tmp_path / "resumed" / "engines")  # converted once
 
     class StopAfter(NullProgress):  # Ctrl-C after a seeded number of commits
         def __init__(self, n):
@@ -659,6 +668,7 @@ def hostile(tmp_path_factory):
     return root, keyed, deep
 
 
+@pytest.mark.slow
 def test_hostile_files_are_cached_correctly_or_skipped_with_a_reason(hostile, weights_path, tmp_path):
     from PIL import Image
 

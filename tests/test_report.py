@@ -86,6 +86,7 @@ def weak_head(small_cache, tmp_path_factory):
     return train_head(small_cache.path, "sklearn", C=1e-5, out=tmp_path_factory.mktemp("heads") / "weak").path
 
 
+@pytest.mark.browser
 def test_report_opens_in_chromium(weak_head, cats_dogs, tmp_path, capsys):
     page = tmp_path / "report.html"
     result = invoke(["report", weak_head, "--data", cats_dogs, "--out", page, "--top", "6", "--json"])

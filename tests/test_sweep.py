@@ -70,6 +70,7 @@ def _test_accuracy(row) -> float:
         return float((head.predict_proba(cache.features("test")).argmax(axis=1) == cache.labels("test")).mean())
 
 
+@pytest.mark.slow
 def test_winner_is_chosen_on_validation_only(first):
     from bottlecache.heads import list_heads, load_head
 
@@ -124,6 +125,7 @@ def _files(folder: Path) -> dict:
             if p.is_file() and not p.name.startswith("leaderboard.")}
 
 
+@pytest.mark.slow
 def test_rerun_reuses_everything(first, photos, weights_path, monkeypatch):
     board, cache_dir = first
     before = _files(cache_dir)
@@ -136,6 +138,7 @@ def test_rerun_reuses_everything(first, photos, weights_path, monkeypatch):
     assert _files(cache_dir) == before  # nothing written but the leaderboard
 
 
+@pytest.mark.slow
 def test_budget_stops_new_builds(first, photos, weights_path, monkeypatch):
     """A budget no build fits in: the existing caches are used, no new one is started."""
     board, cache_dir = first
@@ -149,6 +152,7 @@ def test_budget_stops_new_builds(first, photos, weights_path, monkeypatch):
     assert result.n_built == 0 and result.winner is not None
 
 
+@pytest.mark.slow
 def test_failing_configuration_is_its_row(first, photos, weights_path, tmp_path, monkeypatch):
     """A damaged cache makes its configuration fail; the sweep goes on with the others."""
     board, cache_dir = first
@@ -166,6 +170,7 @@ def test_failing_configuration_is_its_row(first, photos, weights_path, tmp_path,
     assert damaged.read_bytes() == b"not an HDF5 file" * 64  # reported, never overwritten
 
 
+@pytest.mark.slow
 def test_missing_weights_of_one_model_is_its_row(first, photos, weights_path, tmp_path, monkeypatch):
     """With a backbone registry (CacheSettings.model): a model whose weights are missing fails in its row.
     Without one, any other model is refused in one line before anything runs."""
@@ -191,6 +196,7 @@ def test_missing_weights_of_one_model_is_its_row(first, photos, weights_path, tm
 # The command
 
 
+@pytest.mark.slow
 def test_cli_json_and_table(first, photos, weights_path):
     board, cache_dir = first
     common = ["sweep", "--data", photos, "--image-size", "96,128", "--kind", "sklearn,keras", "--C", "0.01,1",
