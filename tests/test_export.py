@@ -69,9 +69,19 @@ def exports(head, cats_dogs, tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def source_predictions(head, cats_dogs):
+    """``(photos, rows)``: three validation photos and the source head's predictions on them, made
+    once (loading the source model costs seconds; every export is compared with the same rows)."""
+    from bottlecache.predict import load_model
+
+    photos = sorted((cats_dogs / "validation" / "dogs").glob("*.jpg"))[:3]
+    return photos, load_model(head).predict(photos)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt,quantize", FORMATS, ids=[f"{f}-{q}" for f, q in FORMATS])
-def test_export_is_evaluated_and_ships_its_labels(fmt, quantize, exports, head, cats_dogs):
+def test_export_is_evaluated_and_ships_its_labels(fmt, quantize, exports, head, source_predictions):
     from bottlecache.export import ARTIFACTS, read_export
     from bottlecache.predict import load_model
 
@@ -95,9 +105,8 @@ def test_export_is_evaluated_and_ships_its_labels(fmt, quantize, exports, head, 
 
     # the artifact takes uint8 images at 160 px and gives probabilities, through predict's loader
     predictor = load_model(folder)
-    source = load_model(head)
-    photos = sorted((cats_dogs / "validation" / "dogs").glob("*.jpg"))[:3]
-    got, want = predictor.predict(photos), source.predict(photos)
+    photos, want = source_predictions
+    got = predictor.predict(photos)
     assert [r["label"] for r in got] == [r["label"] for r in want]
     for g, w in zip(got, want):
         assert sum(g["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
