@@ -10,17 +10,19 @@ without it and are skipped elsewhere.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from conftest import IN_CI, REPO, error_line, invoke, wait_until
+from conftest import IN_CI, POLL_SECONDS, REPO, error_line, invoke, wait_until
 
 from bottlecache import build_cache
 from bottlecache.config import CacheSettings
@@ -63,15 +65,15 @@ def local_build(tmp_path_factory, weights_path, cats_dogs):
                        cache_dir=tmp_path_factory.mktemp("local"))
 
 
-def _resolved(cats_dogs, weights_path, cache_dir):
-    return CacheSettings(str(cats_dogs), tuple(SPLITS), SIZE, str(weights_path), cache_dir=cache_dir).resolve()
+def _resolved(cats_dogs, weights_path, cache_dir, splits=SPLITS):
+    return CacheSettings(str(cats_dogs), tuple(splits), SIZE, str(weights_path), cache_dir=cache_dir).resolve()
 
 
-def _ray_build(cats_dogs, weights_path, cache_dir, **options):
+def _ray_build(cats_dogs, weights_path, cache_dir, splits=SPLITS, **options):
     from bottlecache.ray_build import build_ray
 
     options.setdefault("shard_size", SHARD)
-    return build_ray(_resolved(cats_dogs, weights_path, cache_dir), engine="keras", **options)
+    return build_ray(_resolved(cats_dogs, weights_path, cache_dir, splits), engine="keras", **options)
 
 
 @pytest.fixture(scope="module")
@@ -184,29 +186,44 @@ def _partial_progress(folder: Path):
 
 @pytest.mark.faults
 def test_a_worker_killed_mid_shard_is_restarted_and_the_build_is_equal(
-        ray_session, local_build, weights_path, cats_dogs, tmp_path):
+        ray_session, ray_build, local_build, weights_path, cats_dogs, tmp_path):
+    """The train split is one shard of ``windows`` commit windows, sized from this machine: a
+    look must land between the shard's first committed window and its end, so the shard lasts two
+    looks after its first window at the fastest window time the module's build measured (one
+    window per shard there). At the default look that is two windows (train=train[:64])."""
+    begun = time.monotonic()
+    _partial_progress(ray_build.path.parent / f"{ray_build.path.stem}.shards")
+    look = POLL_SECONDS + time.monotonic() - begun
+    per_window = min(row["seconds"] for row in ray_build.shard_rows)
+    windows = max(2, 1 + math.ceil(2 * look / per_window))
+    splits = [f"train=train[:{SHARD * windows}]", SPLITS[1]]
+    figures = f"{windows} windows of {per_window:.2f} s measured, a look every {look:.3f} s"
+    reference = local_build if splits == SPLITS else build_cache(
+        cats_dogs, splits, image_size=SIZE, weights=weights_path, engine="keras", cache_dir=tmp_path / "local")
     cache_dir = tmp_path / "killed-worker"
-    folder = cache_dir / f"{local_build.path.stem}.shards"
+    folder = cache_dir / f"{reference.path.stem}.shards"
     outcome = {}
 
     def run():
-        try:  # shards of 64 rows: train is one shard of two commit windows
-            outcome["report"] = _ray_build(cats_dogs, weights_path, cache_dir, shard_size=64)
+        try:  # train is one shard of `windows` commit windows
+            outcome["report"] = _ray_build(cats_dogs, weights_path, cache_dir, splits, shard_size=SHARD * windows)
         except BaseException as error:  # noqa: BLE001 - reported below
             outcome["error"] = error
 
     thread = threading.Thread(target=run)
     thread.start()
-    pid, rows, name = wait_until(lambda: folder.is_dir() and _partial_progress(folder),
-                                 what="a shard with a committed window", timeout=900)
-    assert name == "shard-00000.h5.partial" and rows == 32  # mid-shard: one of its two windows
+    seen = wait_until(lambda: (folder.is_dir() and _partial_progress(folder)) or not thread.is_alive(),
+                      what=f"a shard with a committed window ({figures})", timeout=900)
+    assert isinstance(seen, tuple), f"the build ended before a look saw its shard mid-way ({figures}): {outcome}"
+    pid, rows, name = seen
+    assert name == "shard-00000.h5.partial" and SHARD <= rows < SHARD * windows, (rows, figures)  # mid-shard
     os.kill(pid, signal.SIGKILL)
     thread.join(timeout=900)
     assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
     report = outcome["report"]
     rows_by_shard = {row["shard"]: row for row in report.shard_rows}
     assert rows_by_shard[0]["pid"] != pid  # written by the restarted actor
-    assert_same_cache(report.path, local_build.path)
+    assert_same_cache(report.path, reference.path)
 
 
 @pytest.mark.faults
