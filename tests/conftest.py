@@ -81,9 +81,10 @@ def cats_dogs() -> Path:
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
     """A test file is one unit of work, so its module fixtures are made once, on one worker,
-    unless its tests name a group of their own (``xdist_group``: the backbones' whole paths, the
-    longest tests here, spread over the workers). Those units go first, then files by their count
-    of slow tests: the longest work starts early and the short tests fill in behind it."""
+    unless its tests name a group of their own (``xdist_group``: the backbones' whole paths and
+    Xception, the longest tests here, spread over the workers; the contract suite). Those units
+    go first, then files by their count of slow tests: the longest work starts early and the
+    short tests fill in behind it."""
     def group(item):
         return next(item.iter_markers("xdist_group")).args[0]
 
@@ -209,7 +210,7 @@ def float32_train_cache(tmp_path_factory, weights_path, cats_dogs):
 
 def _command_built_once():
     """typer's CliRunner turns the Typer app into a click command on every ``invoke``, reading each
-    command's signature and evaluating its annotations: about 45 ms a call here, most of the
+    command's signature and evaluating its annotations: about 35 ms a call here, a third of the
     contract suite's time (tests/test_bad_input.py runs over 1,500 commands). The app does not
     change within a run, so the command is built once per app; each invoke still parses, runs and
     captures as before."""
