@@ -7,9 +7,10 @@ line once, runs no TensorFlow operation (so no runtime thread pool exists yet), 
 child per command. A child is a real process of its own (its own pid, files, signals and exit
 status): the test kills it as it would kill any process.
 
-Fork safety after the import is checked, not assumed: ``tests/test_launcher.py`` builds the same
-cache in a forked child and in this process and compares the arrays, and kills children at
-observed progress like the fault tests do.
+Fork safety after the import is checked, not assumed: the fault tests that use the launcher
+(tests/test_reliability.py, tests/test_build.py) compare what forked children built with an
+in-process clean build, array for array, and
+``test_the_warm_launcher_runs_each_command_as_a_process_of_its_own`` checks exit codes and output.
 
 The protocol is a JSON line per request on the server's stdin (argv, cwd, environment, the files
 for stdout and stderr, an optional file-size limit), answered by a JSON line with the child's pid.
