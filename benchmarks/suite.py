@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -19,6 +20,8 @@ SHARED = Path(os.environ.get("BOTTLECACHE_SHARED", REPO.parent / "shared"))
 SHARED_DATA = SHARED / "data" / "cats_and_dogs_filtered"
 QUICK_SPLITS = {"folder": ["train=train[:64]", "validation=validation[:32]"],
                 "tfds": ["train=train[:64]", "validation=train[64:96]"]}
+
+FULL_IMAGE_SIZE, QUICK_IMAGE_SIZE = 160, 96
 
 
 def default_data() -> str:
@@ -50,20 +53,29 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "../shared weights of --model if present, else imagenet)")
     parser.add_argument("--epochs", type=int, help="head epochs, tutorial and cached-keras (default 10; quick 1)")
     parser.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs (default 2; quick 1)")
-    parser.add_argument("--image-size", type=int, default=160)
+    parser.add_argument("--image-size", type=int,
+                        help=f"default {FULL_IMAGE_SIZE}; quick {QUICK_IMAGE_SIZE} (the check of the machinery, not of the size)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--engine", default="auto", choices=("auto", "keras", "litert"),
                         help="engine of the cache-build case and of the builds the cached-* cases count")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder (default benchmarks/results)")
     parser.add_argument("--quick", action="store_true",
-                        help="a small slice (train[:64], validation[:32]), 1 epoch each: for CI, a few minutes")
+                        help=f"a small slice (train[:64], validation[:32]) at {QUICK_IMAGE_SIZE} px, 1 epoch each: for CI, "
+                             "three minutes with --jobs 2")
     parser.add_argument("--cases", type=lambda s: [c.strip() for c in s.split(",") if c.strip()],
                         help=f"comma-separated subset of: {', '.join(CASES)} (default all)")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="with --quick: run the cases in N processes at once (groups that share no state; "
+                             "CI uses 2). Its figures are taken side by side, so a full run always runs alone")
     parser.add_argument("--load", type=int, default=0, metavar="N",
                         help="keep N busy processes running beside the cases (a loaded machine, reproducibly)")
     args = parser.parse_args(argv)
     if args.load < 0:
         parser.error(f"--load must be 0 or more, got {args.load}")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be a positive integer, got {args.jobs}")
+    if args.jobs > 1 and not args.quick:
+        parser.error(f"--jobs {args.jobs} needs --quick: the figures of a full run are compared, so it runs alone")
     unknown = [c for c in args.cases or [] if c not in CASES]
     if unknown:
         parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
@@ -73,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"unknown --model {args.model}; choose from {', '.join(BACKBONES)}")
     if args.weights is None:
         args.weights = default_weights(args.model)
+    if args.image_size is None:
+        args.image_size = QUICK_IMAGE_SIZE if args.quick else FULL_IMAGE_SIZE
     if args.epochs is None:
         args.epochs = 1 if args.quick else 10
     if args.finetune_epochs is None:
@@ -119,6 +133,7 @@ def config(args, run) -> dict:
         "quick": run.quick,
         "cases": args.cases,
         "background_load": args.load,
+        "jobs": args.jobs,
     }
 
 
@@ -154,6 +169,48 @@ def run_cases(run, names: list[str]) -> dict:
     return run.results
 
 
+def lanes(names: list[str], jobs: int) -> list[list[str]]:
+    """``names`` in at most ``jobs`` lanes, each a list of whole groups (``GROUPS``) in the suite's
+    order: the first lane holds the first group (the run's own builds and heads), the others share
+    the remaining groups in turn."""
+    from .cases import GROUPS
+
+    groups = [[n for n in group if n in names] for group in GROUPS]
+    groups = [g for g in groups if g]
+    out = [groups[0] if groups else []] + [[] for _ in range(min(jobs, len(groups)) - 1)]
+    for i, group in enumerate(groups[1:]):
+        out[1 + i % (len(out) - 1) if len(out) > 1 else 0] += group
+    return [lane for lane in out if lane]
+
+
+def run_lanes(run, args, argv, work_dir: Path) -> dict:
+    """Run the first lane here and each other lane in a ``python -m benchmarks --cases …`` process of
+    its own, started first; its cases join the results in the suite's order."""
+    from .cases import CASES
+
+    first, *others = lanes(args.cases, args.jobs)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    children = []
+    for i, names in enumerate(others, 2):
+        out, log = work_dir / f"lane-{i}", work_dir / f"lane-{i}.log"
+        command = [sys.executable, "-m", "benchmarks", *argv, "--cases", ",".join(names), "--out", str(out),
+                   "--jobs", "1", "--load", "0"]
+        print(f"[lane {i}] {', '.join(names)}: in process of its own (log {log})", file=sys.stderr, flush=True)
+        with open(log, "w") as stream:
+            children.append((i, names, out, log, subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT,
+                                                                  cwd=REPO)))
+    results = dict(run_cases(run, first))
+    for i, names, out, log, child in children:
+        code = child.wait()
+        found = sorted(out.glob("*.json"))
+        lane = json.loads(found[0].read_text())["cases"] if found else {}
+        for name in names:
+            results[name] = lane.get(name) or {"error": f"lane {i} exited with {code} before {name} ran; its log: "
+                                                        + " | ".join(log.read_text().splitlines()[-3:])[:400]}
+        print(f"[lane {i}] done (exit {code})", file=sys.stderr, flush=True)
+    return {name: results[name] for name in CASES if name in results}
+
+
 def main(argv=None) -> int:
     from bottlecache.build import library_versions
     from bottlecache.errors import BottlecacheError
@@ -171,7 +228,7 @@ def main(argv=None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 2
         with background_load(args.load):
-            cases = run_cases(run, args.cases)
+            cases = run_lanes(run, args, argv, Path(tmp))
         result = {
             "schema_version": SCHEMA_VERSION,
             "date": now.isoformat(timespec="seconds"),
