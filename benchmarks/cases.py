@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bottlecache.config import usable_cores
+from bottlecache.core.options import usable_cores
 
 from .context import Run
 
@@ -71,14 +71,14 @@ def _forward_case(run: Run, engine) -> dict:
 
 def forward_limit(run: Run) -> dict:
     """The Keras base's raw forward throughput (``training=False``, as the cache build runs it)."""
-    from bottlecache.engines import KerasEngine
+    from bottlecache.models.engines import KerasEngine
 
     return _forward_case(run, KerasEngine(run.base()))
 
 
 def forward_limit_litert(run: Run) -> dict:
     """The LiteRT (XNNPACK) flatbuffer's raw forward throughput; its conversion is timed too."""
-    from bottlecache.engines import LiteRTEngine
+    from bottlecache.models.engines import LiteRTEngine
 
     flatbuffer = run.flatbuffer()
     result = _forward_case(run, LiteRTEngine(flatbuffer))
@@ -93,7 +93,7 @@ def forward_limit_litert(run: Run) -> dict:
 
 def decode_only(run: Run, fast_decode: bool = False) -> dict:
     """Read + decode + preprocess every image of every split, batched as the build batches them."""
-    from bottlecache.data import image_dataset
+    from bottlecache.data.sources import image_dataset
 
     source = run.source()
     n_images = 0
@@ -112,8 +112,8 @@ def decode_only(run: Run, fast_decode: bool = False) -> dict:
 
 
 def _cache_build(run: Run, engine: str) -> dict:
-    from bottlecache.heads import train_head
-    from bottlecache.store import Cache
+    from bottlecache.cache.store import Cache
+    from bottlecache.train.heads import train_head
 
     build = run.build(engine)
     report = build.report
@@ -194,7 +194,7 @@ def _same_arrays(a_path, b_path) -> bool:
     but each row's file listing (``file_stat``: size and modification time, which a ``cp -r`` changes)."""
     import h5py
 
-    from bottlecache.store import FILE_STAT
+    from bottlecache.cache.store import FILE_STAT
 
     with h5py.File(a_path, "r") as a, h5py.File(b_path, "r") as b:
         return sorted(a) == sorted(b) and all(
@@ -208,8 +208,8 @@ def cache_update(run: Run) -> dict:
     the seconds of adding them, of removing them again and of a ``cp -r`` of the whole folder,
     against a full build of the same folder in the same run; each result checked array for array
     against a clean build (``reuse=False``) of the same folder."""
-    from bottlecache.build import build_cache
-    from bottlecache.data import IMAGE_EXTENSIONS
+    from bottlecache.cache.build import build_cache
+    from bottlecache.data.sources import IMAGE_EXTENSIONS
 
     source = run.source()
     if source.kind != "folder":
@@ -349,7 +349,7 @@ def build_startup(run: Run) -> dict:
     import subprocess
     import sys
 
-    import_seconds = _timed_process([sys.executable, "-c", "from bottlecache._tf import import_tf; import_tf()"])
+    import_seconds = _timed_process([sys.executable, "-c", "from bottlecache.core.tf import import_tf; import_tf()"])
     cache_dir = run.work_dir / "cache-startup"
     run.give_flatbuffer(cache_dir, run.engine)
     first = next(iter(run.source().splits.values())).spec.base
@@ -382,8 +382,8 @@ def _timed_process(command) -> float:
 def fast_decode(run: Run) -> dict:
     """``--fast-decode`` against full decoding: input throughput, build throughput (LiteRT), and
     what it does to the features and to the sklearn head (same data, weights, engine)."""
-    from bottlecache.heads import train_head
-    from bottlecache.store import Cache
+    from bottlecache.cache.store import Cache
+    from bottlecache.train.heads import train_head
 
     decode = decode_only(run, fast_decode=True)
     full = run.build("litert")
@@ -420,7 +420,7 @@ def fast_decode(run: Run) -> dict:
 
 def cache_read(run: Run) -> dict:
     """Read the train split's features and pooled features back (median of 3 reads each)."""
-    from bottlecache.store import Cache
+    from bottlecache.cache.store import Cache
 
     build = run.build(run.engine)
     out = {}
@@ -449,8 +449,8 @@ def cache_read(run: Run) -> dict:
 
 def duplicates(run: Run) -> dict:
     """``cache duplicates`` at its default threshold over every split of the built cache."""
-    from bottlecache.embeddings import DEFAULT_THRESHOLD
-    from bottlecache.embeddings import duplicates as find_duplicates
+    from bottlecache.serve.embeddings import DEFAULT_THRESHOLD
+    from bottlecache.serve.embeddings import duplicates as find_duplicates
 
     build = run.build(run.engine)
     result = find_duplicates(build.report.path, DEFAULT_THRESHOLD)  # seconds: the search, not the read
@@ -483,10 +483,10 @@ def tutorial_augmented(run: Run) -> dict:
 
 
 def _tutorial(run: Run, augment: bool, splits=None) -> dict:
-    from bottlecache._tf import import_keras
-    from bottlecache.backbone import load_backbone
-    from bottlecache.data import open_source, training_dataset
-    from bottlecache.heads import build_head_model, compile_for, epoch_timer
+    from bottlecache.core.tf import import_keras
+    from bottlecache.data.sources import open_source, training_dataset
+    from bottlecache.models.backbone import load_backbone
+    from bottlecache.train.heads import build_head_model, compile_for, epoch_timer
 
     keras = import_keras()
     started = time.perf_counter()
@@ -530,7 +530,7 @@ def _tutorial(run: Run, augment: bool, splits=None) -> dict:
 
 def _cached_head(run: Run, kind: str, **options) -> tuple[object, dict]:
     """Cache build (counted) + a head of ``kind`` on it: the head and the figures both cases share."""
-    from bottlecache.heads import train_head
+    from bottlecache.train.heads import train_head
 
     build = run.build(run.engine)
     head, head_seconds = _timed(lambda: train_head(build.report.path, kind, **options))
@@ -576,8 +576,8 @@ def cached_keras_views(run: Run) -> dict:
     """A cache with K = 8 tutorial views of each train image (its build counted) + the Keras head
     drawing one view per image per epoch, same epochs and splits as tutorial-augmented. The cost of
     the views: this build's train split against the clean build's (same engine, same train images)."""
-    from bottlecache.build import build_cache
-    from bottlecache.heads import train_head
+    from bottlecache.cache.build import build_cache
+    from bottlecache.train.heads import train_head
 
     splits = lent_test_splits(run)
     run.give_flatbuffer(run.work_dir / "cache-views", run.engine)  # as every cached-* build: converted once per run
@@ -627,7 +627,7 @@ def cached_keras_views(run: Run) -> dict:
 def finetune(run: Run, augment: bool = False) -> dict:
     """Warm-started fine-tuning (the model's default cut: MobileNetV2's layers from 100 on) for
     ``--finetune-epochs`` epochs."""
-    from bottlecache.finetune import finetune as run_finetune
+    from bottlecache.train.finetune import finetune as run_finetune
 
     build = run.build(run.engine)  # the cache the warm-start head was (or will be) trained on
     result, seconds = _timed(lambda: run_finetune(
@@ -659,8 +659,8 @@ def finetune(run: Run, augment: bool = False) -> dict:
 def _export(run: Run, fmt: str, quantize: str = "none") -> dict:
     """``export_model`` of a scikit-learn head on the run's cache: the artifact's accuracy on the
     validation split next to the source model's, its size, and ms/image of its own runtime."""
-    from bottlecache.export import export_model
-    from bottlecache.heads import train_head
+    from bottlecache.serve.export import export_model
+    from bottlecache.train.heads import train_head
 
     if run.export_head_path is None:
         build = run.build(run.engine)
@@ -747,7 +747,7 @@ def finetune_cached_float32(run: Run) -> dict:
 def finetune_cached(run: Run, augment: bool = False, dtype: str = "float16") -> dict:
     """``finetune`` from the cached cut (``--from-cache``): same warm start, same epochs; the cut
     cache's build (``dtype``, float16 by default) is counted in ``seconds`` and given apart."""
-    from bottlecache.finetune import finetune as run_finetune
+    from bottlecache.train.finetune import finetune as run_finetune
 
     build = run.build(run.engine)
     name = "finetune-cached" + ("-views" if augment else "") + ("-float32" if dtype == "float32" else "")
@@ -805,7 +805,7 @@ def _gap_points(accuracy_of: dict, other: dict) -> float | None:
 def cache_storage(path) -> dict:
     """Bytes on disk per image of a cache file: every split's rows (features, pooled, labels, keys,
     digests) over its images, and, with views, the train split's views per image per view."""
-    from bottlecache.store import VIEW_DATASETS, VIEWS_SPLIT, Cache
+    from bottlecache.cache.store import VIEW_DATASETS, VIEWS_SPLIT, Cache
 
     with Cache(path) as cache:
         n_images = sum(cache.n_examples(split) for split in cache.splits)
@@ -854,9 +854,9 @@ def _splits_note(sizes: dict) -> str:
 def sweep(run: Run) -> dict:
     """``bottlecache sweep`` from nothing over image sizes × sklearn/keras heads (builds timed in it), and
     after it, for comparison only, the test accuracy of the smallest size's sklearn head."""
-    from bottlecache.heads import _predict_split, compute_metrics, load_head
-    from bottlecache.store import Cache
-    from bottlecache.sweep import sweep as run_sweep
+    from bottlecache.cache.store import Cache
+    from bottlecache.train.heads import compute_metrics, load_head, predict_split
+    from bottlecache.train.sweep import sweep as run_sweep
 
     sizes = SWEEP_SIZES["quick" if run.quick else "full"]
     splits = lent_test_splits(run)
@@ -872,7 +872,7 @@ def sweep(run: Run) -> dict:
     if reference is not None and board.test is not None:
         with Cache(reference.cache_path) as cache:
             head = load_head(reference.head_path).head
-            reference_test = compute_metrics(cache.labels("test"), _predict_split(head, cache, "test"),
+            reference_test = compute_metrics(cache.labels("test"), predict_split(head, cache, "test"),
                                              cache.class_names)["accuracy"]
     winner = board.winner
     test = board.test["accuracy"] if board.test else None
@@ -919,10 +919,10 @@ def backbones(run: Run) -> dict:
 
 
 def _backbone_figures(run: Run, name: str, weights) -> dict:
-    from bottlecache.backbones import get_backbone
-    from bottlecache.build import build_cache
-    from bottlecache.engines import litert_available
-    from bottlecache.heads import train_head
+    from bottlecache.cache.build import build_cache
+    from bottlecache.core.registry import get_backbone
+    from bottlecache.models.engines import litert_available
+    from bottlecache.train.heads import train_head
 
     engines = ["keras"] + (["litert"] if get_backbone(name).litert and litert_available() else [])
     out = {"weights_sha256": weights.sha256, "engines": {}}
@@ -947,7 +947,7 @@ def _backbone_figures(run: Run, name: str, weights) -> dict:
 
 
 def _shape(report) -> tuple:
-    from bottlecache.store import Cache
+    from bottlecache.cache.store import Cache
 
     with Cache(report.path) as cache:
         return cache.feature_shape

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bottlecache.backbone import WeightsRef
+from bottlecache.models.backbone import WeightsRef
 
 
 def cpu_seconds() -> float:
@@ -28,7 +28,7 @@ def cpu_seconds() -> float:
 class Build:
     """One real cache build: its report, the wall seconds of ``build_cache``, and its folder."""
 
-    report: object  # bottlecache.build.BuildReport
+    report: object  # bottlecache.cache.build.BuildReport
     seconds: float
     cache_dir: Path
     cpu_seconds: float = 0.0  # user + system time of this process (every thread) during the build
@@ -57,7 +57,7 @@ class Run:
 
     def source(self):
         if self._source is None:
-            from bottlecache.data import open_source
+            from bottlecache.data.sources import open_source
 
             self._source = open_source(self.data, self.splits)
         return self._source
@@ -65,7 +65,7 @@ class Run:
     def base(self):
         """The frozen Keras base, loaded once for the forward-limit cases and the conversion."""
         if self._base is None:
-            from bottlecache.backbone import load_backbone
+            from bottlecache.models.backbone import load_backbone
 
             self._base = load_backbone(self.weights, self.image_size)
         return self._base
@@ -73,7 +73,7 @@ class Run:
     def flatbuffer(self) -> Path:
         """The LiteRT flatbuffer of the base, converted once per run (its seconds are kept)."""
         if self._flatbuffer is None:
-            from bottlecache.engines import convert_to_flatbuffer, flatbuffer_path
+            from bottlecache.models.engines import convert_to_flatbuffer, flatbuffer_path
 
             started = time.perf_counter()
             path = flatbuffer_path(self.work_dir / "converted", self.weights.sha256, self.image_size, self.weights.model)
@@ -83,7 +83,7 @@ class Run:
 
     def give_flatbuffer(self, cache_dir: Path, engine: str) -> None:
         """Put the run's converted flatbuffer in ``cache_dir`` (for an engine that may use it)."""
-        from bottlecache.engines import flatbuffer_path, litert_available
+        from bottlecache.models.engines import flatbuffer_path, litert_available
 
         if engine != "keras" and litert_available():
             converted = self.flatbuffer()
@@ -100,7 +100,7 @@ class Run:
         """
         key = (engine, fast_decode, executor)
         if key not in self._builds:
-            from bottlecache.build import build_cache
+            from bottlecache.cache.build import build_cache
 
             cache_dir = self.work_dir / (f"cache-{engine}{'-fast-decode' if fast_decode else ''}"
                                          f"{'' if executor == 'local' else '-' + executor}")
@@ -124,8 +124,8 @@ def available_weights(image_size: int) -> dict:
     """
     import os
 
-    from bottlecache.backbone import resolve_weights
-    from bottlecache.backbones import BACKBONES
+    from bottlecache.core.registry import BACKBONES
+    from bottlecache.models.backbone import resolve_weights
 
     from .suite import SHARED
 

@@ -36,11 +36,11 @@ from .suite import default_data, default_weights
 
 # (phase, the frames that mark it, first match wins; order matters)
 PHASES = (
-    ("forward pass (engine)", ("invoke", "__call__ (bottlecache/engines.py")),
+    ("forward pass (engine)", ("invoke", "__call__ (bottlecache/models/engines.py")),
     ("encode chunks (deflate, fletcher32)", ("encode_chunk", "fletcher32", "encode_rows")),
     ("fsync / flush", ("_sync", "fsync")),
-    ("HDF5 writes", ("write_chunks", "append (bottlecache/store.py")),
-    ("wait for the previous commit", ("wait (bottlecache/build.py",)),
+    ("HDF5 writes", ("write_chunks", "append (bottlecache/cache/store.py")),
+    ("wait for the previous commit", ("wait (bottlecache/cache/writer.py",)),
     ("wait for decoded images", ("_windows", "as_numpy_iterator", "__next__")),
     ("start-up (imports, resolve, engine)", ("<module>", "resolve", "make_engine", "checked_engine", "load_backbone")),
 )
@@ -129,10 +129,11 @@ class _Clock:
 
 
 def timing(args) -> int:
-    from bottlecache import build as build_module
-    from bottlecache import engines, store
-    from bottlecache.backbone import resolve_weights
-    from bottlecache.config import usable_cores
+    from bottlecache.cache import build as build_module
+    from bottlecache.cache import store
+    from bottlecache.core.options import usable_cores
+    from bottlecache.models import engines
+    from bottlecache.models.backbone import resolve_weights
 
     from .cases import _forward_case, decode_only
     from .context import Run
@@ -190,8 +191,8 @@ def timing(args) -> int:
 def engine_grid(args) -> int:
     import numpy as np
 
-    from bottlecache.backbone import load_backbone, resolve_weights
-    from bottlecache.engines import LiteRTEngine, convert_to_flatbuffer, flatbuffer_path
+    from bottlecache.models.backbone import load_backbone, resolve_weights
+    from bottlecache.models.engines import LiteRTEngine, convert_to_flatbuffer, flatbuffer_path
 
     weights = resolve_weights(args.weights, args.image_size)
     with tempfile.TemporaryDirectory() as tmp:
@@ -237,7 +238,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=_ints, default=sorted({1, os.cpu_count() or 1}))
     args = parser.parse_args(argv)
     if args.timing:
-        from bottlecache.errors import BottlecacheError
+        from bottlecache.core.errors import BottlecacheError
 
         try:
             return timing(args)

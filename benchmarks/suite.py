@@ -79,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [c for c in args.cases or [] if c not in CASES]
     if unknown:
         parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
-    from bottlecache.backbones import BACKBONES
+    from bottlecache.core.registry import BACKBONES
 
     if args.model not in BACKBONES:
         parser.error(f"unknown --model {args.model}; choose from {', '.join(BACKBONES)}")
@@ -99,7 +99,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def make_run(args, work_dir: Path):
-    from bottlecache.backbone import resolve_weights
+    from bottlecache.models.backbone import resolve_weights
 
     from .context import Run
 
@@ -212,8 +212,8 @@ def run_lanes(run, args, argv, work_dir: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    from bottlecache.build import library_versions
-    from bottlecache.errors import BottlecacheError
+    from bottlecache.cache.writer import library_versions
+    from bottlecache.core.errors import BottlecacheError
 
     from .cases import CASES
 

@@ -154,8 +154,8 @@ def converted(tmp_path_factory, weights_path):
 
     def get(image_size: int) -> Path:
         def make(folder):
-            from bottlecache.backbone import load_backbone, resolve_weights
-            from bottlecache.engines import convert_to_flatbuffer, flatbuffer_path
+            from bottlecache.models.backbone import load_backbone, resolve_weights
+            from bottlecache.models.engines import convert_to_flatbuffer, flatbuffer_path
 
             weights = resolve_weights(weights_path, image_size)
             path = convert_to_flatbuffer(load_backbone(weights, image_size),

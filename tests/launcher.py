@@ -32,7 +32,7 @@ SERVER = r"""
 import json, os, resource, select, signal, sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy, h5py, tensorflow, keras  # the slow imports, once
-import bottlecache.cli, bottlecache.build, bottlecache.engines, bottlecache.finetune, bottlecache.heads
+import bottlecache.cli, bottlecache.cache.build, bottlecache.models.engines, bottlecache.train.finetune, bottlecache.train.heads
 status_dir = sys.argv[1]
 requests = sys.stdin.buffer
 children = set()

@@ -1,4 +1,4 @@
-"""The registry of bases (bottlecache.backbones): every registered model through the whole
+"""The registry of bases (bottlecache.core.registry): every registered model through the whole
 pipeline with random weights, and Xception with its real ImageNet weights.
 
 Random weights are each model's Keras initialization, saved to a weights file so the models go
@@ -12,10 +12,9 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import CATS_DOGS, SHARED, _need, copy_engines, error_line, invoke, made_once
 
-from bottlecache.backbones import BACKBONES, DEFAULT_MODEL, PREPROCESSINGS, get_backbone
+from bottlecache.core.registry import BACKBONES, DEFAULT_MODEL, PREPROCESSINGS, get_backbone
 
 SIZE = 96
 TINY_SPLITS = ["train=train[:8]", "validation=validation[:4]"]
@@ -28,7 +27,7 @@ def _weights_file(name: str, folder):
 
 def _random_weights(name: str, folder, size: int = SIZE, save: bool = True):
     """The model's own random initialization (seeded), written as a Keras weights file; and the model."""
-    from bottlecache._tf import import_keras
+    from bottlecache.core.tf import import_keras
 
     keras = import_keras()
     entry = get_backbone(name)
@@ -79,8 +78,8 @@ def test_preprocessing_is_the_models_own(name):
     """Ours equals ``keras.applications.<module>.preprocess_input`` of the same resized pixels."""
     import importlib
 
-    from bottlecache._tf import import_keras
-    from bottlecache.data import preprocess
+    from bottlecache.core.tf import import_keras
+    from bottlecache.data.sources import preprocess
 
     import_keras()
     rng = np.random.default_rng(0)
@@ -95,8 +94,9 @@ def test_preprocessing_is_the_models_own(name):
 def test_every_model_and_preprocessing_is_in_the_fingerprint(tmp_path):
     """One weights file, every model: the configs differ in model (and alpha / preprocessing), so
     do the fingerprints; the default model's config is the one caches had before the registry."""
-    from bottlecache.config import CacheSettings
     from conftest import write_images
+
+    from bottlecache.cache.settings import CacheSettings
 
     data = write_images(tmp_path / "data", {"train/cats": 2, "train/dogs": 2})
     weights = tmp_path / "any.weights.h5"
@@ -136,12 +136,12 @@ PIPELINE_MODELS = ["mobilenet_v3_small", "efficientnet_b0", "resnet50_v2", "dens
                                   for n in PIPELINE_MODELS])
 def test_every_model_caches_trains_finetunes_and_predicts(name, random_weights, tmp_path, cats_dogs):
     from bottlecache import build_cache
-    from bottlecache.backbone import load_backbone, resolve_weights
-    from bottlecache.engines import make_engine, probe_images
-    from bottlecache.finetune import finetune
-    from bottlecache.heads import load_head, train_head
-    from bottlecache.predict import load_model
-    from bottlecache.store import Cache
+    from bottlecache.cache.store import Cache
+    from bottlecache.models.backbone import load_backbone, resolve_weights
+    from bottlecache.models.engines import make_engine, probe_images
+    from bottlecache.serve.predict import load_model
+    from bottlecache.train.finetune import finetune
+    from bottlecache.train.heads import load_head, train_head
 
     entry = get_backbone(name)
     weights = random_weights(name)
@@ -198,7 +198,7 @@ LITERT_CHECKED = [next(n for n, e in BACKBONES.items() if e.module == module)
 
 
 def _source_and_split(cats_dogs):
-    from bottlecache.data import open_source
+    from bottlecache.data.sources import open_source
 
     return open_source(cats_dogs, TINY_SPLITS), "validation"
 
@@ -207,8 +207,8 @@ def test_unknown_model_and_wrong_weights_are_one_line(tmp_path, weights_path):
     result = invoke(["cache", "build", "--data", str(tmp_path), "--model", "resnet9000"])
     line = error_line(result)
     assert "'model'" in line and "resnet9000" in line and "xception" in line and result.exit_code != 0
-    from bottlecache.backbone import load_backbone, resolve_weights
-    from bottlecache.errors import BottlecacheError
+    from bottlecache.core.errors import BottlecacheError
+    from bottlecache.models.backbone import load_backbone, resolve_weights
 
     # MobileNetV2's weights file into Xception: refused in one line naming the model and the file to pass
     with pytest.raises(BottlecacheError, match="could not be loaded into Xception.*Keras Xception"):
@@ -216,11 +216,11 @@ def test_unknown_model_and_wrong_weights_are_one_line(tmp_path, weights_path):
 
 
 def test_imagenet_offline_error_names_the_models_file(tmp_path, monkeypatch):
-    from bottlecache.backbone import resolve_weights
-    from bottlecache.errors import BottlecacheError
+    from bottlecache.core.errors import BottlecacheError
+    from bottlecache.models.backbone import resolve_weights
 
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
-    from bottlecache import backbone
+    from bottlecache.models import backbone
 
     def no_network(*args, **kwargs):
         raise OSError("no network")
@@ -270,8 +270,8 @@ def xception_cache(xception_weights, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.xdist_group("xception")
 def test_xception_cache_and_sklearn_head_on_real_photos(xception_cache):
-    from bottlecache.heads import train_head
-    from bottlecache.store import Cache
+    from bottlecache.cache.store import Cache
+    from bottlecache.train.heads import train_head
 
     assert xception_cache.engine == "litert"
     with Cache(xception_cache.path) as cache:
@@ -284,9 +284,9 @@ def test_xception_cache_and_sklearn_head_on_real_photos(xception_cache):
 @pytest.mark.slow
 @pytest.mark.xdist_group("xception")
 def test_xception_litert_matches_keras_on_real_photos(xception_weights, xception_cache, tmp_path):
-    from bottlecache.backbone import load_backbone, resolve_weights
-    from bottlecache.data import open_source
-    from bottlecache.engines import make_engine, probe_images
+    from bottlecache.data.sources import open_source
+    from bottlecache.models.backbone import load_backbone, resolve_weights
+    from bottlecache.models.engines import make_engine, probe_images
 
     if not get_backbone("xception").litert:
         pytest.fail("xception is registered Keras-only, but its LiteRT engine passes (docs/backbones.md)")

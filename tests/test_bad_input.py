@@ -44,6 +44,7 @@ import os
 import shutil
 import signal
 import stat
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,14 +235,22 @@ def assert_clean_success(o: Outcome) -> None:
 
 
 def _patch_everywhere(monkeypatch, name: str, modules, make) -> None:
+    """Replace ``name`` (defined in ``modules[0]``) in every package module that imported it by name."""
     for module_name in modules:
-        module = importlib.import_module(module_name)
-        if hasattr(module, name):
-            monkeypatch.setattr(module, name, make(getattr(module, name)))
+        importlib.import_module(module_name)  # loaded, so that each of its names is found below
+    original = getattr(sys.modules[modules[0]], name)
+    replacement = make(original)
+    for module_name, module in list(sys.modules.items()):
+        if module_name.startswith("bottlecache") and getattr(module, name, None) is original:
+            monkeypatch.setattr(module, name, replacement)
 
 
-BACKBONE_HOLDERS = ("bottlecache.backbone", "bottlecache.build", "bottlecache.finetune")
-KERAS_FILE_HOLDERS = ("bottlecache.heads", "bottlecache.finetune")
+# The module defining the loader, then the modules that call it (imported before the patch).
+BACKBONE_HOLDERS = ("bottlecache.models.backbone", "bottlecache.cache.build", "bottlecache.cache.ray_build",
+                    "bottlecache.train.finetune", "bottlecache.serve.predict", "bottlecache.serve.export",
+                    "bottlecache.serve.embeddings")
+KERAS_FILE_HOLDERS = ("bottlecache.train.heads", "bottlecache.train.finetune", "bottlecache.serve.predict",
+                      "bottlecache.serve.export", "bottlecache.serve.artifacts")
 
 
 def forbid_backbone(monkeypatch) -> None:
@@ -338,9 +347,10 @@ def finetune_args(w: World, out, *, epochs: int, cache_dir=None) -> list:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, weights_path, cats_dogs) -> World:
-    from bottlecache.build import NullProgress, build_cache
-    from bottlecache.finetune import finetune
-    from bottlecache.heads import train_head
+    from bottlecache.cache.build import build_cache
+    from bottlecache.core.progress import NullProgress
+    from bottlecache.train.finetune import finetune
+    from bottlecache.train.heads import train_head
 
     root = tmp_path_factory.mktemp("world")
     data = root / "data"
@@ -395,9 +405,9 @@ def world(tmp_path_factory, weights_path, cats_dogs) -> World:
     assert (w.model / "model.keras").is_file() and not (w.model / ".checkpoint").exists()
 
     # a model.keras of another image size (the same architecture at 128 px, untrained head)
-    from bottlecache.backbone import load_backbone, resolve_weights
-    from bottlecache.finetune import attach_head
-    from bottlecache.heads import build_head_model
+    from bottlecache.models.backbone import load_backbone, resolve_weights
+    from bottlecache.models.network import attach_head
+    from bottlecache.train.heads import build_head_model
 
     base = load_backbone(resolve_weights(weights_path, 128), 128)
     w.model128_keras = root / "other" / "model128.keras"
@@ -1176,7 +1186,7 @@ def _forged_config(key, value):
     def apply(path: Path):
         import h5py
 
-        from bottlecache.fingerprint import canonical_json, fingerprint
+        from bottlecache.core.fingerprint import canonical_json, fingerprint
 
         with h5py.File(path, "r+") as f:
             config = json.loads(f.attrs["config"])

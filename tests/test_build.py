@@ -13,14 +13,21 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import (
+    POLL_SECONDS,
+    SMALL_SPLITS,
+    CommitClock,
+    error_line,
+    flip_byte_in_chunk,
+    invoke,
+    wait_until,
+    write_images,
+)
 
 from bottlecache import build_cache, open_cache, verify_cache
-from bottlecache.data import load_image, open_source
-from bottlecache.errors import BottlecacheError, CacheMismatchError
-from bottlecache.store import Cache
-
-from conftest import (POLL_SECONDS, SMALL_SPLITS, CommitClock, error_line, flip_byte_in_chunk, invoke, wait_until,
-                      write_images)
+from bottlecache.cache.store import Cache
+from bottlecache.core.errors import BottlecacheError, CacheMismatchError
+from bottlecache.data.sources import load_image, open_source
 
 ARRAYS = ("features", "pooled", "labels", "keys", "skipped")
 
@@ -37,7 +44,7 @@ def _read_all(path) -> dict:
 @pytest.mark.slow
 def test_features_equal_the_keras_model(small_cache, weights_path, cats_dogs):
     """The stored features are the Keras base's output on the shared preprocessing (float16)."""
-    from bottlecache.backbone import load_backbone, resolve_weights
+    from bottlecache.models.backbone import load_backbone, resolve_weights
 
     model = load_backbone(resolve_weights(weights_path, 160), 160)
     source = open_source(cats_dogs, SMALL_SPLITS)
@@ -87,7 +94,7 @@ def test_cache_hit_recomputes_nothing(small_cache, weights_path, cats_dogs):
 
 def test_cache_identity_changes_with_the_content(small_cache, weights_path, cats_dogs):
     """Another slice, dtype or size is another cache (checked without building it)."""
-    from bottlecache.config import CacheSettings
+    from bottlecache.cache.settings import CacheSettings
 
     def resolved(splits=tuple(SMALL_SPLITS), **kw):
         return CacheSettings(str(cats_dogs), splits, weights=str(weights_path), **kw).resolve()
@@ -364,7 +371,7 @@ def test_bad_weights_file_leaves_nothing_behind(kind, expected, tmp_path, cats_d
 def test_a_blocks_windows_are_committed_as_one():
     """``Rows.joined``: the rows, strings and records of consecutive windows in order, the last
     window's ``n_done``, and stored rows at their positions in the joined commit."""
-    from bottlecache.build import Rows
+    from bottlecache.cache.store import Rows
 
     def window(first, n, n_done, stored=None, computed=None):
         computed = n if computed is None else computed

@@ -1,4 +1,4 @@
-"""Chunks encoded outside HDF5 (chunks.py) are exactly what HDF5's deflate + fletcher32 read back."""
+"""Chunks encoded outside HDF5 (cache/chunks.py) are exactly what HDF5's deflate + fletcher32 read back."""
 
 import struct
 import zlib
@@ -7,9 +7,16 @@ import h5py
 import numpy as np
 import pytest
 
-from bottlecache import chunks
-from bottlecache.chunks import (decode_chunk, encode_rows, encodes_directly, fletcher32, fletcher32_numpy,
-                               stored_checksum_ok, write_chunks)
+from bottlecache.cache import chunks
+from bottlecache.cache.chunks import (
+    decode_chunk,
+    encode_rows,
+    encodes_directly,
+    fletcher32,
+    fletcher32_numpy,
+    stored_checksum_ok,
+    write_chunks,
+)
 
 CHECKED = dict(compression="gzip", compression_opts=1, fletcher32=True)
 

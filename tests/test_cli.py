@@ -10,7 +10,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from conftest import error_line, flip_byte_in_chunk, invoke
 
 # ---------------------------------------------------------------------------------------------
@@ -74,7 +73,7 @@ def test_build_bad_options(option, value, expected, tmp_path, cats_dogs, weights
 
 
 def test_build_imagenet_weights_offline(tmp_path, monkeypatch, cats_dogs):
-    from bottlecache.backbone import imagenet_weights_name
+    from bottlecache.models.backbone import imagenet_weights_name
 
     if (Path.home() / ".keras" / "models" / imagenet_weights_name(160)).exists():
         pytest.skip("the ImageNet weights are in ~/.keras, where Keras finds them without downloading")
@@ -283,7 +282,7 @@ def test_tensorflow_start_up_lines_are_quiet_unless_verbose(tmp_path):
 
 
 def test_a_new_cache_folder_gets_a_gitignore(small_cache, tmp_path):
-    from bottlecache.files import GITIGNORE_TEXT, ensure_cache_dir
+    from bottlecache.core.files import GITIGNORE_TEXT, ensure_cache_dir
 
     folder = ensure_cache_dir(tmp_path / "custom" / "cache")
     assert (folder / ".gitignore").read_text() == GITIGNORE_TEXT and "\n*\n" in GITIGNORE_TEXT

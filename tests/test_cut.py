@@ -1,4 +1,4 @@
-"""The cached cut (``bottlecache.cut``): where it lies, what the cut cache holds, and that training
+"""The cached cut (``bottlecache.models.cut``): where it lies, what the cut cache holds, and that training
 from it is training end to end (real photos, real weights, small slices)."""
 
 from __future__ import annotations
@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 from conftest import copy_engines
 
-
 CUT_SPLITS = ["train=train[:16]", "validation=validation[:8]"]
 
 
 def test_cut_index_is_the_last_single_tensor_point():
-    from bottlecache.cut import cut_index
+    from bottlecache.models.cut import cut_index
 
     # 0 → 1 → 2 → 3(add of 1 and 2) → 4: layer 2 is no single-tensor point (3 still reads 1)
     inbound = [[], [0], [1], [1, 2], [3]]
@@ -24,7 +23,7 @@ def test_cut_index_is_the_last_single_tensor_point():
 
 
 def test_cut_below_mobilenet_layer_100_is_block_10_project_bn():
-    from bottlecache.cut import cut_record
+    from bottlecache.models.cut import cut_record
 
     assert cut_record(160, 100) == {"layer": "block_10_project_BN", "shape": [10, 10, 96]}
     assert cut_record(160, 99) == cut_record(160, 100)  # the same cut: one cache
@@ -33,8 +32,8 @@ def test_cut_below_mobilenet_layer_100_is_block_10_project_bn():
 
 
 def test_cut_follows_the_registry_entry_and_refuses_other_models():
-    from bottlecache.cut import check_cut, cut_record
-    from bottlecache.errors import BottlecacheError
+    from bottlecache.core.errors import BottlecacheError
+    from bottlecache.models.cut import check_cut, cut_record
 
     # another MobileNetV2 of the registry: the same layer names, its own channels
     assert cut_record(160, 100, "mobilenet_v2_0.5") == {"layer": "block_10_project_BN", "shape": [10, 10, 48]}
@@ -47,7 +46,7 @@ def test_cut_follows_the_registry_entry_and_refuses_other_models():
 @pytest.mark.parametrize("option", [{"cut": 100}, {"views": 2}])
 def test_the_ray_executor_refuses_cut_and_views_in_one_line(option, cats_dogs, tmp_path):
     from bottlecache import build_cache
-    from bottlecache.errors import BottlecacheError
+    from bottlecache.core.errors import BottlecacheError
 
     with pytest.raises(BottlecacheError, match="ray executor builds bottleneck caches only") as raised:
         build_cache(cats_dogs, CUT_SPLITS, cache_dir=tmp_path, executor="ray", **option)
@@ -65,8 +64,8 @@ def float32_cut(tmp_path_factory, cats_dogs, weights_path):
 
 def test_cut_cache_holds_the_activation_and_the_layer_is_in_the_fingerprint(float32_cut, cats_dogs, weights_path):
     from bottlecache import build_cache
-    from bottlecache.config import CacheSettings
-    from bottlecache.store import Cache, verify_cache
+    from bottlecache.cache.settings import CacheSettings
+    from bottlecache.cache.store import Cache, verify_cache
 
     assert float32_cut.config["cut"] == {"layer": "block_10_project_BN", "shape": [10, 10, 96]}
     with Cache(float32_cut.path) as cache:
@@ -82,7 +81,7 @@ def test_cut_cache_holds_the_activation_and_the_layer_is_in_the_fingerprint(floa
 
 
 def _images(cats_dogs, splits, n):
-    from bottlecache.data import image_dataset, open_source
+    from bottlecache.data.sources import image_dataset, open_source
 
     source = open_source(cats_dogs, splits)
     rows = list(image_dataset(source, "train", 160).take(n).as_numpy_iterator())
@@ -93,11 +92,11 @@ def _images(cats_dogs, splits, n):
 def test_one_step_from_the_float32_cut_equals_one_end_to_end_step(float32_cut, cats_dogs, weights_path):
     import keras
 
-    from bottlecache.backbone import load_backbone, resolve_weights
-    from bottlecache.cut import cut_model, full_model
-    from bottlecache.finetune import attach_head, unfreeze
-    from bottlecache.heads import build_head_model, compile_for
-    from bottlecache.store import Cache
+    from bottlecache.cache.store import Cache
+    from bottlecache.models.backbone import load_backbone, resolve_weights
+    from bottlecache.models.cut import cut_model, full_model
+    from bottlecache.models.network import attach_head, unfreeze
+    from bottlecache.train.heads import build_head_model, compile_for
 
     images, labels = _images(cats_dogs, CUT_SPLITS, 16)
     with Cache(float32_cut.path) as cache:
@@ -137,9 +136,9 @@ def test_one_step_from_the_float32_cut_equals_one_end_to_end_step(float32_cut, c
 
 @pytest.mark.slow
 def test_finetune_from_cache_builds_the_cut_and_saves_the_usual_model(cats_dogs, weights_path, converted, tmp_path):
-    from bottlecache.finetune import finetune
-    from bottlecache.predict import load_model
-    from bottlecache.store import Cache, list_caches
+    from bottlecache.cache.store import Cache, list_caches
+    from bottlecache.serve.predict import load_model
+    from bottlecache.train.finetune import finetune
 
     cache_dir = copy_engines(converted(160), tmp_path / "cache")  # the head's cache: the run's conversion
     result = finetune(cats_dogs, CUT_SPLITS, weights=weights_path, cache_dir=cache_dir, head_epochs=1, epochs=2,

@@ -7,11 +7,10 @@ import shutil
 
 import numpy as np
 import pytest
-
-from bottlecache.data import SplitSpec, load_image, open_source, parse_splits, preprocess
-from bottlecache.errors import BottlecacheError
-
 from conftest import write_images
+
+from bottlecache.core.errors import BottlecacheError
+from bottlecache.data.sources import SplitSpec, load_image, open_source, parse_splits, preprocess
 
 # ---------------------------------------------------------------------------------------------
 # Split specs

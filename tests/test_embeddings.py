@@ -10,12 +10,11 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import error_line, invoke
 
 from bottlecache import build_cache, open_cache
-from bottlecache.embeddings import duplicates, neighbors, normalise, similar_pairs
-from bottlecache.errors import BottlecacheError
-
-from conftest import error_line, invoke
+from bottlecache.core.errors import BottlecacheError
+from bottlecache.serve.embeddings import duplicates, neighbors, normalise, similar_pairs
 
 PLANTED = "validation/cats/planted-copy.jpg"
 WITHIN = "train/dogs/second-copy.jpg"

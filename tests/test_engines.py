@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import SMALL_SPLITS, copy_engines
 
 pytest.importorskip("ai_edge_litert", reason="ai-edge-litert is a dependency; install the project")
@@ -14,9 +13,9 @@ pytest.importorskip("ai_edge_litert", reason="ai-edge-litert is a dependency; in
 
 @pytest.fixture(scope="module")
 def base_and_images(weights_path, cats_dogs):
-    from bottlecache.backbone import load_backbone, resolve_weights
-    from bottlecache.data import open_source
-    from bottlecache.engines import probe_images
+    from bottlecache.data.sources import open_source
+    from bottlecache.models.backbone import load_backbone, resolve_weights
+    from bottlecache.models.engines import probe_images
 
     weights = resolve_weights(weights_path, 160)
     source = open_source(cats_dogs, ["validation=validation[:24]"])
@@ -32,8 +31,7 @@ def engines_dir(converted, tmp_path_factory):
 
 @pytest.mark.slow
 def test_litert_matches_keras_on_real_images(base_and_images, engines_dir):
-    from bottlecache.engines import KerasEngine
-    from bottlecache.engines import MAX_ABS_DIFF, make_engine
+    from bottlecache.models.engines import MAX_ABS_DIFF, KerasEngine, make_engine
 
     model, weights, images = base_and_images
     engine = make_engine("litert", model, weights, 160, cache_dir=engines_dir, images=images[:8])
@@ -48,7 +46,7 @@ def test_litert_matches_keras_on_real_images(base_and_images, engines_dir):
 
 @pytest.mark.slow
 def test_flatbuffer_is_reused_and_a_corrupted_one_rebuilt(base_and_images, engines_dir, tmp_path):
-    from bottlecache.engines import LiteRTEngine, convert_to_flatbuffer, flatbuffer_path
+    from bottlecache.models.engines import LiteRTEngine, convert_to_flatbuffer, flatbuffer_path
 
     model, weights, images = base_and_images
     copy_engines(engines_dir, tmp_path)
@@ -73,7 +71,7 @@ def test_flatbuffer_is_reused_and_a_corrupted_one_rebuilt(base_and_images, engin
 @pytest.mark.slow
 def test_auto_build_records_the_engine_and_its_difference(weights_path, cats_dogs, tmp_path, small_cache, engines_dir):
     from bottlecache import build_cache
-    from bottlecache.store import Cache
+    from bottlecache.cache.store import Cache
 
     copy_engines(engines_dir, tmp_path)
     report = build_cache(cats_dogs, SMALL_SPLITS, weights=weights_path, cache_dir=tmp_path, engine="auto")
@@ -97,7 +95,7 @@ def test_auto_build_records_the_engine_and_its_difference(weights_path, cats_dog
 
 def test_fast_decode_is_part_of_the_fingerprint_and_close_to_full_decode(weights_path, cats_dogs, tmp_path):
     from bottlecache import build_cache
-    from bottlecache.store import Cache
+    from bottlecache.cache.store import Cache
 
     splits = ["validation=validation[:16]"]
     full = build_cache(cats_dogs, splits, weights=weights_path, cache_dir=tmp_path, engine="keras")
@@ -117,11 +115,11 @@ def test_a_checked_flatbuffer_starts_the_next_build_without_keras(weights_path, 
                                                                    monkeypatch):
     """The first build checks the flatbuffer against Keras and records it; the next build reuses
     that check and never loads the Keras base; a changed flatbuffer or record is checked again."""
-    import bottlecache.build as build_module
+    import bottlecache.cache.build as build_module
     from bottlecache import build_cache
-    from bottlecache.backbone import resolve_weights
-    from bottlecache.engines import flatbuffer_path
-    from bottlecache.store import Cache
+    from bottlecache.cache.store import Cache
+    from bottlecache.models.backbone import resolve_weights
+    from bottlecache.models.engines import flatbuffer_path
 
     copy_engines(engines_dir, tmp_path)
     path = flatbuffer_path(tmp_path, resolve_weights(weights_path, 160).sha256, 160)

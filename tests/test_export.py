@@ -44,7 +44,8 @@ CLI_EXPORT = ("litert", "dynamic")
 def exports(head, cats_dogs, tmp_path_factory):
     """Export folders, made on first use (format, quantize) → ExportResult; ``get.cli`` holds the
     command line's JSON output for ``CLI_EXPORT``."""
-    from bottlecache.export import ExportResult, export_model, read_export
+    from bottlecache.serve.artifacts import read_export
+    from bottlecache.serve.export import ExportResult, export_model
 
     made = {}
 
@@ -73,7 +74,7 @@ def exports(head, cats_dogs, tmp_path_factory):
 def source_predictions(head, cats_dogs):
     """``(photos, rows)``: three validation photos and the source head's predictions on them, made
     once (loading the source model costs seconds; every export is compared with the same rows)."""
-    from bottlecache.predict import load_model
+    from bottlecache.serve.predict import load_model
 
     photos = sorted((cats_dogs / "validation" / "dogs").glob("*.jpg"))[:3]
     return photos, load_model(head).predict(photos)
@@ -82,8 +83,8 @@ def source_predictions(head, cats_dogs):
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt,quantize", FORMATS, ids=[f"{f}-{q}" for f, q in FORMATS])
 def test_export_is_evaluated_and_ships_its_labels(fmt, quantize, exports, head, source_predictions):
-    from bottlecache.export import ARTIFACTS, read_export
-    from bottlecache.predict import load_model
+    from bottlecache.serve.artifacts import ARTIFACTS, read_export
+    from bottlecache.serve.predict import load_model
 
     result = exports(fmt, quantize)
     folder = result.path

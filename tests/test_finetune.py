@@ -11,16 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
-
 from conftest import POLL_SECONDS, wait_until
+from typer.testing import CliRunner
 
 FT_SPLITS = ["train=train[:32]", "validation=validation[:16]"]
 
 
 @pytest.fixture(scope="module")
 def keras_head(small_cache, tmp_path_factory):
-    from bottlecache.heads import train_head
+    from bottlecache.train.heads import train_head
 
     out = tmp_path_factory.mktemp("heads") / "keras-head"
     return train_head(small_cache.path, "keras", epochs=3, out=out).path
@@ -28,7 +27,7 @@ def keras_head(small_cache, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def finetuned(keras_head, cats_dogs, weights_path, tmp_path_factory):
-    from bottlecache.finetune import finetune
+    from bottlecache.train.finetune import finetune
 
     out = tmp_path_factory.mktemp("models") / "ft"
     return finetune(cats_dogs, FT_SPLITS, weights=weights_path, head=keras_head, epochs=1, out=out,
@@ -36,10 +35,10 @@ def finetuned(keras_head, cats_dogs, weights_path, tmp_path_factory):
 
 
 def test_every_path_uses_the_one_preprocessing_function(monkeypatch, cats_dogs):
-    import bottlecache.data as data
-    import bottlecache.finetune as finetune_module
-    import bottlecache.predict as predict_module
-    from bottlecache.build import _windows
+    import bottlecache.data.sources as data
+    import bottlecache.serve.predictor as predictor_module
+    import bottlecache.train.finetune as finetune_module
+    from bottlecache.cache.writer import _windows
 
     calls = []
     original = data.preprocess
@@ -59,15 +58,16 @@ def test_every_path_uses_the_one_preprocessing_function(monkeypatch, cats_dogs):
     data.load_image(source.split("train").paths[0], 96)  # prediction
     assert calls, "prediction did not call data.preprocess"
     # and nothing holds a private copy of it
-    assert predict_module.load_image is data.load_image
+    assert predictor_module.load_image is data.load_image
     assert finetune_module.training_dataset is data.training_dataset
 
 
 def test_head_on_the_base_predicts_like_the_head_on_cached_features(small_cache, keras_head, weights_path):
-    from bottlecache.predict import load_model
-    from bottlecache.heads import load_head
-    from bottlecache.store import Cache
     from conftest import CATS_DOGS
+
+    from bottlecache.cache.store import Cache
+    from bottlecache.serve.predict import load_model
+    from bottlecache.train.heads import load_head
 
     head = load_head(keras_head)
     with Cache(small_cache.path) as cache:
@@ -84,8 +84,8 @@ def test_head_on_the_base_predicts_like_the_head_on_cached_features(small_cache,
 def test_finetune_keeps_frozen_batchnorm_statistics_and_trains_the_top(finetuned, weights_path):
     import keras
 
-    from bottlecache.backbone import load_backbone, resolve_weights
-    from bottlecache.heads import load_keras_file
+    from bottlecache.models.backbone import load_backbone, resolve_weights
+    from bottlecache.train.heads import load_keras_file
 
     model = load_keras_file(finetuned.path / "model.keras")
     tuned = model.get_layer("frozen_bn_base").layer
@@ -175,9 +175,9 @@ def test_bad_finetune_and_predict_input_is_one_line(args, needle, cats_dogs, wei
 
 
 def test_head_with_other_weights_or_kind_is_refused(small_cache, keras_head, cats_dogs, weights_path, tmp_path):
-    from bottlecache.errors import BottlecacheError
-    from bottlecache.finetune import finetune
-    from bottlecache.heads import train_head
+    from bottlecache.core.errors import BottlecacheError
+    from bottlecache.train.finetune import finetune
+    from bottlecache.train.heads import train_head
 
     sklearn_head = train_head(small_cache.path, "sklearn", out=tmp_path / "sk").path
     with pytest.raises(BottlecacheError, match="Keras head"):
@@ -247,9 +247,9 @@ def test_finetune_killed_mid_run_resumes_from_last_finished_epoch(finetuned, ker
 def test_resume_with_other_settings_is_refused_and_epochs_may_grow(keras_head, cats_dogs, weights_path, tmp_path):
     """An interrupted run is resumed only with its own settings: a changed --learning-rate or
     --augment is refused in one line naming each; more --epochs is honoured."""
-    from bottlecache.errors import BottlecacheError
-    from bottlecache.finetune import finetune
-    from bottlecache.progress import NullProgress
+    from bottlecache.core.errors import BottlecacheError
+    from bottlecache.core.progress import NullProgress
+    from bottlecache.train.finetune import finetune
 
     class StopAfterFirstEpoch(NullProgress):  # Ctrl-C once the first epoch's checkpoint is written
         def message(self, text):

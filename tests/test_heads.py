@@ -7,10 +7,11 @@ import json
 
 import numpy as np
 import pytest
+from conftest import write_images
 
 from bottlecache import build_cache, open_cache
-from bottlecache.errors import BottlecacheError, CacheMismatchError
-from bottlecache.heads import (
+from bottlecache.core.errors import BottlecacheError, CacheMismatchError
+from bottlecache.train.heads import (
     BACKBONE_KEYS,
     best_weights_callback,
     build_head_model,
@@ -19,8 +20,6 @@ from bottlecache.heads import (
     load_head,
     train_head,
 )
-
-from conftest import write_images
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +156,7 @@ def test_load_head_errors(tmp_path, sklearn_result):
     (tmp_path / "head.json").write_text(json.dumps({"format": "other", "kind": "sklearn"}))
     with pytest.raises(BottlecacheError, match="is not a bottlecache-head record"):
         load_head(tmp_path)
-    from bottlecache.heads import save_head
+    from bottlecache.train.heads import save_head
 
     with open_cache(json.loads((sklearn_result.path / "head.json").read_text())["cache"]["path"]) as cache:
         with pytest.raises(BottlecacheError, match="exists and is not empty"):
@@ -250,8 +249,8 @@ def test_keras_head_on_cache_equals_end_to_end_training(float32_train_cache, wei
     """
     import keras
 
-    from bottlecache.backbone import load_backbone, resolve_weights
-    from bottlecache.data import load_image
+    from bottlecache.data.sources import load_image
+    from bottlecache.models.backbone import load_backbone, resolve_weights
 
     settings = dict(epochs=2, batch_size=16, learning_rate=1e-4, optimizer="rmsprop")
     result = train_head(float32_train_cache.path, "keras", dropout=0.0, shuffle=False, seed=0, save=False, **settings)

@@ -249,7 +249,7 @@ def test_interrupted_update_resumes(world):
 def test_hash_split_keeps_every_file_in_its_split(tmp_path):
     """The 80/10/10 hash split places a file by its relative path: adding or removing files moves
     no other file, and a file whose bytes change stays where it was."""
-    from bottlecache.data import open_source
+    from bottlecache.data.sources import open_source
 
     data = write_images(tmp_path / "flat", {"cats": 40, "dogs": 40})
 

@@ -6,7 +6,7 @@ import numpy as np
 def test_preprocess_equals_cast_scale_resize_on_real_photos(cats_dogs):
     import tensorflow as tf
 
-    from bottlecache.data import decode_image, preprocess
+    from bottlecache.data.sources import decode_image, preprocess
 
     files = sorted((cats_dogs / "validation" / "cats").glob("*.jpg"))[:20]
     for path in files:
@@ -19,7 +19,7 @@ def test_preprocess_equals_cast_scale_resize_on_real_photos(cats_dogs):
 
 
 def test_preprocess_takes_batches_and_other_sizes():
-    from bottlecache.data import preprocess
+    from bottlecache.data.sources import preprocess
 
     batch = np.zeros((2, 50, 70, 3), np.uint8)
     batch[1] = 255

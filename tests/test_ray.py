@@ -25,9 +25,9 @@ import pytest
 from conftest import IN_CI, POLL_SECONDS, REPO, error_line, invoke, wait_until
 
 from bottlecache import build_cache
-from bottlecache.config import CacheSettings
-from bottlecache.errors import BottlecacheError
-from bottlecache.store import open_cache, verify_cache
+from bottlecache.cache.settings import CacheSettings
+from bottlecache.cache.store import open_cache, verify_cache
+from bottlecache.core.errors import BottlecacheError
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -52,7 +52,7 @@ def ray_session():
     _need_ray()
     import ray
 
-    from bottlecache.ray_build import start_ray
+    from bottlecache.cache.ray_build import start_ray
 
     seconds, stop = start_ray(ray, None)
     yield ray
@@ -70,7 +70,7 @@ def _resolved(cats_dogs, weights_path, cache_dir, splits=SPLITS):
 
 
 def _ray_build(cats_dogs, weights_path, cache_dir, splits=SPLITS, **options):
-    from bottlecache.ray_build import build_ray
+    from bottlecache.cache.ray_build import build_ray
 
     options.setdefault("shard_size", SHARD)
     return build_ray(_resolved(cats_dogs, weights_path, cache_dir, splits), engine="keras", **options)
@@ -105,7 +105,7 @@ def test_ray_build_equals_the_single_process_build(ray_build, local_build):
 
 
 def test_heads_read_a_ray_cache_unchanged(ray_build, local_build, tmp_path):
-    from bottlecache.heads import train_head
+    from bottlecache.train.heads import train_head
 
     got = train_head(ray_build.path, "sklearn", out=tmp_path / "ray-head")
     want = train_head(local_build.path, "sklearn", out=tmp_path / "local-head")

@@ -44,14 +44,22 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import (
+    POLL_SECONDS,
+    REPO,
+    CommitClock,
+    copy_engines,
+    error_line,
+    flip_byte_in_chunk,
+    invoke,
+    wait_until,
+    write_images,
+)
 
 from bottlecache import build_cache, open_cache, verify_cache
-from bottlecache.data import open_source
-from bottlecache.errors import BottlecacheError
-from bottlecache.store import COMMIT_ROWS, Cache
-
-from conftest import (POLL_SECONDS, REPO, CommitClock, copy_engines, error_line, flip_byte_in_chunk, invoke,
-                      wait_until, write_images)
+from bottlecache.cache.store import COMMIT_ROWS, Cache
+from bottlecache.core.errors import BottlecacheError
+from bottlecache.data.sources import open_source
 
 SEED = 20240607
 IMAGE_SIZE = 96  # the smallest input: the faults do not depend on it, and every forward pass is cheaper
@@ -555,8 +563,8 @@ def test_two_builds_of_the_same_cache_one_writes(reference, weights_path, cats_d
 def test_litert_build_interrupted_and_resumed_is_bit_identical(weights_path, cats_dogs, converted, tmp_path):
     """A resumed build with the default engine (auto → LiteRT) equals its uninterrupted build bit
     for bit: the engine is deterministic for the same batches."""
-    from bottlecache.progress import NullProgress
-    from bottlecache.engines import litert_available
+    from bottlecache.core.progress import NullProgress
+    from bottlecache.models.engines import litert_available
 
     if not litert_available():
         pytest.skip("ai-edge-litert is not installed (auto is Keras then, covered above)")
@@ -672,9 +680,9 @@ def hostile(tmp_path_factory):
 def test_hostile_files_are_cached_correctly_or_skipped_with_a_reason(hostile, weights_path, tmp_path):
     from PIL import Image
 
-    from bottlecache.backbone import load_backbone, resolve_weights
-    from bottlecache.data import decode_image, load_image
-    from bottlecache.engines import KerasEngine
+    from bottlecache.data.sources import decode_image, load_image
+    from bottlecache.models.backbone import load_backbone, resolve_weights
+    from bottlecache.models.engines import KerasEngine
 
     root, expected, deep = hostile
     cache_dir = tmp_path / "cache"
@@ -852,7 +860,7 @@ def test_tampered_caches_are_detected(reference, tmp_path):
     forged = tmp_path / "forged" / original.name
     forged.parent.mkdir()
     shutil.copy(swapped, forged)
-    from bottlecache.fingerprint import fingerprint
+    from bottlecache.core.fingerprint import fingerprint
 
     with h5py.File(forged, "r+") as f:
         f.attrs["fingerprint"] = fingerprint(json.loads(f.attrs["config"]))
@@ -934,7 +942,7 @@ def lambda_head(reference, tmp_path_factory):
     a marker file whenever it runs; ``(head folder, model folder, marker)``."""
     import keras
 
-    from bottlecache.heads import train_head
+    from bottlecache.train.heads import train_head
 
     base = tmp_path_factory.mktemp("lambda")
     head = train_head(reference.path, "keras", epochs=1, out=base / "real-head").path
@@ -966,7 +974,7 @@ def lambda_head(reference, tmp_path_factory):
 def test_keras_files_with_code_are_refused(lambda_head, weights_path, cats_dogs):
     import keras
 
-    from bottlecache.heads import load_head
+    from bottlecache.train.heads import load_head
 
     evil_head, evil_model, marker = lambda_head
     with pytest.raises(BottlecacheError, match="refused in safe mode") as caught:

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from bottlecache.heads import train_head
-from bottlecache.report import calibration, confident_mistakes, threshold_curve, write_report
-
 from conftest import IN_CI, error_line, invoke
+
+from bottlecache.serve.report import calibration, confident_mistakes, threshold_curve, write_report
+from bottlecache.train.heads import train_head
 
 CHROMIUM_SECONDS = 120  # a hung browser fails the test instead of hanging the suite
 CHECK_SCRIPT = """<script>

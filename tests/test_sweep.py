@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import error_line, invoke
 
 SIZES = (96, 128)
@@ -40,7 +39,7 @@ def photos(tmp_path_factory, cats_dogs) -> Path:
 
 
 def run_sweep(photos, weights, cache_dir, **options):
-    from bottlecache.sweep import sweep
+    from bottlecache.train.sweep import sweep
 
     options = {"image_sizes": SIZES, "kinds": ("sklearn", "keras"), "Cs": CS, "epochs": EPOCHS, "engine": "keras"} | options
     return sweep(photos, weights=weights, cache_dir=cache_dir, **options)
@@ -53,7 +52,7 @@ def first(photos, weights_path, tmp_path_factory):
 
 
 def test_order_is_cheapest_first():
-    from bottlecache.sweep import Configuration, grid
+    from bottlecache.train.sweep import Configuration, grid
 
     assert [p.image_size for p in grid([224, 96, 160])] == [96, 160, 224]
     # the model and the views weigh in: a costlier model at a smaller size comes later
@@ -62,8 +61,8 @@ def test_order_is_cheapest_first():
 
 
 def _test_accuracy(row) -> float:
-    from bottlecache.heads import load_head
-    from bottlecache.store import Cache
+    from bottlecache.cache.store import Cache
+    from bottlecache.train.heads import load_head
 
     with Cache(row.cache_path) as cache:
         head = load_head(row.head_path)
@@ -72,7 +71,7 @@ def _test_accuracy(row) -> float:
 
 @pytest.mark.slow
 def test_winner_is_chosen_on_validation_only(first):
-    from bottlecache.heads import list_heads, load_head
+    from bottlecache.train.heads import list_heads, load_head
 
     board, cache_dir = first
     assert len(board.rows) == len(SIZES) * (len(CS) + 1)
@@ -104,19 +103,23 @@ def test_winner_is_chosen_on_validation_only(first):
 
 
 def _tripwires(monkeypatch):
-    """Building a cache or training a head fails loudly (the sweep would report it in the row)."""
-    import bottlecache.build
-    import bottlecache.heads
+    """Building a cache or training a head fails loudly (the sweep would report it in the row):
+    each function is replaced where the sweep calls it from, and where it is defined."""
+    import bottlecache.cache.build
+    import bottlecache.train.heads
+    import bottlecache.train.sweep
 
     def tripwire(function):
-        @functools.wraps(function)  # the same signature (the sweep reads train_head's defaults)
+        @functools.wraps(function)
         def tripped(*args, **kwargs):
             raise AssertionError(f"a rerun must not call {function.__name__}")
 
         return tripped
 
-    for module, name in ((bottlecache.build, "build_resolved"), (bottlecache.build, "load_backbone"),
-                         (bottlecache.heads, "train_head")):
+    for module, name in ((bottlecache.cache.build, "build_resolved"), (bottlecache.train.sweep, "build_resolved"),
+                         (bottlecache.cache.build, "load_backbone"), (bottlecache.train.heads, "train_head"),
+                         (bottlecache.train.sweep, "train_head")):
+        assert hasattr(module, name), f"{module.__name__} no longer holds {name}: replace it where it is called"
         monkeypatch.setattr(module, name, tripwire(getattr(module, name)))
 
 
@@ -177,7 +180,7 @@ def test_missing_weights_of_one_model_is_its_row(first, photos, weights_path, tm
     import dataclasses
 
     from bottlecache import CacheSettings
-    from bottlecache.errors import BottlecacheError
+    from bottlecache.core.errors import BottlecacheError
 
     board, cache_dir = first
     if "model" not in {f.name for f in dataclasses.fields(CacheSettings)}:
@@ -239,8 +242,8 @@ def test_cli_bad_options(args, expected, tmp_path, photos, weights_path):
 
 
 def test_budget_parsing():
-    from bottlecache.errors import BottlecacheError
-    from bottlecache.sweep import parse_budget
+    from bottlecache.core.errors import BottlecacheError
+    from bottlecache.train.sweep import parse_budget
 
     assert [parse_budget(t) for t in ("90", "90s", "10m", "1h30m", "1.5h", None)] == [90, 90, 600, 5400, 5400, None]
     for bad in ("0", "-1m", "10 minutes", "m", "1e400"):

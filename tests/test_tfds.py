@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import error_line, invoke
 
 NAME = "bottlecache_test_pets"
@@ -120,7 +119,7 @@ def _json(result) -> dict:
 
 def _rows(path) -> dict:
     """``{split: (keys, labels, features, pooled)}`` of a cache file."""
-    from bottlecache.store import Cache
+    from bottlecache.cache.store import Cache
 
     with Cache(path) as cache:
         return {s: (cache.keys(s), cache.labels(s), cache.features(s), cache.pooled(s)) for s in cache.splits}

@@ -1,4 +1,4 @@
-"""Cached augmented views (``cache build --views K --augment SPEC --seed``; ``bottlecache.augment``):
+"""Cached augmented views (``cache build --views K --augment SPEC --seed``; ``bottlecache.data.augment``):
 deterministic, train only, in the fingerprint, and what the heads do with them (real photos, real
 weights, small slices)."""
 
@@ -7,13 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bottlecache.errors import BottlecacheError
+from bottlecache.core.errors import BottlecacheError
 
 VIEW_SPLITS = ["train=train[:40]", "validation=validation[:8]"]
 
 
 def test_spec_parsing_and_its_one_spelling():
-    from bottlecache.augment import canonical_spec, parse_spec
+    from bottlecache.data.augment import canonical_spec, parse_spec
 
     assert canonical_spec("tutorial") == "flip,rotate=0.2"
     assert canonical_spec(" zoom=0.10, flip ,rotate=0.2") == "flip,rotate=0.2,zoom=0.1"
@@ -25,7 +25,7 @@ def test_spec_parsing_and_its_one_spelling():
 
 
 def test_a_view_is_a_function_of_image_key_view_and_seed():
-    from bottlecache.augment import parse_spec, view_batch
+    from bottlecache.data.augment import parse_spec, view_batch
 
     rng = np.random.default_rng(0)
     images = rng.uniform(-1, 1, (3, 32, 32, 3)).astype(np.float32)
@@ -40,7 +40,7 @@ def test_a_view_is_a_function_of_image_key_view_and_seed():
 
 
 def test_the_fingerprint_changes_with_spec_k_and_seed(cats_dogs, weights_path, tmp_path):
-    from bottlecache.config import CacheSettings
+    from bottlecache.cache.settings import CacheSettings
 
     def fp(**kw):
         return CacheSettings(cats_dogs, tuple(VIEW_SPLITS), weights=weights_path, cache_dir=tmp_path, **kw).resolve().fingerprint
@@ -71,7 +71,7 @@ def views_cache(tmp_path_factory, cats_dogs, weights_path):
 
 
 def test_views_are_stored_for_train_only_and_differ(views_cache):
-    from bottlecache.store import Cache, verify_cache
+    from bottlecache.cache.store import Cache, verify_cache
 
     with Cache(views_cache.path) as cache:
         assert cache.n_views == 2
@@ -86,7 +86,7 @@ def test_views_are_stored_for_train_only_and_differ(views_cache):
 
 def test_a_resumed_and_a_repeated_build_store_the_same_views(views_cache, cats_dogs, weights_path, tmp_path):
     from bottlecache import build_cache
-    from bottlecache.store import Cache
+    from bottlecache.cache.store import Cache
 
     options = dict(weights=weights_path, cache_dir=tmp_path, dtype="float32", engine="keras", views=2,
                    augment="flip,rotate=0.2,zoom=0.1", seed=3)
@@ -102,8 +102,8 @@ def test_a_resumed_and_a_repeated_build_store_the_same_views(views_cache, cats_d
 
 
 def test_the_keras_head_draws_one_view_per_image_per_epoch(views_cache):
-    from bottlecache.store import Cache
-    from bottlecache.views import ViewEpochs
+    from bottlecache.cache.store import Cache
+    from bottlecache.train.views import ViewEpochs
 
     with Cache(views_cache.path) as cache:
         epochs = ViewEpochs(cache, 16, seed=0)
@@ -124,7 +124,7 @@ def test_the_keras_head_draws_one_view_per_image_per_epoch(views_cache):
 
 @pytest.mark.parametrize("kind", ["sklearn", "keras"])
 def test_heads_train_on_views(views_cache, kind, tmp_path):
-    from bottlecache.heads import train_head
+    from bottlecache.train.heads import train_head
 
     result = train_head(views_cache.path, kind, views=True, epochs=2, out=tmp_path / kind)
     assert result.params["views"] == 2
@@ -134,8 +134,9 @@ def test_heads_train_on_views(views_cache, kind, tmp_path):
 
 
 def test_train_head_views_on_a_cache_without_views_is_one_line(views_cache, cats_dogs, weights_path, tmp_path):
-    from bottlecache import build_cache
     from conftest import error_line, invoke
+
+    from bottlecache import build_cache
 
     plain = build_cache(cats_dogs, ["train=train[:8]", "validation=validation[:4]"], weights=weights_path,
                         cache_dir=tmp_path, engine="keras")

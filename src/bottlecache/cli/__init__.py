@@ -9,8 +9,8 @@ import typer
 
 from ._common import JsonOpt, OneLineGroup, handle_errors
 from .cache import app as cache_app
-from .embeddings import duplicates, neighbors
 from .cache import print_models
+from .embeddings import duplicates, neighbors
 from .export import export
 from .finetune import app as finetune_app
 from .predict import predict
@@ -32,7 +32,7 @@ def root(
     verbose: Annotated[bool, typer.Option("--verbose", help="Show TensorFlow's own start-up and log lines, and the traceback of an unexpected error.")] = False,
 ):
     """Bottleneck-feature caching for transfer learning: run a frozen base once, train heads in seconds."""
-    from .._tf import set_verbose
+    from ..core.tf import set_verbose
 
     if verbose:
         os.environ["BOTTLECACHE_VERBOSE"] = "1"

@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..config import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL
-from ..errors import BottlecacheError, reason
+from ..core.errors import BottlecacheError, reason
+from ..core.options import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL
 from ._common import (
     CacheDirOpt,
     DataOpt,
@@ -60,18 +60,21 @@ def build(
     as_json: JsonOpt = False,
 ):
     """Run the frozen base (--model) once over each split and store the features in an HDF5 cache."""
-    from ..build import build_cache
+    from ..cache.build import build_cache
+    from ..cache.settings import BuildOptions, CacheSettings
 
     if model == "list":
         print_models(as_json)
         return
+    settings = CacheSettings(
+        data, None if split is None else tuple(split), image_size=image_size, weights=weights, dtype=dtype,
+        fast_decode=fast_decode, tfds_data_dir=tfds_data_dir, cache_dir=cache_dir, model=model, cut=cut, views=views,
+        augment=augment, view_seed=seed,
+    )
+    options = BuildOptions(engine=engine, batch_size=batch_size, wait=wait, reuse=reuse, executor=executor,
+                           ray_address=ray_address, shard_size=shard_size)
     with RichProgress(quiet=False) as progress:
-        report = build_cache(
-            data, split, image_size=image_size, weights=weights, cache_dir=cache_dir, dtype=dtype,
-            batch_size=batch_size, engine=engine, tfds_data_dir=tfds_data_dir, wait=wait, fast_decode=fast_decode,
-            reuse=reuse, progress=progress, executor=executor, ray_address=ray_address, shard_size=shard_size, model=model,
-            cut=cut, views=views, augment=augment, seed=seed,
-        )
+        report = build_cache(settings=settings, options=options, progress=progress)
     if as_json:
         print_json(report.to_dict())
         return
@@ -106,7 +109,7 @@ def build(
 @handle_errors(interrupted="interrupted")
 def ls(cache_dir: CacheDirOpt = None, as_json: JsonOpt = False):
     """List the caches in the cache folder, newest first (a damaged one as a row with its reason)."""
-    from ..store import Cache, list_caches
+    from ..cache.store import Cache, list_caches
 
     rows, records = [], []
     for path in list_caches(cache_dir):
@@ -138,7 +141,7 @@ def ls(cache_dir: CacheDirOpt = None, as_json: JsonOpt = False):
 @handle_errors(interrupted="interrupted")
 def info(cache: Annotated[str, typer.Argument(help="Cache file or fingerprint prefix.")], cache_dir: CacheDirOpt = None, as_json: JsonOpt = False):
     """Show a cache's configuration and per-split counts."""
-    from ..store import open_cache
+    from ..cache.store import open_cache
 
     with open_cache(cache, cache_dir) as c:
         record = {
@@ -159,7 +162,7 @@ def info(cache: Annotated[str, typer.Argument(help="Cache file or fingerprint pr
 @handle_errors(interrupted="interrupted; nothing was changed")
 def verify(cache: Annotated[str, typer.Argument(help="Cache file or fingerprint prefix.")], cache_dir: CacheDirOpt = None, as_json: JsonOpt = False):
     """Read every chunk and check checksums, shapes, counts and the fingerprint; exit 1 on any fault."""
-    from ..store import DAMAGED_ADVICE, find_cache, verify_cache
+    from ..cache.store import DAMAGED_ADVICE, find_cache, verify_cache
 
     report = verify_cache(find_cache(cache, cache_dir))
     if as_json:
@@ -186,8 +189,8 @@ def consolidate(
     cache_dir: CacheDirOpt = None,
 ):
     """Rewrite a cache built with --executor ray (which reads its shard files) as one standalone file."""
-    from ..shards import consolidate_cache
-    from ..store import find_cache
+    from ..cache.shards import consolidate_cache
+    from ..cache.store import find_cache
 
     path = find_cache(cache, cache_dir)
     with RichProgress(quiet=False) as progress:
@@ -215,17 +218,17 @@ def train_head_command(
     as_json: JsonOpt = False,
 ):
     """Train a head on a cache's features and report its metrics on the other splits."""
-    from ..heads import train_head
-    from ..store import find_cache
+    from ..cache.store import find_cache
+    from ..train.heads import HeadSettings, train_head
 
     path = find_cache(cache, cache_dir)
     if cache is None and not as_json:
         err.print(f"using the newest cache: {path}", markup=False)
-    result = train_head(
-        path, kind, C=c or [1.0], epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-        optimizer=optimizer, dropout=dropout, seed=seed, early_stopping=early_stopping, class_weight=class_weight,
-        out=out_dir, cache_dir=cache_dir, views=views,
+    settings = HeadSettings(
+        kind, C=c or (1.0,), epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer,
+        dropout=dropout, seed=seed, early_stopping=early_stopping, class_weight=class_weight, views=views,
     )
+    result = train_head(path, settings=settings, out=out_dir, cache_dir=cache_dir)
     record = result.to_dict()
     if as_json:
         print_json(record)
@@ -242,7 +245,7 @@ def train_head_command(
 def heads(cache_dir: CacheDirOpt = None, as_json: JsonOpt = False):
     """List the trained heads in the cache folder with their validation accuracy (a damaged one as a
     row with its reason)."""
-    from ..heads import list_heads
+    from ..train.heads import list_heads
 
     records = []
     for folder, metrics in list_heads(cache_dir):
@@ -268,7 +271,7 @@ def _fmt(value, digits: int = 4) -> str:
 
 def print_models(as_json: bool = False) -> None:
     """The registry of bases (``bottlecache models``, ``cache build --model list``)."""
-    from ..backbones import table_rows
+    from ..core.registry import table_rows
 
     rows = table_rows()
     if as_json:

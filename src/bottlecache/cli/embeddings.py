@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from ..embeddings import DEFAULT_K, DEFAULT_THRESHOLD
+from ..serve.embeddings import DEFAULT_K, DEFAULT_THRESHOLD
 from ._common import CacheDirOpt, JsonOpt, RichProgress, WeightsOpt, err, handle_errors, out, print_json, table
 
 MAX_ROWS_SHOWN = 50
@@ -22,7 +22,7 @@ def neighbors(
     as_json: JsonOpt = False,
 ):
     """The cached images nearest to an image or a cached key (cosine of the pooled features)."""
-    from ..embeddings import neighbors as find_neighbors
+    from ..serve.embeddings import neighbors as find_neighbors
 
     result = find_neighbors(cache, query, k, weights=weights, cache_dir=cache_dir)
     if as_json:
@@ -41,7 +41,7 @@ def duplicates(
     as_json: JsonOpt = False,
 ):
     """Near-duplicate pairs within and across splits; a pair across splits is reported as leakage."""
-    from ..embeddings import duplicates as find_duplicates
+    from ..serve.embeddings import duplicates as find_duplicates
 
     with RichProgress(quiet=as_json) as progress:
         result = find_duplicates(cache, threshold, cache_dir=cache_dir, progress=progress)

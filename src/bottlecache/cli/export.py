@@ -7,9 +7,19 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..config import DEFAULT_DATA
-from ._common import CacheDirOpt, JsonOpt, RichProgress, TfdsDirOpt, WeightsOpt, handle_errors, human_bytes, out, \
-    print_json, table
+from ..core.options import DEFAULT_DATA
+from ._common import (
+    CacheDirOpt,
+    JsonOpt,
+    RichProgress,
+    TfdsDirOpt,
+    WeightsOpt,
+    handle_errors,
+    human_bytes,
+    out,
+    print_json,
+    table,
+)
 
 
 @handle_errors(interrupted="interrupted; nothing was written")
@@ -32,12 +42,12 @@ def export(
 
     Stops with one line, writing nothing, if it lost more than --tolerance accuracy points.
     """
-    from ..export import export_model
+    from ..serve.export import ExportSettings, export_model
 
+    settings = ExportSettings(format, quantize, data=data, tfds_data_dir=tfds_data_dir, weights=weights,
+                              tolerance=tolerance, calibration=calibration, batch_size=batch_size)
     with RichProgress(quiet=as_json) as progress:
-        result = export_model(model, format, quantize, out=out_dir, data=data, weights=weights, tolerance=tolerance,
-                              calibration=calibration, batch_size=batch_size, cache_dir=cache_dir,
-                              tfds_data_dir=tfds_data_dir, progress=progress)
+        result = export_model(model, settings=settings, out=out_dir, cache_dir=cache_dir, progress=progress)
     summary = result.to_dict()
     if as_json:
         print_json(summary)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..config import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL
+from ..core.options import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL
 from ._common import (
     CacheDirOpt,
     DataOpt,
@@ -55,16 +55,18 @@ def run(
     as_json: JsonOpt = False,
 ):
     """Unfreeze the base (--model) from --fine-tune-at on and train it with the head on the images."""
-    from ..finetune import finetune
+    from ..cache.settings import CacheSettings
+    from ..train.finetune import FinetuneSettings, finetune
 
+    cache = CacheSettings(data, None if split is None else tuple(split), image_size=image_size, weights=weights,
+                          dtype=dtype, tfds_data_dir=tfds_data_dir, cache_dir=cache_dir, model=model)
+    settings = FinetuneSettings(
+        fine_tune_at=fine_tune_at, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, seed=seed,
+        augment=augment, early_stopping=early_stopping, head_epochs=head_epochs, from_cache=from_cache, views=views,
+    )
     with RichProgress() as progress:
-        result = finetune(
-            data, split, image_size=image_size, weights=weights, cache_dir=cache_dir, head=head,
-            head_epochs=head_epochs, fine_tune_at=fine_tune_at, epochs=epochs, learning_rate=learning_rate,
-            batch_size=batch_size, seed=seed, augment=augment, early_stopping=early_stopping, out=out_dir,
-            resume=resume, tfds_data_dir=tfds_data_dir, from_cache=from_cache, views=views, dtype=dtype, cut_cache=cut_cache,
-            progress=progress, model=model,
-        )
+        result = finetune(settings=settings, cache=cache, head=head, out=out_dir, resume=resume, cut_cache=cut_cache,
+                          progress=progress)
     record = result.to_dict()
     if as_json:
         print_json(record)

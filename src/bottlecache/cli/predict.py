@@ -23,8 +23,8 @@ def predict(
 
     Exit code 0 when every image was predicted, 1 when some could not be read, 2 when none could.
     """
-    from ..config import MAX_BATCH_SIZE, check_positive
-    from ..predict import check_csv_path, expand_images, load_model, write_csv
+    from ..core.options import MAX_BATCH_SIZE, check_positive
+    from ..serve.predict import check_csv_path, expand_images, load_model, write_csv
 
     check_positive("batch_size", batch_size, maximum=MAX_BATCH_SIZE)
     if csv_path is not None:

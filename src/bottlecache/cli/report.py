@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..report import DEFAULT_BINS, DEFAULT_TOP
+from ..serve.report import DEFAULT_BINS, DEFAULT_TOP
 from ._common import JsonOpt, RichProgress, TfdsDirOpt, handle_errors, out, print_json
 
 
@@ -24,7 +24,7 @@ def report(
 ):
     """Write a self-contained HTML error report: per-class metrics, confusion matrix, the most
     confidently wrong images, reliability diagram and calibration error, accuracy against the threshold."""
-    from ..report import write_report
+    from ..serve.report import write_report
 
     with RichProgress(quiet=as_json) as progress:
         result = write_report(model, split, out_file, data=data, top=top, bins=bins,

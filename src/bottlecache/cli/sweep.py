@@ -7,10 +7,21 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..config import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_ENGINE
-from ..errors import BottlecacheError
-from ._common import CacheDirOpt, DataOpt, JsonOpt, RichProgress, SplitOpt, TfdsDirOpt, fail, handle_errors, \
-    out, print_json, table
+from ..core.errors import BottlecacheError
+from ..core.options import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_ENGINE
+from ._common import (
+    CacheDirOpt,
+    DataOpt,
+    JsonOpt,
+    RichProgress,
+    SplitOpt,
+    TfdsDirOpt,
+    fail,
+    handle_errors,
+    out,
+    print_json,
+    table,
+)
 
 
 def _csv(name: str, text: str | None, convert, what: str):
@@ -64,19 +75,21 @@ def sweep(
 ):
     """Find the best configuration for your data: build (or reuse) a cache per configuration, train every
     head on each, rank by validation accuracy; only the winner is measured on the test split and saved."""
-    from ..sweep import sweep as run_sweep
+    from ..train.sweep import SweepSettings
+    from ..train.sweep import sweep as run_sweep
 
-    options = dict(
+    settings = SweepSettings(
         image_sizes=_csv("image_size", image_size, int, "image sizes (96, 128, 160, 192, 224)"),
         models=_csv("model", model, str, "model names"),
         views=_csv("views", views, int, "whole numbers of views"),
         kinds=_csv("kind", kind, str, "head kinds (sklearn, keras)"),
         Cs=_csv("C", c, float, "positive numbers"),
+        epochs=epochs, seed=seed, dtype=dtype, engine=engine, budget=budget,
     )
+    weights = _weights(weights)
     with RichProgress(quiet=False) as progress:
-        board = run_sweep(data, split, **options, epochs=epochs, seed=seed, weights=_weights(weights),
-                          cache_dir=cache_dir, dtype=dtype, engine=engine, tfds_data_dir=tfds_data_dir,
-                          budget=budget, out=out_dir, progress=progress)
+        board = run_sweep(data, split, settings=settings, weights=weights, cache_dir=cache_dir,
+                          tfds_data_dir=tfds_data_dir, out=out_dir, progress=progress)
     if as_json:
         print_json(board.to_dict())
     else:

@@ -1,0 +1,125 @@
+"""Writing files so that a reader never sees half of one: a temporary name, then ``os.replace``.
+
+The cache folder explains itself: it holds a ``.gitignore`` (as joblib's cache folder does), so
+that nobody commits gigabytes of features by accident.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+from pathlib import Path
+
+from .errors import BottlecacheError, reason
+
+GITIGNORE_TEXT = "# Written by bottlecache: this folder holds caches, heads and models, not source.\n*\n"
+_NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def staged_path(path: Path) -> Path:
+    """The temporary name ``path`` is written under (same folder: the rename is atomic)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable: the directory entry is on disk once this returns."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish_file(staged: Path, final: Path) -> None:
+    """Sync the finished ``staged`` file, rename it to ``final`` (atomic) and sync the folder: after
+    a crash the folder holds the old file or the whole new one."""
+    with open(staged, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(staged, final)
+    fsync_dir(Path(final).parent)
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path):
+    """A temporary sibling of ``out`` (missing or empty) to write a folder's files into; when the
+    block ends without an error it becomes ``out`` by one rename, and otherwise it is removed, so a
+    reader never sees half a folder."""
+    out = Path(out)
+    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+        yield staging
+        if out.exists():
+            out.rmdir()
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def newest_first(paths) -> list[Path]:
+    """``paths`` by modification time, newest first; one that vanished meanwhile goes last."""
+
+    def mtime(path: Path) -> float:
+        try:
+            return path.stat().st_mtime
+        except OSError:
+            return float("-inf")
+
+    return sorted(paths, key=mtime, reverse=True)
+
+
+def free_folder(path: Path) -> Path:
+    """``path``, or ``path-2``, ``path-3``… : the first name not taken yet."""
+    path, n, candidate = Path(path), 1, Path(path)
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    staged = staged_path(path)
+    try:
+        staged.write_text(text, encoding="utf-8")
+        os.replace(staged, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            staged.unlink()
+
+
+def atomic_save(path: Path, save) -> None:
+    """``save(staged_path)`` writes the file (a Keras ``model.save`` or ``save_weights``), then it is
+    renamed into place. Keras picks the format from the suffix, so the staged name keeps it."""
+    path = Path(path)
+    staged = path.with_name(f"staged-{os.getpid()}-{path.name}")
+    try:
+        save(staged)
+        os.replace(staged, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            staged.unlink()
+
+
+def write_error(path: Path, error: OSError, advice: str = "") -> BottlecacheError:
+    """A failed write as one line that names the path and, for a full disk, what to do."""
+    if error.errno in _NO_SPACE:
+        text = f"Could not write {path}: no space left; free space in {Path(path).parent}"
+    else:
+        text = f"Could not write {path} ({reason(error)})"
+    return BottlecacheError(f"{text}{'; ' + advice if advice else ''}.")
+
+
+def ensure_cache_dir(folder: Path) -> Path:
+    """Create the cache folder (and its ``.gitignore``) if needed."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        ignore = folder / ".gitignore"
+        if not ignore.exists():
+            atomic_write_text(ignore, GITIGNORE_TEXT)
+    except OSError as error:
+        raise write_error(folder, error, "pass another --cache-dir") from None
+    return folder

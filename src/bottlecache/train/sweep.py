@@ -1,0 +1,666 @@
+"""``sweep``: try every cache configuration × head setting, rank them on validation, test only the winner.
+
+A cache configuration is what changes the features (image size; the backbone ``model`` and the
+number of ``views`` where ``CacheSettings`` has those fields). Each one's cache is found or built
+(``CacheSettings`` → fingerprint, so an existing cache is a hit), every head setting is trained on it
+and measured on the validation split only; the best validation accuracy wins (lower validation log
+loss breaks a tie, then the cheaper configuration). Only the winner is then measured on the test
+split, and saved in ``<cache dir>/heads`` like any other head.
+
+Resumable: candidates are saved in ``<cache dir>/sweep/heads`` and found again by their record
+(cache fingerprint, kind, parameters), so a rerun builds nothing and trains nothing already done.
+
+Budget: configurations run cheapest first (estimated from image size², the model and the views);
+a build that would end past the budget is not started, and its configuration is reported skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..cache.build import build_resolved
+from ..cache.settings import CacheSettings
+from ..cache.store import Cache
+from ..cache.writer import check_build_options
+from ..core.errors import BottlecacheError, reason
+from ..core.files import atomic_save, atomic_write_text, ensure_cache_dir, free_folder, write_error
+from ..core.options import (
+    DEFAULT_DTYPE,
+    DEFAULT_ENGINE,
+    MAX_EPOCHS,
+    check_choice,
+    check_folder_option,
+    check_image_size,
+    check_positive,
+    check_seed,
+    resolve_cache_dir,
+    settings_with,
+)
+from ..core.progress import NullProgress
+from ..core.records import MetricsRecord, read_json
+from ..data.sources import open_source
+from ..models.backbone import resolve_weights
+from .heads import (
+    HEAD_ADVICE,
+    KINDS,
+    MAX_C,
+    HeadResult,
+    HeadSettings,
+    compute_metrics,
+    load_head,
+    predict_split,
+    read_head_record,
+    save_head,
+    train_head,
+)
+
+DEFAULT_IMAGE_SIZES = (160, 192, 224)
+DEFAULT_KINDS = ("sklearn", "keras")
+DEFAULT_CS = (1.0,)
+DEFAULT_EPOCHS = 10
+SWEEP_FOLDER = "sweep"
+# Forward cost per pixel relative to MobileNetV2 (multiply-adds per pixel, Keras's published
+# figures: Xception 8.4 G at 299 px, MobileNetV2 0.3 G at 224 px). A model not listed counts as 1.
+MODEL_COST = {"mobilenet_v2": 1.0, "xception": 15.7}
+# Before any build of this sweep has been timed: seconds per image of the reference configuration
+# (MobileNetV2 at 160 px) and seconds per build (loading the model, preparing the engine). From the
+# benchmarks on a loaded 2-core machine (cache-build-keras 65 img/s; litert conversion 20 s).
+PRIOR_SECONDS_PER_IMAGE = 1 / 60
+PRIOR_SECONDS_PER_BUILD = 20.0
+REFERENCE_SIZE = 160
+MAX_BUDGET_SECONDS = 30 * 24 * 3600
+
+
+def cache_settings_fields() -> set[str]:
+    return {f.name for f in dataclasses.fields(CacheSettings)}
+
+
+def default_model() -> str:
+    """``CacheSettings.model``'s default."""
+    return CacheSettings.model
+
+
+# ---------------------------------------------------------------------------------------------
+# The grid
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One cache configuration; ``model`` and ``views`` None mean ``CacheSettings``'s defaults."""
+
+    image_size: int
+    model: str | None = None
+    views: int | None = None
+
+    @property
+    def label(self) -> str:
+        parts = [f"{self.model} {self.image_size} px" if self.model else f"{self.image_size} px"]
+        if self.views:
+            parts.append(f"{self.views} views")
+        return ", ".join(parts)
+
+    @property
+    def relative_cost(self) -> float:
+        """Forward cost per image relative to MobileNetV2 at 160 px (one view)."""
+        model_cost = MODEL_COST.get(self.model or default_model(), 1.0)
+        return (self.image_size / REFERENCE_SIZE) ** 2 * model_cost * (1 + (self.views or 0))
+
+    def settings_fields(self) -> dict:
+        """The ``CacheSettings`` fields this configuration sets (the others keep their defaults)."""
+        out = {"image_size": self.image_size}
+        if self.model is not None:
+            out["model"] = self.model
+        if self.views is not None:
+            out["views"] = self.views
+        return out
+
+    def to_dict(self) -> dict:
+        return {"image_size": self.image_size, "model": self.model or default_model(), "views": self.views or 0}
+
+
+@dataclass(frozen=True)
+class HeadSetting:
+    """One head to train on every cache: its kind and the settings that differ between heads."""
+
+    kind: str
+    C: float | None = None  # sklearn
+    epochs: int | None = None  # keras
+    seed: int = 0
+
+    @property
+    def label(self) -> str:
+        return f"sklearn C={self.C:g}" if self.kind == "sklearn" else f"keras {self.epochs} ep"
+
+    def train_options(self) -> dict:
+        if self.kind == "sklearn":
+            return {"C": [self.C], "seed": self.seed}
+        return {"epochs": self.epochs, "seed": self.seed}
+
+    def matches(self, kind: str, params: dict) -> bool:
+        """Whether a saved head's kind and parameters are this setting's (other parameters at their defaults)."""
+        if kind != self.kind or params.get("class_weight", "none") != "none":  # a weighted head is another head
+            return False
+        if self.kind == "sklearn":
+            return params.get("Cs") == [self.C]
+
+        defaults = {f.name: f.default for f in dataclasses.fields(HeadSettings)}
+        expected = {key: defaults[key] for key in ("batch_size", "learning_rate", "optimizer", "dropout",
+                                                   "early_stopping")}
+        expected |= {"epochs": self.epochs, "seed": self.seed}
+        return all(params.get(key) == value for key, value in expected.items())
+
+    def folder_name(self, fingerprint: str) -> str:
+        digest = hashlib.sha256(json.dumps(self.train_options(), sort_keys=True).encode()).hexdigest()[:8]
+        return f"{self.kind}-{fingerprint[:12]}-sweep-{digest}"
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, **({"C": self.C} if self.kind == "sklearn" else {"epochs": self.epochs})}
+
+
+def grid(image_sizes=DEFAULT_IMAGE_SIZES, models=None, views=None) -> list[Configuration]:
+    """The cache configurations, cheapest first (the order a budget cuts from the end)."""
+    sizes = _list_option("image_size", image_sizes, check_image_size)
+    model_names = [None] if models is None else _list_option("model", models, _check_model)
+    view_counts = [None] if views is None else _list_option("views", views, _check_views)
+    points = [Configuration(s, m, v) for m in model_names for v in view_counts for s in sizes]
+    return sorted(points, key=lambda p: p.relative_cost)  # stable: the given order breaks ties
+
+
+def head_settings(kinds=DEFAULT_KINDS, Cs=DEFAULT_CS, epochs: int = DEFAULT_EPOCHS, seed: int = 0) -> list[HeadSetting]:
+    kinds = _list_option("kind", kinds, lambda k: check_choice("kind", k, KINDS) or k)
+    Cs = _list_option("C", Cs, lambda c: float(check_positive("C", c, float, maximum=MAX_C)))
+    check_positive("epochs", epochs, maximum=MAX_EPOCHS)
+    check_seed(seed)
+    out = []
+    for kind in kinds:
+        if kind == "sklearn":
+            out += [HeadSetting("sklearn", C=c, seed=seed) for c in Cs]
+        else:
+            out.append(HeadSetting("keras", epochs=epochs, seed=seed))
+    return out
+
+
+def _list_option(name: str, values, check) -> list:
+    if isinstance(values, (str, int, float)):
+        values = [values]
+    values = list(values)
+    if not values:
+        raise BottlecacheError(f"The '{name}' option needs at least one value. Got none.")
+    out = []
+    for value in values:
+        checked = check(value)
+        if checked not in out:
+            out.append(checked)
+    return out
+
+
+def _check_model(model) -> str:
+    if not isinstance(model, str) or not model.strip():
+        raise BottlecacheError(f"The 'model' option must be a model name. Got {model!r} instead.")
+    if "model" not in cache_settings_fields() and model != default_model():
+        raise BottlecacheError(f"The 'model' option supports only {default_model()} in this version. "
+                               f"Got {model!r} instead.")
+    return model
+
+
+def _check_views(views) -> int:
+    if isinstance(views, bool) or not isinstance(views, int) or views < 0:
+        raise BottlecacheError(f"The 'views' option must be a whole number of views, 0 or more. Got {views!r} instead.")
+    if "views" not in cache_settings_fields() and views != 0:
+        raise BottlecacheError(f"The 'views' option supports only 0 in this version. Got {views!r} instead.")
+    return views
+
+
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
+
+
+def parse_budget(text) -> float | None:
+    """``"90"``, ``"90s"``, ``"10m"``, ``"1h30m"`` → seconds; None or ``""`` → no budget."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return None
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(check_positive("budget", text, float, maximum=MAX_BUDGET_SECONDS))
+    match = _DURATION.match(str(text).strip().lower()) if isinstance(text, str) else None
+    if not match or not any(match.groups()):
+        raise BottlecacheError(f"The 'budget' option must be a duration such as 90s, 10m or 1h30m. Got {text!r} instead.")
+    h, m, s = (float(g) if g else 0.0 for g in match.groups())
+    return float(check_positive("budget", h * 3600 + m * 60 + s, float, maximum=MAX_BUDGET_SECONDS))
+
+
+# ---------------------------------------------------------------------------------------------
+# The leaderboard
+
+
+@dataclass
+class Row:
+    """One configuration × head setting, or one configuration that failed or was skipped (no head)."""
+
+    configuration: Configuration
+    head: HeadSetting | None
+    status: str  # "trained", "reused", "failed", "skipped"
+    cache: str | None = None  # "built", "resumed", "hit"
+    cache_path: Path | None = None
+    fingerprint: str | None = None
+    validation: dict | None = None  # the head's validation metrics
+    build_seconds_per_image: float | None = None
+    head_seconds: float | None = None
+    bytes_per_image: float | None = None
+    head_path: Path | None = None
+    error: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status in ("trained", "reused")
+
+    @property
+    def validation_accuracy(self) -> float | None:
+        return self.validation["accuracy"] if self.validation else None
+
+    @property
+    def validation_log_loss(self) -> float | None:
+        return self.validation["log_loss"] if self.validation else None
+
+    def to_dict(self) -> dict:
+        return {
+            "configuration": self.configuration.to_dict(),
+            "head": self.head.to_dict() if self.head else None,
+            "status": self.status,
+            "cache": self.cache,
+            "cache_path": str(self.cache_path) if self.cache_path else None,
+            "fingerprint": self.fingerprint,
+            "validation_accuracy": self.validation_accuracy,
+            "validation_log_loss": self.validation_log_loss,
+            "build_seconds_per_image": self.build_seconds_per_image,
+            "head_seconds": self.head_seconds,
+            "bytes_per_image": self.bytes_per_image,
+            "head_path": str(self.head_path) if self.head_path else None,
+            "error": self.error,
+        }
+
+
+@dataclass
+class Leaderboard:
+    """The sweep's result: rows ranked by validation (finished rows first), the winner and its test."""
+
+    rows: list[Row]
+    winner: Row | None
+    winner_path: Path | None = None  # the winner saved in <cache dir>/heads
+    test: dict | None = None  # the winner's test metrics (None: the cache has no test split)
+    seconds: float = 0.0
+    budget: float | None = None
+    n_built: int = 0
+    n_trained: int = 0
+    json_path: Path | None = None
+    plot_path: Path | None = None
+
+    @property
+    def skipped(self) -> list[Row]:
+        return [r for r in self.rows if r.status == "skipped"]
+
+    @property
+    def failed(self) -> list[Row]:
+        return [r for r in self.rows if r.status == "failed"]
+
+    def to_dict(self) -> dict:
+        return {
+            "selected_on": "validation",
+            "test_note": "only the winner is measured on the test split; the choice used validation only",
+            "winner": self.winner.to_dict() if self.winner else None,
+            "winner_path": str(self.winner_path) if self.winner_path else None,
+            "test": self.test,
+            "seconds": round(self.seconds, 3),
+            "budget_seconds": self.budget,
+            "n_built": self.n_built,
+            "n_trained": self.n_trained,
+            "rows": [r.to_dict() for r in self.rows],
+            "json": str(self.json_path) if self.json_path else None,
+            "plot": str(self.plot_path) if self.plot_path else None,
+        }
+
+
+def rank(rows: list[Row]) -> list[Row]:
+    """Finished rows by validation accuracy (higher first), then validation log loss (lower first),
+    then the cheaper configuration; failed and skipped rows after them, in grid order. Nothing but
+    validation figures is looked at: rows carry no test figure."""
+    done = [r for r in rows if r.done]
+    rest = [r for r in rows if not r.done]
+    done.sort(key=lambda r: (-r.validation_accuracy, r.validation_log_loss, r.configuration.relative_cost))
+    return done + rest
+
+
+# ---------------------------------------------------------------------------------------------
+# Running it
+
+
+@dataclass
+class _Clock:
+    """Elapsed time and the build-cost estimate, refined by every build this sweep times."""
+
+    budget: float | None
+    started: float = field(default_factory=time.perf_counter)
+    seconds_per_image: float = PRIOR_SECONDS_PER_IMAGE
+    seconds_per_build: float = PRIOR_SECONDS_PER_BUILD
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def estimate(self, point: Configuration, n_images: int) -> float:
+        return self.seconds_per_build + n_images * point.relative_cost * self.seconds_per_image
+
+    def observe(self, point: Configuration, n_images: int, seconds: float) -> None:
+        """A timed build: from now on its whole wall time per image is the rate (start-up included)."""
+        self.seconds_per_build = 0.0
+        self.seconds_per_image = seconds / max(1, n_images * point.relative_cost)
+
+    def refusal(self, point: Configuration, n_images: int) -> str | None:
+        """Why a build of ``point`` is not started (None: it fits the budget)."""
+        if self.budget is None:
+            return None
+        estimate, left = self.estimate(point, n_images), self.budget - self.elapsed
+        if estimate <= left:
+            return None
+        return f"budget: the build would take about {estimate:.0f} s and {max(left, 0):.0f} s of {self.budget:.0f} s are left"
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """What a sweep tries, checked once on creation (each message names the option).
+
+    The cache grid: every combination of ``image_sizes``, ``models`` and ``views`` is one
+    configuration (None keeps ``CacheSettings``'s default), stored as ``dtype``, decoded with
+    ``fast_decode``, built by ``engine`` ``batch_size`` images at a time. The head settings: one
+    scikit-learn head per C of ``Cs``, one Keras head of ``epochs`` epochs, for each of ``kinds``,
+    seeded by ``seed``. ``budget`` (seconds or a duration such as ``"10m"``): start no build that
+    would end after it (configurations run cheapest first). ``plot``: write ``leaderboard.png``.
+    """
+
+    image_sizes: tuple = DEFAULT_IMAGE_SIZES
+    models: tuple | None = None
+    views: tuple | None = None
+    kinds: tuple = DEFAULT_KINDS
+    Cs: tuple = DEFAULT_CS
+    epochs: int = DEFAULT_EPOCHS
+    seed: int = 0
+    dtype: str = DEFAULT_DTYPE
+    engine: str = DEFAULT_ENGINE
+    batch_size: int | None = None
+    fast_decode: bool = False
+    budget: object = None
+    plot: bool = True
+
+    def __post_init__(self):
+        grid(self.image_sizes, self.models, self.views)
+        head_settings(self.kinds, self.Cs, self.epochs, self.seed)
+        parse_budget(self.budget)
+        check_build_options(self.engine, self.batch_size)
+
+
+def sweep(data, splits=None, *, settings: SweepSettings | None = None, weights=None, cache_dir=None,
+          tfds_data_dir=None, out=None, progress=None, **overrides) -> Leaderboard:
+    """Find or build the cache of every configuration, train every head setting on it, rank on validation.
+
+    Parameters
+    ----------
+    data, splits, tfds_data_dir
+        As for ``build_cache``.
+    settings : SweepSettings, optional
+        The grid, the head settings, the budget; keywords name its fields and override them.
+    weights : str, path or dict, optional
+        As for ``build_cache``, or a mapping of model names to weights files.
+    cache_dir : path, optional
+        Where the caches and heads are found or made.
+    out : path, optional
+        Where ``leaderboard.json`` and ``leaderboard.png`` go; default ``<cache dir>/sweep``.
+    progress : bottlecache.core.progress.Progress, optional
+    **overrides
+        Fields of ``SweepSettings`` by name.
+
+    Returns
+    -------
+    Leaderboard
+        Ranked rows (validation only), the winner, its test metrics and where it is saved.
+    """
+
+    (settings,) = settings_with("sweep", {SweepSettings: settings}, overrides)
+    points = grid(settings.image_sizes, settings.models, settings.views)
+    settings_heads = head_settings(settings.kinds, settings.Cs, settings.epochs, settings.seed)
+    clock = _Clock(parse_budget(settings.budget))
+    dtype, engine, batch_size, fast_decode = settings.dtype, settings.engine, settings.batch_size, settings.fast_decode
+    plot = settings.plot
+    cache_dir = resolve_cache_dir(cache_dir)
+    out = check_folder_option("out", out) if out is not None else None
+    # Every configuration's settings are made (and so checked) before any work starts, and what they
+    # all share (the data, one weights file) is opened once: a bad value of it is one error, not a row each.
+    caches = {p: _settings(p, data, splits, weights, dtype, fast_decode, tfds_data_dir, cache_dir) for p in points}
+    check_shared(caches, weights)
+    if out is None:
+        out = ensure_cache_dir(cache_dir) / SWEEP_FOLDER
+    progress = progress or NullProgress()
+    board = Leaderboard([], None, budget=clock.budget)
+    rows = []
+    for i, point in enumerate(points, 1):
+        progress.message(f"[{i}/{len(points)}] {point.label}")
+        rows += _run_configuration(point, caches[point], settings_heads, clock, board, cache_dir,
+                                   dict(engine=engine, batch_size=batch_size, progress=progress), progress)
+    board.rows = rank(rows)
+    board.winner = board.rows[0] if board.rows and board.rows[0].done else None
+    if board.winner is not None:
+        board.winner_path, board.test = save_winner(board.winner, cache_dir)
+    board.seconds = clock.elapsed
+    write_outputs(board, out, plot)
+    return board
+
+
+def _settings(point: Configuration, data, splits, weights, dtype, fast_decode, tfds_data_dir, cache_dir):
+    if isinstance(weights, dict):
+        weights = weights.get(point.model or default_model())
+    return CacheSettings(data=data, splits=None if splits is None else tuple(splits), weights=weights, dtype=dtype,
+                         fast_decode=fast_decode, tfds_data_dir=tfds_data_dir, cache_dir=cache_dir,
+                         **point.settings_fields())
+
+
+def check_shared(settings: dict, weights) -> None:
+    """Open the data (with its splits) and, unless ``weights`` differ per model, the weights at each size.
+    What differs between configurations (a model's own weights file) fails in that configuration's row."""
+
+    first = next(iter(settings.values()))
+    source = open_source(first.data, first.splits, tfds_data_dir=first.tfds_data_dir)
+    if "validation" not in source.splits:
+        raise BottlecacheError(f"The sweep ranks on a 'validation' split, and the data has none (it has "
+                               f"{', '.join(source.splits)}); pass --split validation=...")
+    if not isinstance(weights, dict):
+        for model, size in sorted({(getattr(s, "model", None), s.image_size) for s in settings.values()}, key=str):
+            resolve_weights(first.weights, size, **({} if model is None else {"model": model}))
+
+
+def _run_configuration(point, settings, heads_to_train, clock, board, cache_dir, build_options, progress) -> list[Row]:
+    """The rows of one configuration: its cache found or built, then each head found or trained.
+    A failure is this configuration's row (its reason said); the sweep goes on."""
+
+    try:
+        resolved = settings.resolve()
+        n_images = sum(s.n_examples for s in resolved.source.splits.values())
+        cache_state = "hit"
+        if not resolved.path.exists():
+            refusal = clock.refusal(point, n_images)
+            if refusal:
+                progress.message(f"  skipped: {refusal}")
+                return [Row(point, None, "skipped", error=refusal)]
+            progress.message(f"  building (about {clock.estimate(point, n_images):.0f} s)")
+            started = time.perf_counter()
+            report = build_resolved(resolved, **build_options)
+            if not report.hit:  # another process may have finished it meanwhile
+                clock.observe(point, sum(s.n_processed for s in report.splits), time.perf_counter() - started)
+                board.n_built += 1
+                cache_state = "resumed" if report.resumed else "built"
+        cost = cache_costs(resolved.path)
+    except KeyboardInterrupt:
+        raise
+    except Exception as error:  # noqa: BLE001 - one configuration's failure is its row, not the sweep's end
+        progress.message(f"  failed: {reason(error, 300)}")
+        return [Row(point, None, "failed", error=reason(error, 300))]
+    rows = []
+    for setting in heads_to_train:
+        row = Row(point, setting, "failed", cache_state, resolved.path, resolved.fingerprint, **cost)
+        try:
+            _find_or_train(row, cache_dir, board, progress)
+        except KeyboardInterrupt:
+            raise
+        except Exception as error:  # noqa: BLE001 - as above, for one head
+            row.status, row.error = "failed", reason(error, 300)
+            progress.message(f"  {setting.label}: failed: {row.error}")
+        rows.append(row)
+    return rows
+
+
+def cache_costs(path: Path) -> dict:
+    """Build seconds per image (the splits' own recorded times) and bytes per image of a cache file."""
+
+    with Cache(path) as cache:
+        n = sum(cache.n_examples(s) for s in cache.splits)
+        seconds = sum(float(cache.file[s].attrs.get("seconds", 0.0)) for s in cache.splits)
+    return {"build_seconds_per_image": seconds / n if n else None,
+            "bytes_per_image": path.stat().st_size / n if n else None}
+
+
+def candidates_folder(cache_dir: Path) -> Path:
+    return Path(cache_dir) / SWEEP_FOLDER / "heads"
+
+
+def find_candidate(folder: Path, fingerprint: str, setting: HeadSetting):
+    """A saved head in ``folder`` whose record matches (cache fingerprint, kind, parameters) and whose
+    metrics read back, as ``(path, metrics)``; None if there is none."""
+
+    if not folder.is_dir():
+        return None
+    for path in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            record = read_head_record(path)
+            if record.cache.fingerprint != fingerprint or not setting.matches(record.kind, record.params):
+                continue
+            metrics = read_json(path / "metrics.json", MetricsRecord, HEAD_ADVICE)
+        except BottlecacheError:
+            continue  # a damaged candidate is trained again under another name
+        if "validation" in metrics.metrics:
+            return path, metrics.model_dump(mode="json")
+    return None
+
+
+def _find_or_train(row: Row, cache_dir: Path, board: Leaderboard, progress) -> None:
+    folder = candidates_folder(cache_dir)
+    found = find_candidate(folder, row.fingerprint, row.head)
+    if found is not None:
+        row.head_path, metrics = found
+        row.status = "reused"
+    else:
+        progress.message(f"  training {row.head.label}")
+        result = train_head(row.cache_path, row.head.kind, evaluate=["validation"], cache_dir=cache_dir,
+                            out=free_folder(folder / row.head.folder_name(row.fingerprint)),
+                            **row.head.train_options())
+        row.head_path, metrics = result.path, result.to_dict()
+        row.status = "trained"
+        board.n_trained += 1
+    row.validation = {k: metrics["metrics"]["validation"][k] for k in ("n", "accuracy", "log_loss")}
+    row.head_seconds = metrics["train_seconds"]
+
+
+def save_winner(winner: Row, cache_dir: Path) -> tuple[Path, dict | None]:
+    """Measure the winner on the test split (if the cache has one) and save it in ``<cache dir>/heads``
+    like any other head; a rerun finds it there. Returns its folder and its test metrics."""
+
+    target = Path(cache_dir) / "heads" / winner.head_path.name
+    if target.exists():
+        try:
+            record = read_head_record(target)
+            metrics = read_json(target / "metrics.json", MetricsRecord, HEAD_ADVICE).model_dump(mode="json")
+            if record.cache.fingerprint == winner.fingerprint and winner.head.matches(record.kind, record.params):
+                return target, metrics["metrics"].get("test")
+        except BottlecacheError:
+            pass
+        target = free_folder(target)  # something else (or a damaged head) is there: keep it, save beside it
+    loaded = load_head(winner.head_path)
+    candidate = read_json(winner.head_path / "metrics.json", MetricsRecord, HEAD_ADVICE).model_dump(mode="json")
+    with Cache(winner.cache_path) as cache:
+        evaluated = {"validation": candidate["metrics"]["validation"]}
+        if "test" in cache.splits:
+            proba = predict_split(loaded.head, cache, "test")
+            evaluated["test"] = compute_metrics(cache.labels("test"), proba, cache.class_names)
+        for split in cache.splits:  # any other split but train, as every head is measured on
+            if split not in evaluated and split != "train":
+                evaluated[split] = compute_metrics(cache.labels(split), predict_split(loaded.head, cache, split),
+                                                   cache.class_names)
+        result = HeadResult(loaded.head, candidate["kind"], evaluated, candidate["train_seconds"], candidate["params"],
+                            selection=candidate["selection"], history=candidate["history"])
+        path = save_head(result, cache, target, cache_dir)
+    return path, evaluated.get("test")
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+
+
+def write_outputs(board: Leaderboard, out: Path, plot: bool) -> None:
+    """``leaderboard.json`` (and ``leaderboard.png``) in ``out``, each written whole or not at all."""
+
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise write_error(out, error, "pass another --out") from None
+    board.json_path = out / "leaderboard.json"
+    if plot:
+        board.plot_path = out / "leaderboard.png"
+        plot_leaderboard(board, board.plot_path)
+    try:
+        atomic_write_text(board.json_path, json.dumps(board.to_dict(), indent=2, default=str) + "\n")
+    except OSError as error:
+        raise write_error(board.json_path, error) from None
+
+
+def plot_leaderboard(board: Leaderboard, path: Path) -> None:
+    """Validation accuracy against build seconds per image, one point per configuration (its best
+    head), the winner marked; written under a temporary name, then renamed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best: dict[Configuration, Row] = {}
+    for row in board.rows:  # ranked: the first row of a configuration is its best head
+        if row.done and row.configuration not in best and row.build_seconds_per_image is not None:
+            best[row.configuration] = row
+    figure, axes = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for point, row in best.items():
+        is_winner = row is board.winner
+        axes.scatter(row.build_seconds_per_image * 1000, row.validation_accuracy * 100, s=120 if is_winner else 40,
+                     marker="*" if is_winner else "o", color="tab:red" if is_winner else "tab:blue", zorder=3)
+        label = f"{point.label}, {row.head.label}" + (" (winner)" if is_winner else "")
+        axes.annotate(label, (row.build_seconds_per_image * 1000, row.validation_accuracy * 100),
+                      textcoords="offset points", xytext=(6, 4), fontsize=8)
+    axes.set_xlabel("build cost (ms per image)")
+    axes.set_ylabel("validation accuracy (%)")
+    axes.set_title("bottlecache sweep: best head per configuration")
+    axes.grid(True, alpha=0.3)
+    axes.margins(x=0.35, y=0.15)  # room for the labels right of the points
+    if not best:
+        axes.text(0.5, 0.5, "no configuration finished", ha="center", va="center", transform=axes.transAxes)
+    figure.tight_layout()
+    try:
+        atomic_save(path, lambda staged: figure.savefig(staged, format="png"))
+    except OSError as error:
+
+        raise write_error(path, error) from None
+    finally:
+        plt.close(figure)
+
+
+def fmt_or_dash(value, spec: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
