@@ -175,18 +175,8 @@ def test_failing_configuration_is_its_row(first, photos, weights_path, tmp_path,
 
 @pytest.mark.slow
 def test_missing_weights_of_one_model_is_its_row(first, photos, weights_path, tmp_path, monkeypatch):
-    """With a backbone registry (CacheSettings.model): a model whose weights are missing fails in its row.
-    Without one, any other model is refused in one line before anything runs."""
-    import dataclasses
-
-    from bottlecache import CacheSettings
-    from bottlecache.core.errors import BottlecacheError
-
+    """A model whose weights are missing fails in its row; the others run."""
     board, cache_dir = first
-    if "model" not in {f.name for f in dataclasses.fields(CacheSettings)}:
-        with pytest.raises(BottlecacheError, match="The 'model' option supports only mobilenet_v2 in this version"):
-            run_sweep(photos, weights_path, cache_dir, models=("mobilenet_v2", "xception"))
-        return
     _tripwires(monkeypatch)
     weights = {"mobilenet_v2": str(weights_path), "xception": str(tmp_path / "missing.weights.h5")}
     result = run_sweep(photos, weights, cache_dir, models=("mobilenet_v2", "xception"), kinds=("sklearn",), Cs=(1.0,))

@@ -34,6 +34,7 @@ from ..core.files import atomic_save, atomic_write_text, ensure_cache_dir, free_
 from ..core.options import (
     DEFAULT_DTYPE,
     DEFAULT_ENGINE,
+    DEFAULT_MODEL,
     MAX_EPOCHS,
     check_choice,
     check_folder_option,
@@ -78,15 +79,6 @@ REFERENCE_SIZE = 160
 MAX_BUDGET_SECONDS = 30 * 24 * 3600
 
 
-def cache_settings_fields() -> set[str]:
-    return {f.name for f in dataclasses.fields(CacheSettings)}
-
-
-def default_model() -> str:
-    """``CacheSettings.model``'s default."""
-    return CacheSettings.model
-
-
 # ---------------------------------------------------------------------------------------------
 # The grid
 
@@ -109,7 +101,7 @@ class Configuration:
     @property
     def relative_cost(self) -> float:
         """Forward cost per image relative to MobileNetV2 at 160 px (one view)."""
-        model_cost = MODEL_COST.get(self.model or default_model(), 1.0)
+        model_cost = MODEL_COST.get(self.model or DEFAULT_MODEL, 1.0)
         return (self.image_size / REFERENCE_SIZE) ** 2 * model_cost * (1 + (self.views or 0))
 
     def settings_fields(self) -> dict:
@@ -122,7 +114,7 @@ class Configuration:
         return out
 
     def to_dict(self) -> dict:
-        return {"image_size": self.image_size, "model": self.model or default_model(), "views": self.views or 0}
+        return {"image_size": self.image_size, "model": self.model or DEFAULT_MODEL, "views": self.views or 0}
 
 
 @dataclass(frozen=True)
@@ -204,17 +196,12 @@ def _list_option(name: str, values, check) -> list:
 def _check_model(model) -> str:
     if not isinstance(model, str) or not model.strip():
         raise BottlecacheError(f"The 'model' option must be a model name. Got {model!r} instead.")
-    if "model" not in cache_settings_fields() and model != default_model():
-        raise BottlecacheError(f"The 'model' option supports only {default_model()} in this version. "
-                               f"Got {model!r} instead.")
     return model
 
 
 def _check_views(views) -> int:
     if isinstance(views, bool) or not isinstance(views, int) or views < 0:
         raise BottlecacheError(f"The 'views' option must be a whole number of views, 0 or more. Got {views!r} instead.")
-    if "views" not in cache_settings_fields() and views != 0:
-        raise BottlecacheError(f"The 'views' option supports only 0 in this version. Got {views!r} instead.")
     return views
 
 
@@ -461,7 +448,7 @@ def sweep(data, splits=None, *, settings: SweepSettings | None = None, weights=N
 
 def _settings(point: Configuration, data, splits, weights, dtype, fast_decode, tfds_data_dir, cache_dir):
     if isinstance(weights, dict):
-        weights = weights.get(point.model or default_model())
+        weights = weights.get(point.model or DEFAULT_MODEL)
     return CacheSettings(data=data, splits=None if splits is None else tuple(splits), weights=weights, dtype=dtype,
                          fast_decode=fast_decode, tfds_data_dir=tfds_data_dir, cache_dir=cache_dir,
                          **point.settings_fields())
