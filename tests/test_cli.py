@@ -281,6 +281,29 @@ def test_tensorflow_start_up_lines_are_quiet_unless_verbose(tmp_path):
         assert len(loud.stderr.strip().splitlines()) > 1, loud.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("level", ["2", "3"])
+def test_a_users_quiet_log_level_prints_no_native_line(level, tmp_path, converted, cats_dogs, weights_path):
+    """TF_CPP_MIN_LOG_LEVEL=2 or 3, as users silence TensorFlow: a LiteRT build prints its progress
+    bar and nothing else (no absl, oneDNN, CUDA or XNNPACK delegate line); 0 lets them through."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import copy_engines
+
+    copy_engines(converted(96), tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "BOTTLECACHE_VERBOSE"} | {"TF_CPP_MIN_LOG_LEVEL": level}
+    command = [sys.executable, "-m", "bottlecache", "cache", "build", "--data", str(cats_dogs), "--split",
+               "train=train[:4]", "--image-size", "96", "--weights", str(weights_path), "--engine", "litert",
+               "--cache-dir", str(tmp_path), "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    other = [line for line in done.stderr.splitlines() if line.strip() and "━" not in line]
+    assert not other, other
+    assert json.loads(done.stdout)["engine"] == "litert"
+
+
 def test_a_new_cache_folder_gets_a_gitignore(small_cache, tmp_path):
     from bottlecache.core.files import GITIGNORE_TEXT, ensure_cache_dir
 

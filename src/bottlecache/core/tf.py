@@ -1,9 +1,10 @@
 """Import TensorFlow only where it is needed, and quietly (keeps ``--help`` fast and the screen clean).
 
 TensorFlow's C++ start-up lines (absl, oneDNN, CUDA) are written to the process's stderr before
-its log level applies, twice per import. Unless the user set ``TF_CPP_MIN_LOG_LEVEL`` themselves
-(or passed ``--verbose``), the import runs with file descriptor 2 pointed at /dev/null; Python
-exceptions still propagate as usual.
+its log level applies, so even ``TF_CPP_MIN_LOG_LEVEL=3`` does not stop them. The import (and the
+LiteRT interpreter's creation, which prints its delegate line the same way) runs with file
+descriptor 2 pointed at /dev/null, unless ``--verbose`` or the user's own ``TF_CPP_MIN_LOG_LEVEL=0``
+asks for everything; Python exceptions still propagate as usual.
 """
 
 import contextlib
@@ -23,6 +24,21 @@ def set_verbose(verbose: bool) -> None:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
 
 
+def wants_native_logs() -> bool:
+    """``--verbose``, or the user's own ``TF_CPP_MIN_LOG_LEVEL=0``: let native libraries' lines through."""
+    return _verbose or _USER_LOG_LEVEL == "0"
+
+
+@contextlib.contextmanager
+def native_logs_silenced():
+    """File descriptor 2 to /dev/null for the block (native start-up lines), unless they are wanted."""
+    if wants_native_logs():
+        yield
+        return
+    with _stderr_silenced():
+        yield
+
+
 @contextlib.contextmanager
 def _stderr_silenced():
     sys.stderr.flush()
@@ -40,9 +56,10 @@ def import_tf():
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    quiet = not _verbose and _USER_LOG_LEVEL in (None, "")
-    with _stderr_silenced() if quiet else contextlib.nullcontext():
+    with native_logs_silenced():
         import tensorflow as tf
+
+        tf.config.list_physical_devices()  # the platforms' first probe logs too (a failed cuInit on CPU machines)
     return tf
 
 

@@ -7,6 +7,7 @@ stops the build. ``auto`` picks LiteRT when it is installed and passes, else Ker
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -18,7 +19,7 @@ from ..core.errors import BottlecacheError, reason
 from ..core.files import atomic_write_text
 from ..core.fingerprint import sha256_file
 from ..core.options import DEFAULT_MODEL, usable_cores
-from ..core.tf import import_tf
+from ..core.tf import import_tf, native_logs_silenced
 from ..data.sources import image_dataset
 
 MAX_ABS_DIFF = 1e-3
@@ -151,7 +152,9 @@ class LiteRTRunner:
         images = np.ascontiguousarray(images, dtype=self._input["dtype"])
         if self._shape != images.shape:
             self.interpreter.resize_tensor_input(self._input["index"], images.shape, strict=False)
-            self.interpreter.allocate_tensors()
+            # the first allocation applies the XNNPACK delegate, which says so on stderr
+            with native_logs_silenced() if self._shape is None else contextlib.nullcontext():
+                self.interpreter.allocate_tensors()
             self._shape = images.shape
         self.interpreter.set_tensor(self._input["index"], images)
         self.interpreter.invoke()
