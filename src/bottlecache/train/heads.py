@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import time
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -164,7 +166,7 @@ class SklearnHead:
                 values = {key: arrays[key] for key in arrays.files}
         except FileNotFoundError:
             raise BottlecacheError(f"{path} is missing; {HEAD_ADVICE}.") from None
-        except (OSError, ValueError, EOFError, KeyError) as error:  # zero bytes, truncated zip, object arrays
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as error:  # zero bytes, truncated zip, object arrays
             raise BottlecacheError(f"{path} is damaged or not a head's arrays ({reason(error, 80)}); {HEAD_ADVICE}.") from None
         missing = [key for key in ("coef", "intercept", "classes", "C") if key not in values]
         if missing:
@@ -173,8 +175,11 @@ class SklearnHead:
         n_classes = int(values["n_classes"]) if "n_classes" in values else None
         expected_k = len(record.class_names) if record else n_classes
         problems = []
+        C = values["C"]
         if coef.dtype.kind != "f" or intercept.dtype.kind != "f" or classes.dtype.kind not in "iu":
             problems.append("arrays of the wrong type")
+        elif C.dtype.kind not in "fiu" or C.size != 1 or not np.isfinite(C).all() or float(C.reshape(-1)[0]) <= 0:
+            problems.append(f"C is {C.tolist()!r}, not a positive number")
         elif coef.ndim != 2 or intercept.shape != (coef.shape[0],) or classes.ndim != 1:
             problems.append(f"coef {coef.shape} and intercept {intercept.shape} do not fit")
         elif record and coef.shape[1] != record.feature_shape[-1]:
@@ -189,7 +194,7 @@ class SklearnHead:
             problems.append("weights that are not finite")
         if problems:
             raise BottlecacheError(f"{path} does not match its head.json: {problems[0]}; {HEAD_ADVICE}.")
-        head = cls(C=float(values["C"]))
+        head = cls(C=float(C.reshape(-1)[0]))
         head.coef_, head.intercept_, head.classes_ = coef, intercept, classes
         head.n_classes_ = int(expected_k if expected_k is not None else classes.max() + 1)
         return head
