@@ -151,3 +151,42 @@ def test_report_bad_input_is_one_line(weak_head, tmp_path):
     assert "neither" in error_line(invoke(["report", tmp_path, "--out", tmp_path / "a.html"]))
     assert "folder" in error_line(invoke(["report", weak_head, "--out", tmp_path]))
     assert not (tmp_path / "a.html").exists()
+
+
+def test_an_output_file_never_replaces_an_input_or_a_record_and_an_existing_one_needs_overwrite(
+        weak_head, cats_dogs, tmp_path, monkeypatch):
+    """report --out and predict --csv: an existing file is refused in one line unless --overwrite;
+    the command's own inputs, the head's records and bottlecache files never, even then; the default
+    report name never replaces an earlier report."""
+    photos = tmp_path / "photos"
+    image = photos / "cats" / "cat.jpg"
+    image.parent.mkdir(parents=True)
+    shutil.copy(next((cats_dogs / "validation" / "cats").iterdir()), image)
+    cache = Path(json.loads((weak_head / "head.json").read_text())["cache"]["path"])
+    protected = {p: p.read_bytes() for p in (image, weak_head / "head.json", weak_head / "head.npz", cache)}
+    before = {p: p.stat().st_mtime_ns for p in protected}
+    for target in protected:
+        for overwrite in ([], ["--overwrite"]):
+            for argv in (["report", weak_head, "--data", photos, "--out", target],
+                         ["predict", weak_head, image, "--csv", target]):
+                result = invoke([*argv, *overwrite])
+                line = error_line(result)
+                assert result.exit_code == 2, (argv, result.output)
+                assert "never replaced" in line or "one of this command's inputs" in line, (argv, line)
+    assert {p: p.read_bytes() for p in protected} == protected
+    assert {p: p.stat().st_mtime_ns for p in protected} == before
+
+    existing = tmp_path / "mine.csv"
+    existing.write_text("keep me\n")
+    refused = invoke(["predict", weak_head, image, "--csv", existing])
+    assert refused.exit_code == 2 and "exists; pass --overwrite" in error_line(refused)
+    assert existing.read_text() == "keep me\n"
+    assert invoke(["predict", weak_head, image, "--csv", existing, "--overwrite"]).exit_code == 0
+    assert existing.read_text().startswith("path,label,probability")
+
+    monkeypatch.chdir(tmp_path)  # the default report name, twice: the second goes beside the first
+    first = invoke(["report", weak_head, "--json"])
+    second = invoke(["report", weak_head, "--json"])
+    assert first.exit_code == 0 and second.exit_code == 0, second.output
+    paths = [Path(json.loads(r.stdout)["path"]).name for r in (first, second)]
+    assert paths == [f"report-{weak_head.name}-validation.html", f"report-{weak_head.name}-validation-2.html"]

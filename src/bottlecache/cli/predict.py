@@ -18,6 +18,7 @@ def predict(
     batch_size: Annotated[int, typer.Option(help="Images decoded and predicted at a time.")] = 32,
     as_json: JsonOpt = False,
     csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Also write the rows to this CSV file (path, label, probability, one column per class, error).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the --csv file if it exists (never an input or a bottlecache file).")] = False,
 ):
     """Predict the class of each image; an unreadable image gets a row that says why.
 
@@ -28,13 +29,13 @@ def predict(
 
     check_positive("batch_size", batch_size, maximum=MAX_BATCH_SIZE)
     if csv_path is not None:
-        check_csv_path(csv_path)
+        check_csv_path(csv_path, overwrite=overwrite, inputs=[model, *images])
     predictor = load_model(model, weights=weights)
     paths = expand_images(images)
     with RichProgress(quiet=as_json or not err.is_terminal) as progress:  # a bar for a person watching
         rows = predictor.predict(paths, batch_size=batch_size, progress=progress)
     if csv_path is not None:
-        write_csv(csv_path, rows, predictor.class_names)
+        write_csv(csv_path, rows, predictor.class_names, overwrite=overwrite)
     if as_json:
         print_json(rows)
     else:

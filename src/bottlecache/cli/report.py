@@ -15,11 +15,12 @@ from ._common import JsonOpt, RichProgress, TfdsDirOpt, handle_errors, out, prin
 def report(
     model: Annotated[Path, typer.Argument(help="A head folder (evaluated on its cache) or a fine-tuned model folder.")],
     split: Annotated[Optional[str], typer.Option(help="Split to report on (default: test, else validation).")] = None,
-    out_file: Annotated[Optional[Path], typer.Option("--out", help="The HTML file (default: ./report-<folder>-<split>.html).")] = None,
+    out_file: Annotated[Optional[Path], typer.Option("--out", help="The HTML file, a new one unless --overwrite (default: ./report-<folder>-<split>.html, or -2, -3… beside an earlier one).")] = None,
     data: Annotated[Optional[str], typer.Option("--data", help="The image folder or tfds name the cache was built from: thumbnails of the mistakes (needed for a fine-tuned model).")] = None,
     top: Annotated[int, typer.Option(help="How many of the most confidently wrong images to show.")] = DEFAULT_TOP,
     bins: Annotated[int, typer.Option(help="Confidence bins of the reliability diagram (2-100).")] = DEFAULT_BINS,
     tfds_data_dir: TfdsDirOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the --out file if it exists (never the model's own files).")] = False,
     as_json: JsonOpt = False,
 ):
     """Write a self-contained HTML error report: per-class metrics, confusion matrix, the most
@@ -28,7 +29,7 @@ def report(
 
     with RichProgress(quiet=as_json) as progress:
         result = write_report(model, split, out_file, data=data, top=top, bins=bins,
-                              tfds_data_dir=tfds_data_dir, progress=progress)
+                              tfds_data_dir=tfds_data_dir, overwrite=overwrite, progress=progress)
     if as_json:
         print_json(result.to_dict())
         return

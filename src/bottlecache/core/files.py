@@ -24,6 +24,39 @@ def staged_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+# What an output file may never replace, even with --overwrite: bottlecache's own files (caches,
+# engines, model files, records) and anything in a head, model or export folder.
+PROTECTED_SUFFIXES = (".h5", ".partial", ".keras", ".npz", ".tflite", ".lock")
+RECORD_FILES = ("head.json", "model.json", "export.json", "metrics.json")
+
+
+def check_output_file(option: str, path, *, overwrite: bool = False, inputs=()) -> Path:
+    """An output file option: a file in an existing folder that is not one of the command's
+    ``inputs`` or a bottlecache file, and, unless ``overwrite``, does not exist yet."""
+    text = str(path)
+    if not text.strip():
+        raise BottlecacheError(f"The '{option}' option must be a file path. Got an empty string.")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise BottlecacheError(f"The '{option}' option must be a file to write; {path} is a folder.")
+    if not path.parent.is_dir():
+        raise BottlecacheError(f"The '{option}' option's folder {path.parent} does not exist; create it or pass "
+                               "another path.")
+    resolved = path.resolve()
+    given = {Path(p).expanduser().resolve() for p in inputs}
+    in_model_folder = any((resolved.parent / name).exists() for name in RECORD_FILES)
+    inside_input = path.exists() and any(resolved.is_relative_to(p) for p in given if p.is_dir())  # an image found there
+    if resolved in given or inside_input:
+        raise BottlecacheError(f"The '{option}' option names {path}, one of this command's inputs; pass another path.")
+    if resolved.suffix in PROTECTED_SUFFIXES or resolved.name in RECORD_FILES or in_model_folder:
+        raise BottlecacheError(f"The '{option}' option names {path}, a bottlecache file or a file in a head, model or "
+                               "export folder; it is never replaced. Pass another path.")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise BottlecacheError(f"The '{option}' option names {path}, which exists; pass --overwrite to replace it, "
+                               "or another path.")
+    return path
+
+
 def fsync_dir(folder: Path) -> None:
     """Make a rename inside ``folder`` durable: the directory entry is on disk once this returns."""
     fd = os.open(folder, os.O_RDONLY)
@@ -69,6 +102,15 @@ def newest_first(paths) -> list[Path]:
             return float("-inf")
 
     return sorted(paths, key=mtime, reverse=True)
+
+
+def free_file(path: Path) -> Path:
+    """``path``, or ``stem-2.suffix``, ``stem-3.suffix``… : the first name not taken yet."""
+    path, n, candidate = Path(path), 1, Path(path)
+    while candidate.exists() or candidate.is_symlink():
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
 
 
 def free_folder(path: Path) -> Path:

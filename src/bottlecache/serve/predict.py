@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import BottlecacheError
-from ..core.files import atomic_write_text, write_error
+from ..core.files import atomic_write_text, check_output_file, write_error
 from ..core.records import DECODE_FAST, MODEL_FORMAT, RECORD_VERSION, ModelRecord, read_json
 from ..data.sources import IMAGE_EXTENSIONS
 from ..models.backbone import load_backbone, resolve_weights
@@ -108,23 +108,20 @@ def expand_images(items) -> list[Path]:
     return out
 
 
-def check_csv_path(path) -> Path:
-    """The 'csv' option: a file to write (not a folder; its folder must exist)."""
-    path = Path(path)
-    if path.is_dir():
-        raise BottlecacheError(f"The 'csv' option must be a file to write; {path} is a folder.")
-    if not path.parent.is_dir():
-        raise BottlecacheError(f"The 'csv' option's folder {path.parent} does not exist; create it or pass another path.")
-    return path
+def check_csv_path(path, *, overwrite: bool = False, inputs=()) -> Path:
+    """The 'csv' option: a new file in an existing folder (an existing one only with ``overwrite``),
+    never one of ``inputs`` (the model and the images) or a bottlecache file."""
+    return check_output_file("csv", path, overwrite=overwrite, inputs=inputs)
 
 
-def write_csv(path, rows: list[dict], class_names: list[str]) -> Path:
+def write_csv(path, rows: list[dict], class_names: list[str], *, overwrite: bool = False) -> Path:
     """The rows of ``Predictor.predict`` as CSV (path, label, probability, one column per class,
-    error), written under a temporary name and renamed into place."""
+    error), written under a temporary name and renamed into place; an existing file only with
+    ``overwrite``, and never one of the images or a bottlecache file."""
     import csv
     import io
 
-    path = check_csv_path(path)
+    path = check_csv_path(path, overwrite=overwrite, inputs=[r["path"] for r in rows if Path(r["path"]).exists()])
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["path", "label", "probability", *class_names, "error"])

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..cache.store import Cache
 from ..core.errors import BottlecacheError
-from ..core.files import atomic_write_text, write_error
+from ..core.files import atomic_write_text, check_output_file, free_file, write_error
 from ..core.options import check_folder_option, check_positive, check_range
 from ..data.sources import image_dataset, open_source
 from ..train.heads import balanced_accuracy, compute_metrics, load_head, predict_split, read_head_record
@@ -69,7 +69,7 @@ class ReportResult:
 
 
 def write_report(model, split: str | None = None, out=None, *, data=None, top: int = DEFAULT_TOP,
-                 bins: int = DEFAULT_BINS, tfds_data_dir=None, progress=None) -> ReportResult:
+                 bins: int = DEFAULT_BINS, tfds_data_dir=None, overwrite: bool = False, progress=None) -> ReportResult:
     """Evaluate ``model`` (a head folder or a fine-tuned model folder) on ``split`` and write the page.
 
     Parameters
@@ -77,7 +77,9 @@ def write_report(model, split: str | None = None, out=None, *, data=None, top: i
     split : str, optional
         Default: ``test`` if the cache has one, else ``validation``.
     out : path, optional
-        The HTML file; default ``report-<folder name>-<split>.html`` in the current folder.
+        The HTML file: a new one, or an existing one with ``overwrite`` (never the model's own files
+        or a bottlecache file). Default ``report-<folder name>-<split>.html`` in the current folder,
+        or ``…-2.html`` and so on beside an earlier one.
     data : str or path, optional
         The image folder (or tfds name) the cache was built from: thumbnails of the mistakes.
         Needed for a fine-tuned model, which runs on the images.
@@ -91,12 +93,14 @@ def write_report(model, split: str | None = None, out=None, *, data=None, top: i
     if tfds_data_dir is not None:
         tfds_data_dir = str(check_folder_option("tfds_data_dir", tfds_data_dir))
     _require_matplotlib()
+    inputs = [model] + ([data] if data is not None and Path(str(data)).exists() else [])
     if out is not None:
-        _check_out(Path(out))
+        out = check_output_file("out", out, overwrite=overwrite, inputs=inputs)
     started = time.perf_counter()
     evaluation = evaluate(model, split, data=data, tfds_data_dir=tfds_data_dir, progress=progress)
-    out = Path(out) if out is not None else Path(f"report-{Path(model).name}-{evaluation.split}.html")
-    _check_out(out)
+    if out is None:
+        out = free_file(Path(f"report-{Path(model).name}-{evaluation.split}.html"))
+    check_output_file("out", out, overwrite=overwrite, inputs=inputs)  # again: the evaluation took a while
     page, summary = render(evaluation, top, bins)
     try:
         atomic_write_text(out, page)
@@ -104,13 +108,6 @@ def write_report(model, split: str | None = None, out=None, *, data=None, top: i
         raise write_error(out, error, "nothing was written") from None
     return ReportResult(out, evaluation.split, summary["metrics"], summary["ece"], summary["n_wrong"],
                         summary["n_thumbnails"], time.perf_counter() - started)
-
-
-def _check_out(out: Path) -> None:
-    if out.is_dir():
-        raise BottlecacheError(f"The 'out' option must be a file; {out} is a folder. Pass a file name ending in .html.")
-    if not out.parent.is_dir():
-        raise BottlecacheError(f"The 'out' option names a file in a folder that does not exist: {out.parent}.")
 
 
 def _require_matplotlib() -> None:
