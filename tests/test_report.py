@@ -190,3 +190,30 @@ def test_an_output_file_never_replaces_an_input_or_a_record_and_an_existing_one_
     assert first.exit_code == 0 and second.exit_code == 0, second.output
     paths = [Path(json.loads(r.stdout)["path"]).name for r in (first, second)]
     assert paths == [f"report-{weak_head.name}-validation.html", f"report-{weak_head.name}-validation-2.html"]
+
+
+@pytest.mark.slow
+def test_a_head_remembers_where_its_data_and_weights_were(weak_head, cats_dogs, tmp_path, monkeypatch):
+    """A head of a folder cache: report, export and predict need neither --data nor --weights (from
+    another folder, without $BOTTLECACHE_WEIGHTS); data moved away is one line naming --data."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("BOTTLECACHE_WEIGHTS", raising=False)
+    record = json.loads((weak_head / "head.json").read_text())
+    assert record["data"]["path"] == str(cats_dogs.resolve()) and Path(record["weights"]).is_absolute()
+
+    reported = invoke(["report", weak_head, "--top", "2", "--json"])
+    assert reported.exit_code == 0, reported.output
+    assert json.loads(reported.stdout)["n_thumbnails"] == 2  # the images were found where the build found them
+    exported = invoke(["export", weak_head, "--format", "keras", "--out", tmp_path / "export", "--json"])
+    assert exported.exit_code == 0, exported.output
+    assert json.loads(exported.stdout)["accuracy"] == json.loads(exported.stdout)["source_accuracy"]
+    image = next((cats_dogs / "validation" / "dogs").iterdir())
+    assert invoke(["predict", weak_head, image]).exit_code == 0
+
+    moved = tmp_path / "moved-head"
+    shutil.copytree(weak_head, moved)
+    record["data"]["path"] = str(tmp_path / "photos-that-moved")
+    (moved / "head.json").write_text(json.dumps(record))
+    refused = invoke(["export", moved, "--format", "keras", "--out", tmp_path / "export-2"])
+    assert refused.exit_code == 2 and "pass --data" in error_line(refused) and "photos-that-moved" in error_line(refused)
+    assert not (tmp_path / "export-2").exists()

@@ -169,6 +169,7 @@ def _build_locked(resolved: ResolvedCache, base, engine, batch_size, engine_name
             "startup_seconds": None if startup_seconds is None else round(startup_seconds, 3),
             "weights": weights_ref.spec,
             "machine": platform.machine(),
+            **resolved.locations(),
         }
         path = partial.finalize({"build": json.dumps(build_info)})
     except OSError as error:  # a failed write; with a full disk, nothing committed is lost (PartialCache._reserve)

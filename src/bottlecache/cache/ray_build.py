@@ -123,7 +123,7 @@ def build_ray(resolved: ResolvedCache, *, batch_size: int | None = None, engine:
         build_info = {
             "engine": engine_name, "engine_max_abs_diff": max_abs_diff, "batch_size": batch_size or engine_size,
             "weights": resolved.weights.spec, "machine": os.uname().machine, "executor": "ray",
-            "shard_size": shard_size, "shards": len(specs),
+            "shard_size": shard_size, "shards": len(specs), **resolved.locations(),
         }
         path = join_shards(resolved, specs, folder, library_versions(), build_info,
                            {name: seconds for name in resolved.source.splits})

@@ -131,6 +131,16 @@ class ResolvedCache:
     config: dict = field(repr=False)
     fingerprint: str
 
+    def locations(self) -> dict:
+        """Where the data and the weights were found (not part of the fingerprint; the cache's
+        ``build`` record keeps them so that heads and exports need neither option again)."""
+        data = Path(self.settings.data).expanduser()
+        return {
+            "data": {"given": self.settings.data, "path": str(data.resolve()) if data.is_dir() else None,
+                     "tfds_data_dir": self.settings.tfds_data_dir},
+            "weights_path": str(Path(self.weights.path).resolve()),
+        }
+
     @property
     def path(self) -> Path:
         return self.settings.cache_dir / cache_file_name(

@@ -7,7 +7,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..core.options import DEFAULT_DATA
 from ._common import (
     CacheDirOpt,
     JsonOpt,
@@ -28,7 +27,7 @@ def export(
     format: Annotated[str, typer.Option("--format", help="keras, saved_model or litert.")] = "litert",
     quantize: Annotated[str, typer.Option("--quantize", help="LiteRT only: none, float16, dynamic or int8 (calibrated on the train split).")] = "none",
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="New folder for the export. Default: <cache dir>/exports/<model>-<format>[-<quantize>].")] = None,
-    data: Annotated[str, typer.Option("--data", help="The images the model was trained on (a head: its cache's --data, checked).")] = DEFAULT_DATA,
+    data: Annotated[Optional[str], typer.Option("--data", help="The images the model was trained on (a head: default where its cache's build found them, checked; a fine-tuned model: default cats_vs_dogs).")] = None,
     tolerance: Annotated[float, typer.Option("--tolerance", help="Accuracy points the export may lose against the source model.")] = 1.0,
     calibration: Annotated[int, typer.Option("--calibration", help="int8: train images sampled for calibration.")] = 200,
     batch_size: Annotated[int, typer.Option(help="Images per evaluation batch.")] = 32,

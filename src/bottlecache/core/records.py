@@ -158,6 +158,7 @@ class HeadRecord(Record):
     weights: str | None
     cache: CacheRef
     created: str
+    data: dict[str, Any] | None = None  # where the cache's data was: {"given", "path", "tfds_data_dir"}
 
     @model_validator(mode="after")
     def _rules(self):

@@ -84,6 +84,7 @@ class SourceModel:
     predictor: object
     cache_splits: dict | None = None  # a head: its cache's split specs and data identity
     cache_data: dict | None = None
+    data_location: dict | None = None  # a head: where its cache's data was found (head.json "data")
 
 
 @dataclass
@@ -187,7 +188,7 @@ def describe_source(path) -> SourceModel:
     record = read_head_record(folder)  # says what is wrong with a missing folder or a file, too
     config = record.cache.config
     return SourceModel(folder, "head", list(record.class_names), record.backbone.image_size, config.decode, None, None,
-                       cache_splits=dict(config.splits), cache_data=dict(config.data))
+                       cache_splits=dict(config.splits), cache_data=dict(config.data), data_location=record.data)
 
 
 def load_source(source: SourceModel, weights=None) -> SourceModel:
@@ -217,6 +218,19 @@ def load_source(source: SourceModel, weights=None) -> SourceModel:
 def source_size_bytes(source: SourceModel) -> int:
     """The float32 bytes of the source's weights (backbone and head): what an unquantized copy needs."""
     return int(sum(int(np.prod(w.shape)) * 4 for w in source.keras_model.weights))
+
+
+def default_data(source: SourceModel, data, tfds_data_dir=None) -> tuple:
+    """``data`` as given; else, for a head, where its cache's build found the data (refused in one
+    line if it is no longer there); else the default data set."""
+    if data is not None or source.kind != "head" or not source.data_location:
+        return (DEFAULT_DATA if data is None else data), tfds_data_dir
+    where = source.data_location
+    data = where.get("path") or where.get("given")
+    if where.get("path") and not Path(where["path"]).is_dir():
+        raise BottlecacheError(f"The head's data was at {where['path']} when its cache was built and is not there "
+                               "now; pass --data with where it is.")
+    return data, tfds_data_dir if tfds_data_dir is not None else where.get("tfds_data_dir")
 
 
 def open_data(source: SourceModel, data, tfds_data_dir=None):
@@ -360,14 +374,15 @@ class ExportSettings:
     ``format`` ``keras``, ``saved_model`` or ``litert``; ``quantize`` (LiteRT only) ``none``,
     ``float16``, ``dynamic`` or ``int8`` (calibrated on ``calibration`` train images sampled with
     ``seed``). The artifact is evaluated against the source model on ``data`` (a head: the data its
-    cache was built from, checked; ``tfds_data_dir`` for a tfds name), ``batch_size`` images at a
+    cache was built from, checked; by default where that build found it; a fine-tuned model:
+    ``cats_vs_dogs`` by default; ``tfds_data_dir`` for a tfds name), ``batch_size`` images at a
     time, and refused if it loses more than ``tolerance`` accuracy points. ``weights``: where a
     head's base weights are found (their sha256 must match the head's record).
     """
 
     format: str = "litert"
     quantize: str = "none"
-    data: str = DEFAULT_DATA
+    data: str | None = None
     tfds_data_dir: str | None = None
     weights: str | None = None
     tolerance: float = DEFAULT_TOLERANCE
@@ -420,7 +435,8 @@ def export_model(model, format: str | None = None, quantize: str | None = None, 
     progress = progress or NullProgress()
     started = time.perf_counter()
     source = describe_source(model)
-    data_source = open_data(source, data, settings.tfds_data_dir)  # bad data is refused before anything loads
+    data, tfds_data_dir = default_data(source, data, settings.tfds_data_dir)
+    data_source = open_data(source, data, tfds_data_dir)  # bad data is refused before anything loads
     load_source(source, weights)
     fast = source.decode == DECODE_FAST
     split = evaluation_split(data_source)

@@ -158,8 +158,14 @@ def _evaluate_head(folder: Path, split, data, tfds_data_dir) -> Evaluation:
         proba = predict_split(loaded.head, cache, split)
         labels, keys, config = cache.labels(split), cache.keys(split), cache.config
     evaluation = Evaluation(str(folder), f"head ({loaded.kind})", split, list(loaded.class_names), labels, proba, keys)
+    where = loaded.record.get("data") or {}
+    if data is None and where.get("path") and Path(where["path"]).is_dir():  # where the cache's build found it
+        data, tfds_data_dir = where["path"], tfds_data_dir or where.get("tfds_data_dir")
     if data is not None:
         evaluation.data = _open_data(data, config, tfds_data_dir, evaluation.notes)
+    elif where.get("path"):
+        evaluation.notes.append(f"Thumbnails need the images, which were at {where['path']} when the cache was built "
+                                "and are not there now: pass --data with where they are.")
     else:
         evaluation.notes.append("Thumbnails need the images: pass --data with the folder the cache was built from.")
     return evaluation

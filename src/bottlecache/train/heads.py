@@ -599,7 +599,9 @@ def save_head(result: HeadResult, cache, out=None, cache_dir=None) -> Path:
         "feature_shape": list(cache.feature_shape),
         "params": result.params,
         "backbone": {key: cache.config[key] for key in BACKBONE_KEYS if key in cache.config},
-        "weights": cache.build_info.get("weights"),
+        # where the base's weights and the data were (absolute), so that predict, export and report need neither
+        "weights": cache.build_info.get("weights_path") or cache.build_info.get("weights"),
+        "data": cache.build_info.get("data"),
         "cache": {"path": str(cache.path.resolve()), "fingerprint": cache.fingerprint, "config": cache.config},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
