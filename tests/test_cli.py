@@ -313,3 +313,28 @@ def test_a_new_cache_folder_gets_a_gitignore(small_cache, tmp_path):
     (folder / ".gitignore").write_text("mine\n")  # never overwritten
     ensure_cache_dir(folder)
     assert (folder / ".gitignore").read_text() == "mine\n"
+
+
+def test_tables_are_plain_lines_when_piped_and_fold_on_a_terminal(small_cache, monkeypatch):
+    """Piped (CliRunner's output is not a terminal): a '#' title, tab-separated columns, every path
+    whole. On a narrow terminal: boxed, and a long path folded onto more lines, never cut."""
+    import io
+
+    from rich.console import Console
+
+    import bottlecache.cli._common as common
+
+    result = invoke(["cache", "ls", "--cache-dir", small_cache.path.parent])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == "# caches" and lines[1].split("\t")[:3] == ["file", "data", "splits"]
+    assert any(line.split("\t")[0] == small_cache.path.name for line in lines[2:]), lines
+
+    screen = io.StringIO()
+    monkeypatch.setattr(common, "out", Console(file=screen, force_terminal=True, width=40, color_system=None))
+    long_path = "/a/very/long/folder/name/that/goes/on/and/on/head-0123456789abcdef"
+    common.out.print(common.table("heads", ["folder", "kind"], [[long_path, "sklearn [x]"]]))
+    text = screen.getvalue()
+    assert "…" not in text and "sklearn [x]" in text
+    cells = "".join(line.split("│")[1].strip() for line in text.splitlines() if line.count("│") >= 2)
+    assert long_path in cells

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.segment import Segment
 from rich.table import Table
 from typer.core import TyperGroup
 
@@ -98,13 +99,35 @@ def print_json(value) -> None:
     sys.stdout.flush()
 
 
-def table(title: str, columns: list[str], rows: list[list]) -> Table:
+def table(title: str, columns: list[str], rows: list[list]):
+    """A table for ``out``: on a terminal, boxed, with long cells (paths, reasons) folded onto more
+    lines, never cut; piped or redirected, plain lines that ``grep`` and ``cut -f`` can use (the
+    title as a ``#`` comment, then tab-separated columns, one row per line, nothing cut)."""
+    if not out.is_terminal:
+        lines = [f"# {title}", "\t".join(columns)] + ["\t".join(_one_line(v) for v in row) for row in rows]
+        return _Plain(lines)
     t = Table(title=title, title_justify="left")
     for i, column in enumerate(columns):
-        t.add_column(column, justify="left" if i == 0 else "right")
+        t.add_column(column, justify="left" if i == 0 else "right", overflow="fold")
     for row in rows:
-        t.add_row(*[str(v) for v in row])
+        t.add_row(*[escape(str(v)) for v in row])
     return t
+
+
+class _Plain:
+    """Lines printed as they are (rich would expand the tabs of a ``Text`` into spaces)."""
+
+    def __init__(self, lines: list[str]):
+        self.lines = lines
+
+    def __rich_console__(self, console, options):
+        for line in self.lines:
+            yield Segment(line)
+            yield Segment.line()
+
+
+def _one_line(value) -> str:
+    return " ".join(str(value).split()) if ("\t" in str(value) or "\n" in str(value)) else str(value)
 
 
 def human_bytes(n: float) -> str:

@@ -281,7 +281,6 @@ def print_models(as_json: bool = False) -> None:
         [r["model"], r["preprocessing"], "x".join(map(str, r["bottleneck_160"])), r["layers"], r["fine_tune_at"],
          r["engines"].replace(", ", "+")] for r in rows
     ])
-    t.columns[0].no_wrap = True
     out.print(t)
     for r in rows:
         if r["keras_only_reason"]:
