@@ -266,3 +266,23 @@ def test_a_shard_size_that_is_not_a_multiple_of_the_commit_window_is_refused(tmp
     result = invoke(["cache", "build", "--data", cats_dogs, "--split", "train=train[:8]", "--cache-dir", tmp_path,
                      "--shard-size", 64])
     assert "ray executor only" in error_line(result)
+
+
+def test_a_ray_address_that_does_not_answer_is_one_line_up_front_and_leaves_nothing(weights_path, cats_dogs, tmp_path):
+    """Nothing listens at the port (it was just freed): refused within the connect timeout, before
+    the weights load, with no lock, partial file or shard folder left; a port out of range too."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cache_dir = tmp_path / "cache"
+    common = ["cache", "build", "--data", cats_dogs, "--split", "train=train[:4]", "--image-size", 96,
+              "--weights", weights_path, "--cache-dir", cache_dir, "--executor", "ray"]
+    started = time.perf_counter()
+    result = invoke([*common, "--ray-address", f"127.0.0.1:{port}"])
+    assert result.exit_code == 2 and f"No Ray cluster answers at 127.0.0.1:{port}" in error_line(result), result.output
+    assert time.perf_counter() - started < 60
+    assert not cache_dir.exists() or not [p for p in cache_dir.rglob("*") if p.name != ".gitignore"]
+    out_of_range = invoke([*common, "--ray-address", "127.0.0.1:70000"])
+    assert out_of_range.exit_code == 2 and "port must be 1 to 65535" in error_line(out_of_range)

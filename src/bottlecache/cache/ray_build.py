@@ -83,6 +83,7 @@ def build_ray(resolved: ResolvedCache, *, batch_size: int | None = None, engine:
     check_build_options(engine, batch_size)
     ray = import_ray()
     check_ray_address(address)
+    check_ray_answers(address)  # before the weights load and anything is written
     # The engines' own batches (Keras 32, LiteRT 8) commit windows of 32 rows.
     check_shard_size(shard_size, window_rows(batch_size or COMMIT_ROWS))
     progress = progress or NullProgress()
@@ -145,6 +146,29 @@ def check_ray_address(address) -> None:
     if not isinstance(address, str) or not _ADDRESS.fullmatch(address):
         raise BottlecacheError(f"The 'ray_address' option must be auto, HOST:PORT or ray://HOST:PORT. Got {address!r} "
                                "instead.")
+    port = int(address.rsplit(":", 1)[1])
+    if not 1 <= port <= 65535:
+        raise BottlecacheError(f"The 'ray_address' option's port must be 1 to 65535. Got {port} in {address!r}.")
+
+
+CONNECT_SECONDS = 10.0  # Ray retries an address that does not answer for minutes, deaf to Ctrl-C
+
+
+def check_ray_answers(address: str | None) -> None:
+    """A cluster at ``HOST:PORT`` (or ``ray://HOST:PORT``) accepts a connection within
+    ``CONNECT_SECONDS``, else one line: Ray itself would retry for minutes without a word."""
+    if address is None or address == "auto":
+        return
+    import socket
+
+    host, port = address.removeprefix("ray://").rsplit(":", 1)
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_SECONDS):
+            pass
+    except OSError as error:
+        raise BottlecacheError(f"No Ray cluster answers at {address} ({reason(error, 120) or 'no answer'} within "
+                               f"{CONNECT_SECONDS:g} s); start one with `ray start --head`, or leave out "
+                               "--ray-address.") from None
 
 
 def resolve_engine(resolved: ResolvedCache, engine: str) -> tuple[str, int, float]:
@@ -170,6 +194,7 @@ def start_ray(ray, address: str | None):
             # default, which on a machine shared with other work starves the actors)
             ray.init(address="local", num_cpus=usable_cores(), _system_config={"worker_niceness": 0}, **options)
         else:
+            check_ray_answers(address)
             ray.init(address=address, **options)
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise BottlecacheError(f"Could not connect to Ray at {address or 'a new local Ray'} ({reason(error, 160)}); "
