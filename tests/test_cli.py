@@ -338,3 +338,15 @@ def test_tables_are_plain_lines_when_piped_and_fold_on_a_terminal(small_cache, m
     assert "…" not in text and "sklearn [x]" in text
     cells = "".join(line.split("│")[1].strip() for line in text.splitlines() if line.count("│") >= 2)
     assert long_path in cells
+
+
+def test_a_file_that_is_not_hdf5_given_as_a_cache_is_not_called_damaged(tmp_path):
+    """A .tflite (or any file that is not HDF5 and not named .h5) passed where a cache goes: one
+    line saying it is not a cache, not advice to delete a damaged one."""
+    other = tmp_path / "model.tflite"
+    other.write_bytes(b"TFL3" + bytes(200))
+    for argv in (["cache", "train-head", other], ["cache", "info", other], ["cache", "verify", other]):
+        result = invoke(argv)
+        line = error_line(result)
+        assert result.exit_code == 2 and "is not a cache (not an HDF5 file)" in line and "delete" not in line, line
+    assert other.read_bytes() == b"TFL3" + bytes(200)

@@ -461,6 +461,17 @@ def _failing_rows(dataset, lo: int, hi: int) -> list[tuple[int, int]]:
 # Reading
 
 
+class NotACacheError(BottlecacheError):
+    """Another kind of file where a cache was expected: nothing to verify or repair."""
+
+
+def _is_hdf5(path: Path) -> bool:
+    try:
+        return h5py.is_hdf5(path)
+    except OSError:
+        return False
+
+
 class Cache:
     """A finished cache, open for reading.
 
@@ -484,6 +495,11 @@ class Cache:
             )
         if not self.path.is_file():
             raise BottlecacheError(f"No cache file at {self.path}.")
+        if not os.access(self.path, os.R_OK):
+            raise BottlecacheError(f"{self.path} cannot be read (permission denied); give this user read access to it.")
+        if not self.path.name.endswith(".h5") and not _is_hdf5(self.path):  # a .tflite, a .keras … given as a cache
+            raise NotACacheError(f"{self.path} is not a cache (not an HDF5 file); pass a cache file (.h5) or a "
+                                 "fingerprint prefix.")
         try:
             self.file = h5py.File(self.path, "r")
         except OSError as error:
@@ -785,6 +801,8 @@ def verify_cache(path) -> VerifyReport:
     report = VerifyReport(Path(path))
     try:
         cache = Cache(path)  # checks the format, completeness and config against the fingerprint
+    except NotACacheError:
+        raise
     except BottlecacheError as error:
         report.problems.append(str(error))
         return report
