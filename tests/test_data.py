@@ -4,6 +4,7 @@ shared preprocessing. Nothing here runs the network; only listing and decoding."
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -224,3 +225,20 @@ def test_load_image_matches_preprocess(tmp_path):
     with pytest.raises(Exception):
         (tmp_path / "bad.jpg").write_text("not an image")
         load_image(tmp_path / "bad.jpg", 160)
+
+
+def test_a_named_pipe_with_an_image_name_is_not_an_image(tmp_path):
+    """A FIFO (or a link to one) named like a photo is left out of the listing: the decoder would wait
+    on it forever. A dangling link stays, so that its row is skipped with the reason, as before."""
+    import os
+
+    from bottlecache.data.sources import open_source
+
+    root = write_images(tmp_path / "photos", {"train/cats": 3, "train/dogs": 3})
+    os.mkfifo(root / "train" / "cats" / "pipe.jpg")
+    (root / "train" / "dogs" / "to-pipe.jpg").symlink_to(root / "train" / "cats" / "pipe.jpg")
+    (root / "train" / "dogs" / "dangling.jpg").symlink_to(root / "train" / "dogs" / "nothing.jpg")
+    source = open_source(root, ["train"])
+    paths = {Path(p).relative_to(root / "train").as_posix() for p in source.split("train").paths}
+    assert "cats/pipe.jpg" not in paths and "dogs/to-pipe.jpg" not in paths
+    assert "dogs/dangling.jpg" in paths and len(paths) == 7

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -278,14 +279,27 @@ def _list_images(folder: Path) -> list[str]:
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         if entry.name.startswith(".") or not entry.name.lower().endswith(IMAGE_EXTENSIONS):
             continue
-        if entry.is_dir(follow_symlinks=False):
-            continue
+        if entry.is_dir(follow_symlinks=False) or not _regular_or_dangling(entry):
+            continue  # a named pipe or a device with an image's name would block the decoder forever
         try:  # keys are stored as UTF-8, and TensorFlow opens files by UTF-8 paths
             entry.path.encode("utf-8")
         except UnicodeEncodeError:
             raise BottlecacheError(f"The path {entry.path!r} is not valid UTF-8; rename it.") from None
         entries.append(entry.path)
     return entries
+
+
+def _regular_or_dangling(entry) -> bool:
+    """A regular file (through a link too), or a link to nothing (its row is then skipped with the
+    reason); not a named pipe, socket or device."""
+    if entry.is_file():  # d_type: no system call for a plain file
+        return True
+    if not entry.is_symlink():
+        return False
+    try:
+        return stat.S_ISREG(os.stat(entry.path).st_mode)
+    except OSError:
+        return True
 
 
 def _class_images(class_dir: Path) -> list[str]:
