@@ -217,3 +217,20 @@ def _predict_json(model, *images):
 def test_predict_csv_bad_path_is_one_line(head, tmp_path):
     run = invoke(["predict", head, tmp_path, "--csv", tmp_path / "missing" / "out.csv"])
     assert run.exit_code == 2 and "'csv'" in error_line(run)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt,quantize", [("keras", "none"), ("saved_model", "none"), ("litert", "dynamic")])
+def test_an_export_record_that_does_not_fit_its_artifact_is_refused(fmt, quantize, exports, cats_dogs, tmp_path):
+    """export.json says another image size than the artifact takes: one line, not probabilities of
+    images resized to the wrong size."""
+    import shutil
+
+    changed = tmp_path / "export"
+    shutil.copytree(exports(fmt, quantize).path, changed)
+    record = json.loads((changed / "export.json").read_text())
+    record["image_size"] = 128
+    (changed / "export.json").write_text(json.dumps(record))
+    image = next((cats_dogs / "validation" / "cats").iterdir())
+    result = invoke(["predict", changed, image])
+    assert result.exit_code == 2 and "says image_size 128" in error_line(result), result.output

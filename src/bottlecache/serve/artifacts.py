@@ -44,6 +44,9 @@ class KerasRuntime:
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return np.asarray(self._call(np.asarray(images, np.uint8)))
 
+    def input_size(self):
+        return _height_width(self.model.input_shape)
+
 
 class SavedModelRuntime:
     def __init__(self, path: Path):
@@ -61,6 +64,18 @@ class SavedModelRuntime:
             out = next(iter(out.values()))
         return np.asarray(out)
 
+    def input_size(self):
+        args, kwargs = self._serve.structured_input_signature
+        specs = [*args, *kwargs.values()]
+        return _height_width(specs[0].shape.as_list()) if specs else None
+
+
+def _height_width(shape):
+    """(height, width) of an image batch's shape, or None where the artifact does not fix them."""
+    if shape is None or len(shape) != 4 or shape[1] is None or shape[2] is None or min(shape[1], shape[2]) < 1:
+        return None
+    return int(shape[1]), int(shape[2])
+
 
 class LiteRTRuntime(LiteRTRunner):
     """An exported flatbuffer: class probabilities, as float64 rows that sum to 1."""
@@ -72,6 +87,9 @@ class LiteRTRuntime(LiteRTRunner):
         proba = super().__call__(images).astype(np.float64)
         # an int8 softmax gives multiples of 1/256 that may miss a sum of 1 by a step: renormalised
         return proba / np.maximum(proba.sum(axis=1, keepdims=True), 1e-12)
+
+    def input_size(self):
+        return _height_width(list(self._input.get("shape_signature", self._input["shape"])))
 
 
 RUNTIMES = {"keras": KerasRuntime, "saved_model": SavedModelRuntime, "litert": LiteRTRuntime}
@@ -116,6 +134,10 @@ def load_export(path):
     if not artifact.exists():
         raise BottlecacheError(f"{artifact} is missing; {EXPORT_ADVICE}.")
     runtime = RUNTIMES[record.artifact_format](artifact)
+    size = runtime.input_size()
+    if size is not None and size != (record.image_size, record.image_size):
+        raise BottlecacheError(f"{folder / RECORD_FILE} says image_size {record.image_size}, but {artifact.name} takes "
+                               f"{size[0]}x{size[1]} images; {EXPORT_ADVICE}.")
     n = len(record.class_names)
 
     def predict_batch(images):
