@@ -1012,6 +1012,9 @@ def json_file_mutations(filename: str, schema: dict, specials: list[tuple[str, o
 BACKBONE_SCHEMA = {"model": str, "alpha": float, "image_size": int, "weights_sha256": str, "preprocess_version": int}
 HEAD_SCHEMA = {"format": str, "format_version": int, "kind": str, "class_names": list, "feature_shape": list,
                "params": dict, "backbone": dict, "weights": str, "cache": dict, "created": str}
+# Keys a head.json may lack (written from the version that added them; older records are read as they are):
+# each gets its wrong-type mutations as specials, but no "deleted" case.
+HEAD_OPTIONAL = {"data": (dict, type(None))}
 MODEL_SCHEMA = {"format": str, "format_version": int, "class_names": list, "backbone": dict, "weights": str,
                 "head": str, "params": dict, "created": str}
 METRICS_SCHEMA = {"kind": str, "path": (str, type(None)), "train_seconds": float, "params": dict, "selection": list,
@@ -1030,7 +1033,7 @@ COMMON_SPECIALS = [
 def head_mutations(kind: str) -> list[Mutation]:
     other_kind = "keras" if kind == "sklearn" else "sklearn"
     specials = COMMON_SPECIALS + [("kind", "forest"), ("kind", other_kind), ("feature_shape", [4, 4, 1280]),
-                                  ("feature_shape", ["a"])]
+                                  ("feature_shape", ["a"]), ("data", 5), ("data", "elsewhere"), ("data", [])]
     out = [UNMODIFIED] + json_file_mutations("head.json", HEAD_SCHEMA | NESTED_BACKBONE, specials)
     return out + (npz_mutations() if kind == "sklearn" else keras_file_mutations("head.keras"))
 
@@ -1473,7 +1476,7 @@ def test_mutation_schemas_match_the_records_written(record, world):
 
     if record.startswith("head.json"):
         folder = world.sk_head if "sklearn" in record else world.keras_head
-        actual, schema = json.loads((folder / "head.json").read_text()), HEAD_SCHEMA
+        actual, schema = json.loads((folder / "head.json").read_text()), HEAD_SCHEMA | HEAD_OPTIONAL
         assert set(actual["backbone"]) == set(BACKBONE_SCHEMA)
     elif record == "model.json":
         actual, schema = json.loads((world.model / "model.json").read_text()), MODEL_SCHEMA

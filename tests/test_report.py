@@ -123,9 +123,16 @@ def test_report_numbers(weak_head, small_cache, tmp_path):
     metrics = json.loads((weak_head / "metrics.json").read_text())["metrics"]["validation"]
     assert result.metrics["accuracy"] == pytest.approx(metrics["accuracy"])
     assert result.metrics["balanced_accuracy"] == pytest.approx(metrics["balanced_accuracy"])
-    assert result.n_thumbnails == 0  # no --data: keys and probabilities only, and a note saying so
-    text = (tmp_path / "r.html").read_text()
-    assert "pass --data" in text and f"<td>{result.ece:.4f}</td>" in text
+    assert result.n_thumbnails == 4  # no --data: the images are where the cache's build found them
+    assert f"<td>{result.ece:.4f}</td>" in (tmp_path / "r.html").read_text()
+    older = tmp_path / "older-head"  # a head from before heads recorded their data: keys and probabilities only
+    shutil.copytree(weak_head, older)
+    record = json.loads((older / "head.json").read_text())
+    del record["data"]
+    (older / "head.json").write_text(json.dumps(record))
+    without = write_report(older, "validation", tmp_path / "r2.html", top=4)
+    assert without.n_thumbnails == 0 and "pass --data" in (tmp_path / "r2.html").read_text()
+    assert without.metrics["accuracy"] == result.metrics["accuracy"]
 
 
 def test_calibration_and_threshold_by_hand():
