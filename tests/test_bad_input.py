@@ -1615,3 +1615,17 @@ def test_control_good_values(name, ctx, monkeypatch):
     if name.startswith("predict") and "--json" in outcome.argv:
         rows = json.loads(outcome.result.stdout)
         assert rows and all("label" in row for row in rows), rows
+
+
+def test_a_fine_tuned_model_missing_its_record_is_told_to_fine_tune_again(ctx, monkeypatch):
+    """export and predict of a fine-tuned model folder without model.json: the advice is the
+    model's (fine-tune again), not an export's."""
+    fast_loading(monkeypatch)
+    folder = ctx.copy(ctx.w.model, "model")
+    (folder / "model.json").unlink()
+    for argv in (["export", folder, "--format", "keras", "--data", ctx.w.data, "--out", ctx.tmp / "out"],
+                 ["predict", folder, ctx.w.images[0]]):
+        outcome = run_case(ctx, argv)
+        assert_contract(outcome)
+        line = outcome.first_line()
+        assert "fine-tune again" in line and "export it again" not in line, line

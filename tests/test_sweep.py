@@ -231,6 +231,20 @@ def test_cli_bad_options(args, expected, tmp_path, photos, weights_path):
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.parametrize("weights, expected", [
+    (["mobilenet_v2={w}", "mobilenet_v2={w}"], "names 'mobilenet_v2' twice"),
+    (["mobilenet_v2={w}", "xception={w}"], "names 'xception', which the sweep does not try"),
+    (["mobilenet_v2={w}", "no_such_model={w}"], "names 'no_such_model', which the sweep does not try"),
+])
+def test_cli_weights_per_model_are_checked_up_front(weights, expected, tmp_path, photos, weights_path):
+    """--weights MODEL=PATH: a model named twice, or one the sweep does not try (unknown or not in
+    --model), is one line before anything is built, not silently the last one or ignored."""
+    given = [token for w in weights for token in ("--weights", w.format(w=weights_path))]
+    result = invoke(["sweep", "--data", photos, "--image-size", "96", *given, "--cache-dir", tmp_path / "cache"])
+    assert result.exit_code == 2 and expected in error_line(result), result.output
+    assert not (tmp_path / "cache").exists()
+
+
 def test_budget_parsing():
     from bottlecache.core.errors import BottlecacheError
     from bottlecache.train.sweep import parse_budget

@@ -49,6 +49,9 @@ def _weights(values: list[str] | None):
         if not sep or not model.strip() or not path.strip():
             raise BottlecacheError(f"The 'weights' option, given more than once, must be MODEL=PATH each time. "
                                    f"Got {value!r} instead.")
+        if model.strip() in mapping:
+            raise BottlecacheError(f"The 'weights' option names {model.strip()!r} twice ({mapping[model.strip()]!r} and "
+                                   f"{path.strip()!r}); give each model's weights once.")
         mapping[model.strip()] = path.strip()
     return mapping
 

@@ -53,7 +53,6 @@ from ..models.backbone import load_backbone, resolve_weights
 from ..train.heads import check_new_folder, compute_metrics, load_head, load_keras_file, read_head_record
 from .artifacts import (
     ARTIFACTS,
-    EXPORT_ADVICE,
     FORMATS,
     LABELS_FILE,
     QUANTIZATIONS,
@@ -63,7 +62,7 @@ from .artifacts import (
     is_export,
     to_uint8,
 )
-from .predict import load_model
+from .predict import MODEL_ADVICE, load_model
 
 DEFAULT_TOLERANCE = 1.0
 DEFAULT_CALIBRATION = 200
@@ -178,7 +177,7 @@ def describe_source(path) -> SourceModel:
     if is_export(folder):
         raise BottlecacheError(f"{folder} is already an export; pass the head or fine-tuned model folder it came from.")
     if folder.is_dir() and ((folder / "model.json").exists() or (folder / "model.keras").exists()):
-        record = read_json(folder / "model.json", ModelRecord, EXPORT_ADVICE, fmt=MODEL_FORMAT, version=RECORD_VERSION)
+        record = read_json(folder / "model.json", ModelRecord, MODEL_ADVICE, fmt=MODEL_FORMAT, version=RECORD_VERSION)
         return SourceModel(folder, "model", list(record.class_names), record.backbone.image_size, DECODE_FULL,
                            None, None)
     if folder.is_dir() and not (folder / "head.json").exists():

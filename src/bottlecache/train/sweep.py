@@ -463,9 +463,15 @@ def check_shared(settings: dict, weights) -> None:
     if "validation" not in source.splits:
         raise BottlecacheError(f"The sweep ranks on a 'validation' split, and the data has none (it has "
                                f"{', '.join(source.splits)}); pass --split validation=...")
-    if not isinstance(weights, dict):
-        for model, size in sorted({(getattr(s, "model", None), s.image_size) for s in settings.values()}, key=str):
-            resolve_weights(first.weights, size, **({} if model is None else {"model": model}))
+    if isinstance(weights, dict):
+        swept = {s.model for s in settings.values()}
+        unused = sorted(set(weights) - swept)
+        if unused:
+            raise BottlecacheError(f"The 'weights' option names {', '.join(map(repr, unused))}, which the sweep does not "
+                               f"try (models: {', '.join(sorted(swept))}); add it to --model or leave its weights out.")
+        return
+    for model, size in sorted({(getattr(s, "model", None), s.image_size) for s in settings.values()}, key=str):
+        resolve_weights(first.weights, size, **({} if model is None else {"model": model}))
 
 
 def _run_configuration(point, settings, heads_to_train, clock, board, cache_dir, build_options, progress) -> list[Row]:
