@@ -102,7 +102,9 @@ def build(
                   f"Ray start-up {report.ray_startup_seconds:.1f} s")
     for s in report.splits:
         for key, why in s.skipped[:20]:
-            err.print(f"  skipped {s.name}/{key}: {why}", markup=False)
+            # a folder's keys are paths from the data's root, which name the split folder already
+            where = key if key.startswith(f"{s.name}/") else f"{key} (split {s.name})"
+            err.print(f"  skipped {where}: {why}", markup=False)
 
 
 @app.command("ls")
