@@ -290,16 +290,15 @@ def _list_images(folder: Path) -> list[str]:
 
 
 def _regular_or_dangling(entry) -> bool:
-    """A regular file (through a link too), or a link to nothing (its row is then skipped with the
-    reason); not a named pipe, socket or device."""
-    if entry.is_file():  # d_type: no system call for a plain file
+    """Not a named pipe, socket or device, directly or through a link; a link to nothing, to a
+    folder or in a loop stays (its row is skipped with the reason)."""
+    if not entry.is_symlink() and entry.is_file(follow_symlinks=False):  # d_type: no system call
         return True
-    if not entry.is_symlink():
-        return False
     try:
-        return stat.S_ISREG(os.stat(entry.path).st_mode)
+        mode = os.stat(entry.path).st_mode
     except OSError:
         return True
+    return not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode))
 
 
 def _class_images(class_dir: Path) -> list[str]:
