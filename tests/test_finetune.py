@@ -277,3 +277,21 @@ def test_resume_with_other_settings_is_refused_and_epochs_may_grow(keras_head, c
     assert result.history["loss"][0] == state["history"]["loss"][0]
     record = json.loads((out / "model.json").read_text())
     assert record["params"]["epochs"] == 2 and record["backbone"]["preprocess_version"] >= 1
+
+
+@pytest.mark.slow
+def test_finetune_with_a_head_needs_neither_data_nor_weights(keras_head, cats_dogs, tmp_path, monkeypatch):
+    """`finetune run --head H`: the data and weights default to where H's cache found them (from
+    another folder, without $BOTTLECACHE_WEIGHTS); the run's record names that data."""
+    from conftest import invoke
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("BOTTLECACHE_WEIGHTS", raising=False)
+    result = invoke(["finetune", "run", *[t for s in FT_SPLITS for t in ("--split", s)], "--head", keras_head,
+                     "--epochs", 1, "--batch-size", 8, "--out", tmp_path / "ft", "--cache-dir", tmp_path / "c",
+                     "--json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "ft" / "model.json").read_text())
+    head = json.loads((keras_head / "head.json").read_text())
+    assert record["backbone"]["weights_sha256"] == head["backbone"]["weights_sha256"]
+    assert Path(head["data"]["path"]) == cats_dogs.resolve()

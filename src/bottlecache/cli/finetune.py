@@ -10,7 +10,6 @@ import typer
 from ..core.options import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL
 from ._common import (
     CacheDirOpt,
-    DataOpt,
     ImageSizeOpt,
     JsonOpt,
     ModelOpt,
@@ -30,7 +29,7 @@ app = typer.Typer(help="Fine-tune the top of the frozen base end to end, warm-st
 @app.command("run")
 @handle_errors(interrupted="interrupted; finished epochs are kept; run the same command with --resume to continue")
 def run(
-    data: DataOpt = DEFAULT_DATA,
+    data: Annotated[Optional[str], typer.Option("--data", help="Image folder, tfds:NAME or a tfds name (default: with --head, where its cache found its data; else cats_vs_dogs).")] = None,
     split: SplitOpt = None,
     image_size: ImageSizeOpt = DEFAULT_IMAGE_SIZE,
     model: ModelOpt = DEFAULT_MODEL,
@@ -57,7 +56,12 @@ def run(
     """Unfreeze the base (--model) from --fine-tune-at on and train it with the head on the images."""
     from ..cache.settings import CacheSettings
     from ..train.finetune import FinetuneSettings, finetune
+    from ..train.heads import recorded_inputs
 
+    recorded = recorded_inputs(head) if head is not None else {}  # the head's own data and weights, unless told
+    data = data if data is not None else recorded.get("data", DEFAULT_DATA)
+    weights = weights if weights is not None else recorded.get("weights")
+    tfds_data_dir = tfds_data_dir if tfds_data_dir is not None else recorded.get("tfds_data_dir")
     cache = CacheSettings(data, None if split is None else tuple(split), image_size=image_size, weights=weights,
                           dtype=dtype, tfds_data_dir=tfds_data_dir, cache_dir=cache_dir, model=model)
     settings = FinetuneSettings(

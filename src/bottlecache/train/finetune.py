@@ -52,6 +52,7 @@ from .heads import (
     load_head,
     load_keras_file,
     probabilities_from_logits,
+    recorded_inputs,
     train_head,
 )
 from .views import ViewEpochs
@@ -241,7 +242,8 @@ def finetune(data=None, splits=None, *, settings: FinetuneSettings | None = None
     Parameters
     ----------
     data, splits : optional
-        The cache's data and split specs (``CacheSettings``).
+        The cache's data and split specs (``CacheSettings``). With ``head`` and no ``cache``, the
+        data and weights default to where the head's cache found them.
     settings : FinetuneSettings, optional
     cache : CacheSettings, optional
         Without cut or views: the cut cache of ``from_cache`` is made from it.
@@ -270,6 +272,8 @@ def finetune(data=None, splits=None, *, settings: FinetuneSettings | None = None
         overrides["data"] = data
     if splits is not None:
         overrides["splits"] = splits
+    if head is not None and cache is None:  # the head's own data and weights, unless told otherwise
+        overrides = recorded_inputs(head) | overrides
     cache, settings = settings_with("finetune", {CacheSettings: cache, FinetuneSettings: settings}, overrides)
     if cache.cut is not None or cache.views or cache.fast_decode:
         raise BottlecacheError("finetune's cache settings take no cut, views or fast decoding: the head's cache is a "

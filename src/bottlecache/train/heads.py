@@ -670,6 +670,25 @@ def read_head_record(folder: Path) -> HeadRecord:
     return read_json(folder / "head.json", HeadRecord, HEAD_ADVICE, fmt=HEAD_FORMAT, version=RECORD_VERSION)
 
 
+def recorded_inputs(folder) -> dict:
+    """Where a head's cache found its data and weights (``{"data": ..., "weights": ...}``, each
+    only if recorded and still there): what commands given the head use when not told. A head
+    that cannot be read gives nothing here; the command that loads it says why."""
+    try:
+        record = read_head_record(Path(folder))
+    except BottlecacheError:
+        return {}
+    out = {}
+    where = record.data or {}
+    if where.get("path") and Path(where["path"]).is_dir():
+        out["data"] = where["path"]
+        if where.get("tfds_data_dir"):
+            out["tfds_data_dir"] = where["tfds_data_dir"]
+    if record.weights and record.weights != "imagenet" and Path(record.weights).is_file():
+        out["weights"] = record.weights
+    return out
+
+
 def load_head(path) -> LoadedHead:
     """Load a head folder written by ``train_head`` (no pickle; Keras in safe mode), checking its
     record and that the model file matches it."""
