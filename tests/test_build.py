@@ -389,3 +389,35 @@ def test_a_blocks_windows_are_committed_as_one():
     assert contents[:, 0].tolist() == stats[:, 0].tolist() == [0, 0, 0, 10, 10]
     assert stored == {4: b"row 11"}  # row 1 of the second window: row 4 of the commit
     assert Rows.joined([a]) is a
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_sigterm_ends_a_build_as_ctrl_c_does_and_it_resumes(tmp_path, weights_path, cats_dogs, launcher):
+    """`kill PID` (SIGTERM) at the first commit a look sees: exit 143 with the one interrupted line,
+    the partial file kept with its commits, no lock held; the same command then resumes it."""
+    splits = ["train=train[:640]", "validation=validation[:32]"]  # 20+ commits: the look lands before the last
+    command = ["cache", "build", "--data", cats_dogs, "--weights", weights_path, "--cache-dir", tmp_path,
+               "--batch-size", "8", "--engine", "keras", *[t for s in splits for t in ("--split", s)]]
+    log, errors = tmp_path / "build.log", []
+    process = launcher.start(command, stdout=log)
+
+    def first_commit():
+        partials = list(tmp_path.glob("*.h5.partial"))
+        state = _partial_rows(partials[0], errors) if partials else None
+        return state is not None and sum(n for n, _ in state.values()) > 0
+
+    try:
+        wait_until(first_commit, what="a commit of the build", processes=[process])
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)  # the contract: within 60 s of the signal
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    lines = [line for line in log.read_text().splitlines() if line.startswith("error: ")]
+    assert process.returncode == 143 and lines and lines[-1].startswith("error: interrupted"), log.read_text()[-2000:]
+    (partial,) = tmp_path.glob("*.h5.partial")
+    assert sum(n for n, _ in _partial_rows(partial, errors).values()) > 0
+    resumed = build_cache(cats_dogs, splits, weights=weights_path, cache_dir=tmp_path, batch_size=8, engine="keras")
+    assert resumed.resumed and not partial.exists()

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ._common import JsonOpt, OneLineGroup, handle_errors
+from ._common import JsonOpt, OneLineGroup, handle_errors, stop_on_sigterm
 from .cache import app as cache_app
 from .cache import print_models
 from .embeddings import duplicates, neighbors
@@ -61,4 +61,5 @@ app.command("export")(export)
 
 
 def main() -> None:
+    stop_on_sigterm()
     app()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
 
 import typer
@@ -54,8 +55,8 @@ def handle_errors(command=None, *, interrupted: str = INTERRUPTED):
             raise
         except BottlecacheError as error:
             fail(str(error), 2)
-        except KeyboardInterrupt:
-            fail(interrupted, 130)
+        except KeyboardInterrupt as stop:
+            fail(interrupted, 143 if isinstance(stop, Terminated) else 130)
         except OSError as error:
             where = f"{error.filename}: " if error.filename else ""
             fail(f"{where}{reason(error)}", 1)
@@ -66,6 +67,19 @@ def handle_errors(command=None, *, interrupted: str = INTERRUPTED):
                  "for the traceback and report it)", 1)
 
     return wrapper
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be: the same clean-up, the same one line, exit 143."""
+
+
+def stop_on_sigterm() -> None:
+    """A ``kill`` (SIGTERM) ends a command as Ctrl-C does, instead of at once with nothing cleaned."""
+
+    def terminated(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, terminated)
 
 
 class OneLineGroup(TyperGroup):
@@ -88,9 +102,9 @@ class OneLineGroup(TyperGroup):
         except click_exceptions.ClickException as error:
             err.print(f"[bold red]error:[/] {escape(' '.join(error.format_message().split()))}", markup=True)
             sys.exit(error.exit_code)
-        except (typer.Abort, KeyboardInterrupt, EOFError):
+        except (typer.Abort, KeyboardInterrupt, EOFError) as stop:
             err.print("[bold red]error:[/] interrupted", markup=True)
-            sys.exit(130)
+            sys.exit(143 if isinstance(stop, Terminated) else 130)
         sys.exit(code if isinstance(code, int) else 0)
 
 
