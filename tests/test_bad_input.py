@@ -1148,7 +1148,7 @@ def test_bad_head_record(kind, mutation, ctx, monkeypatch):
 # The model file cut at other places than the record cases above, through each command that
 # loads a head (predict, export, report): one line, exit 2, nothing written.
 DAMAGED_HEAD_FILES = [(kind, name, damage) for kind, name in (("sklearn", "head.npz"), ("keras", "head.keras"))
-                      for damage in ("truncated to 5 %", "truncated to 30 %", "truncated to 70 %", "truncated to 95 %")]
+                      for damage in ("truncated to 5 %", "truncated to 70 %")]
 
 
 def _damage(name: str, damage: str):

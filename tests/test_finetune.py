@@ -206,8 +206,8 @@ def test_finetune_killed_mid_run_resumes_from_last_finished_epoch(finetuned, ker
     epochs = 1 + max(1, math.ceil(20 * look / finetuned.seconds_per_epoch))
     figures = f"{epochs} epochs of {finetuned.seconds_per_epoch:.2f} s measured, a look every {look:.3f} s"
     out = tmp_path / "run"
-    command = ["finetune", "run", "--data", str(cats_dogs),
-               "--weights", str(weights_path), "--head", str(keras_head), "--epochs", str(epochs), "--out", str(out),
+    # no --data, no --weights: the head's cache recorded where both were (issue 25)
+    command = ["finetune", "run", "--head", str(keras_head), "--epochs", str(epochs), "--out", str(out),
                "--cache-dir", str(tmp_path / "c"), "--json"]
     command += [a for s in FT_SPLITS for a in ("--split", s)]
     process = launcher.start(command, stdout=tmp_path / "run.log")  # forked: TensorFlow imported already
@@ -238,6 +238,9 @@ def test_finetune_killed_mid_run_resumes_from_last_finished_epoch(finetuned, ker
     assert resumed.wait(timeout=600) == 0, (tmp_path / "resumed.err").read_text()[-2000:]
     history = json.loads((out / "history.json").read_text())
     assert len(history["loss"]) == epochs
+    head = json.loads((keras_head / "head.json").read_text())
+    assert json.loads((out / "model.json").read_text())["backbone"]["weights_sha256"] == \
+        head["backbone"]["weights_sha256"] and Path(head["data"]["path"]) == cats_dogs.resolve()
     assert history["loss"][: len(first["loss"])] == first["loss"]  # finished epochs were kept, not rerun
     assert (out / "model.keras").exists()
 
@@ -278,20 +281,3 @@ def test_resume_with_other_settings_is_refused_and_epochs_may_grow(keras_head, c
     record = json.loads((out / "model.json").read_text())
     assert record["params"]["epochs"] == 2 and record["backbone"]["preprocess_version"] >= 1
 
-
-@pytest.mark.slow
-def test_finetune_with_a_head_needs_neither_data_nor_weights(keras_head, cats_dogs, tmp_path, monkeypatch):
-    """`finetune run --head H`: the data and weights default to where H's cache found them (from
-    another folder, without $BOTTLECACHE_WEIGHTS); the run's record names that data."""
-    from conftest import invoke
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("BOTTLECACHE_WEIGHTS", raising=False)
-    result = invoke(["finetune", "run", *[t for s in FT_SPLITS for t in ("--split", s)], "--head", keras_head,
-                     "--epochs", 1, "--batch-size", 8, "--out", tmp_path / "ft", "--cache-dir", tmp_path / "c",
-                     "--json"])
-    assert result.exit_code == 0, result.output
-    record = json.loads((tmp_path / "ft" / "model.json").read_text())
-    head = json.loads((keras_head / "head.json").read_text())
-    assert record["backbone"]["weights_sha256"] == head["backbone"]["weights_sha256"]
-    assert Path(head["data"]["path"]) == cats_dogs.resolve()
