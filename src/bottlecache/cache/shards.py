@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 
 from ..core.errors import BottlecacheError, reason
-from ..core.files import publish_file, staged_path, write_error
+from ..core.files import staged_file, write_error
 from ..core.options import check_positive
 from ..core.registry import bottleneck_shape
 from .store import (
@@ -224,10 +224,9 @@ def join_shards(resolved, specs: list[ShardSpec], folder: Path, versions: dict, 
                 seconds: dict[str, float]) -> Path:
     """Write the cache file over the shards (virtual ``features`` and ``pooled``) and rename it into place."""
     final = resolved.path
-    staged = staged_path(final)
     shape = bottleneck_shape(resolved.settings.image_size, resolved.settings.model)
     try:
-        with h5py.File(staged, "w", libver=("v110", "latest")) as f:  # virtual datasets need the 1.10 format
+        with staged_file(final) as staged, h5py.File(staged, "w", libver=("v110", "latest")) as f:  # 1.10: virtual datasets
             for key, value in root_attrs(resolved.config, resolved.fingerprint, versions).items():
                 f.attrs[key] = value
             f.attrs["splits"] = json.dumps(list(resolved.source.splits))
@@ -238,12 +237,8 @@ def join_shards(resolved, specs: list[ShardSpec], folder: Path, versions: dict, 
                 f[name].attrs.update(spec=str(split.spec), n_examples=split.n_examples, n_done=split.n_examples,
                                      complete=True, seconds=seconds.get(name, 0.0))
             f.attrs["complete"] = True
-        publish_file(staged, final)
     except OSError as error:
         raise write_error(final, error, "every shard is kept; run the same command again to join them") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            staged.unlink()
     return final
 
 
@@ -291,19 +286,15 @@ def consolidate_cache(path, *, keep_shards: bool = False, progress=None) -> Path
     if not virtual:
         return path
     with build_lock(path, wait=False):
-        staged = staged_path(path)
         try:
-            with Cache(path) as cache, h5py.File(staged, "w", libver=("v108", "latest")) as out:
-                for key, value in cache.file.attrs.items():
-                    out.attrs[key] = value
-                for split in cache.splits:
-                    _copy_split(cache, split, out.create_group(split), progress)
-            publish_file(staged, path)
+            with staged_file(path) as staged:
+                with Cache(path) as cache, h5py.File(staged, "w", libver=("v108", "latest")) as out:
+                    for key, value in cache.file.attrs.items():
+                        out.attrs[key] = value
+                    for split in cache.splits:
+                        _copy_split(cache, split, out.create_group(split), progress)
         except OSError as error:
             raise write_error(path, error, "the cache and its shards are unchanged") from None
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                staged.unlink()
     if not keep_shards:
         import shutil
 

@@ -76,6 +76,19 @@ def publish_file(staged: Path, final: Path) -> None:
 
 
 @contextlib.contextmanager
+def staged_file(final: Path):
+    """A temporary name beside ``final`` to write a whole file under: when the block ends without
+    an error the file is synced and renamed to ``final`` (``publish_file``); otherwise removed."""
+    staged = staged_path(final)
+    try:
+        yield staged
+        publish_file(staged, final)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            staged.unlink()
+
+
+@contextlib.contextmanager
 def staged_folder(out: Path):
     """A temporary sibling of ``out`` (missing or empty) to write a folder's files into; when the
     block ends without an error it becomes ``out`` by one rename, and otherwise it is removed, so a
