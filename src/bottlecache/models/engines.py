@@ -55,6 +55,21 @@ def flatbuffer_path(cache_dir: Path, weights_sha256: str, image_size: int, model
     return Path(cache_dir) / "engines" / f"{model}-{image_size}-{weights_sha256[:12]}-tf{tf.__version__}.tflite"
 
 
+def litert_converter(model):
+    """A LiteRT converter for the Keras ``model``: its call traced once (any batch size), with the
+    model's variables tracked beside it so that the converter folds their values in.
+
+    Not through a SavedModel written to disk and read back: that costs five times as long (12 s
+    against 2-4 s for MobileNetV2 at 160 px on 2 cores, measured) for the same flatbuffer (outputs
+    equal bit for bit). The flatbuffer keeps a ``serving_default`` signature (input ``inputs``)."""
+    tf = import_tf()
+    tracked = tf.Module()
+    tracked.weights = [getattr(v, "value", v) for v in model.weights]  # Keras variables → their tf.Variable
+    spec = tf.TensorSpec((None, *model.input_shape[1:]), model.inputs[0].dtype, name="inputs")
+    call = tf.function(lambda inputs: model(inputs, training=False), input_signature=[spec])
+    return tf.lite.TFLiteConverter.from_concrete_functions([call.get_concrete_function()], tracked)
+
+
 def convert_to_flatbuffer(model, path: Path) -> Path:
     """Convert the Keras base (weights included) once; reuse it while its checksum holds.
 
@@ -68,8 +83,7 @@ def convert_to_flatbuffer(model, path: Path) -> Path:
     tf = import_tf()
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        model.export(tmp, format="tf_saved_model", verbose=False)
-        flatbuffer = tf.lite.TFLiteConverter.from_saved_model(tmp).convert()
+        flatbuffer = litert_converter(model).convert()
         staged = Path(tmp) / "engine.tflite"
         staged.write_bytes(flatbuffer)
         os.replace(staged, path)

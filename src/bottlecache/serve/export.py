@@ -16,7 +16,6 @@ interpreter), was evaluated on the test split (else validation) and its accuracy
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,8 +48,8 @@ from ..core.records import (
 )
 from ..core.tf import import_keras, import_tf
 from ..data.sources import image_dataset, open_source, preprocess
-from ..models.backbone import load_backbone, resolve_weights
-from ..train.heads import check_new_folder, compute_metrics, load_head, load_keras_file, read_head_record
+from ..models.engines import litert_converter
+from ..train.heads import check_new_folder, compute_metrics, read_head_record
 from .artifacts import (
     ARTIFACTS,
     FORMATS,
@@ -194,16 +193,12 @@ def load_source(source: SourceModel, weights=None) -> SourceModel:
     """Load what ``describe_source`` described: the source's ``Predictor`` (checked as ``predict``
     checks it) and the uint8 → probabilities Keras model built from the same files."""
 
-    predictor = load_model(source.path, weights=weights)
+    predictor = load_model(source.path, weights=weights)  # the same networks, loaded once
     n, base_name = len(source.class_names), predictor.model
     if source.kind == "model":
-        network = load_keras_file(source.path / "model.keras")
-        model = uint8_model(network, source.image_size, n, model=base_name)
+        model = uint8_model(predictor.parts["network"], source.image_size, n, model=base_name)
     else:
-        loaded = load_head(source.path)
-        ref = resolve_weights(weights if weights is not None else loaded.record.get("weights"), source.image_size,
-                              base_name)
-        base = load_backbone(ref, source.image_size)
+        base, loaded = predictor.parts["base"], predictor.parts["head"]
         if loaded.kind == "keras":
             keras = import_keras()
             model = uint8_model(keras.Sequential([base, loaded.head.model], name="base_and_head"), source.image_size, n,
@@ -300,29 +295,24 @@ def write_artifact(model, fmt: str, quantize: str, folder: Path, calibration: np
     elif fmt == "saved_model":
         model.export(str(target), format="tf_saved_model", verbose=False)
     else:
-        target.write_bytes(litert_flatbuffer(model, quantize, folder, calibration))
+        target.write_bytes(litert_flatbuffer(model, quantize, calibration))
     return target
 
 
-def litert_flatbuffer(model, quantize: str, folder: Path, calibration: np.ndarray | None) -> bytes:
+def litert_flatbuffer(model, quantize: str, calibration: np.ndarray | None) -> bytes:
     tf = import_tf()
-    staging = folder / ".saved_model-for-litert"
-    model.export(str(staging), format="tf_saved_model", verbose=False)
-    try:
-        converter = tf.lite.TFLiteConverter.from_saved_model(str(staging))
-        if quantize != "none":
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        if quantize == "float16":
-            converter.target_spec.supported_types = [tf.float16]
-        elif quantize == "int8":
-            def representative():
-                for image in calibration:
-                    yield [image[None]]
+    converter = litert_converter(model)
+    if quantize != "none":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantize == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    elif quantize == "int8":
+        def representative():
+            for image in calibration:
+                yield [image[None]]
 
-            converter.representative_dataset = representative
-        return converter.convert()
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        converter.representative_dataset = representative
+    return converter.convert()
 
 
 def run_batches(runtime, images: np.ndarray, batch_size: int, progress=None, label: str = "evaluate"):

@@ -65,7 +65,7 @@ def _load_finetuned(folder: Path) -> Predictor:
     check_model_shapes(model, folder / "model.keras", (None, size, size, 3), n_outputs, MODEL_ADVICE)
     return Predictor(folder, "model", list(record.class_names), size,
                      lambda x: probabilities_from_logits(np.asarray(model(x, training=False))),
-                     model=record.backbone.model)
+                     model=record.backbone.model, parts={"network": model})
 
 
 def _load_head(folder: Path, weights) -> Predictor:
@@ -79,7 +79,8 @@ def _load_head(folder: Path, weights) -> Predictor:
         return loaded.predict_proba(np.asarray(base(x, training=False)))
 
     fast = loaded.record["cache"]["config"]["decode"] == DECODE_FAST
-    return Predictor(folder, "head", loaded.class_names, size, predict_batch, fast, base_name)
+    return Predictor(folder, "head", loaded.class_names, size, predict_batch, fast, base_name,
+                     parts={"base": base, "head": loaded})
 
 
 def expand_images(items) -> list[Path]:

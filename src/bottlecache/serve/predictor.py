@@ -25,6 +25,9 @@ class Predictor:
     _predict_batch: object = field(repr=False)
     fast_decode: bool = False  # as the cache the head was trained on was decoded
     model: str = DEFAULT_MODEL  # the base, whose preprocessing the images get (bottlecache.core.registry)
+    # What it runs, loaded once, for an export built from the same objects: a fine-tuned model's
+    # {"network"}, a head's {"base", "head"} (a LoadedHead); nothing for an export.
+    parts: dict = field(default_factory=dict, repr=False)
 
     def predict(self, items, batch_size: int = 32, progress=None) -> list[dict]:
         """One dict per item (a path or a uint8 (H, W, 3) array): path, label, probability,
