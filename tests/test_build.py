@@ -126,22 +126,18 @@ def _partial_rows(path: Path, errors: list):
         return None
 
 
-@pytest.mark.slow
-@pytest.mark.faults
-def test_resume_after_kill_equals_clean_build(tmp_path, weights_path, cats_dogs, launcher):
-    """A build killed as soon as a look sees its first commit resumes from what it committed and
-    equals the clean build.
-
-    The kill point is observed progress, never a time. The build gets enough commits after its
-    first that the kill lands before its last one: as many as can land between two looks at the
-    commit rate the clean build measured, plus one in flight and one to spare (a larger build on a
-    machine fast enough to need it)."""
-    train, errors = 96, []
+def sized_clean_build(tmp_path, weights_path, cats_dogs, errors: list):
+    """A clean build large enough that a look at its partial file lands between its first commit
+    and its last: as many commits after the first as can land between two looks at the commit rate
+    this build measured, plus one in flight and one to spare (a larger build on a machine fast enough
+    to need it). At 96 px: the size of the images is not what these tests check. Returns the clean
+    build, its splits and the figures it was sized from."""
+    train = 96
     for attempt in range(3):
         splits = [f"train=train[:{train}]", "validation=validation[:24]"]
         clean_dir, clock = tmp_path / f"clean{attempt}", CommitClock()
-        clean = build_cache(cats_dogs, splits, weights=weights_path, cache_dir=clean_dir, batch_size=8,
-                            engine="keras", progress=clock)
+        clean = build_cache(cats_dogs, splits, image_size=96, weights=weights_path, cache_dir=clean_dir,
+                            batch_size=8, engine="keras", progress=clock)
         begun = time.monotonic()
         _partial_rows(clean.path, errors)
         look = POLL_SECONDS + time.monotonic() - begun
@@ -152,11 +148,33 @@ def test_resume_after_kill_equals_clean_build(tmp_path, weights_path, cats_dogs,
         train = min(open_source(cats_dogs, ["train=train"]).split("train").n_examples, 32 * need)
     figures = f"{clock.commits} commits ({splits}) at {rate:.1f} commits/s, a look every {look:.3f} s"
     assert clock.commits >= need, f"not enough photos: {figures}; {need} commits needed"
+    return clean, splits, figures
+
+
+def assert_equal_builds(resumed, clean) -> None:
+    assert not clean.resumed and clean.fingerprint == resumed.fingerprint
+    a, b = _read_all(resumed.path), _read_all(clean.path)
+    assert set(a) == set(b) == {"train", "validation"}
+    for split in a:
+        for name in ARRAYS:
+            assert a[split][name].dtype == b[split][name].dtype, (split, name)
+            assert np.array_equal(a[split][name], b[split][name]), (split, name)
+    assert verify_cache(resumed.path).ok
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_resume_after_kill_equals_clean_build(tmp_path, weights_path, cats_dogs, launcher):
+    """A build killed as soon as a look sees its first commit resumes from what it committed and
+    equals the clean build. The kill point is observed progress, never a time; the build is sized
+    from the commit rate measured here (``sized_clean_build``)."""
+    errors = []
+    clean, splits, figures = sized_clean_build(tmp_path, weights_path, cats_dogs, errors)
 
     killed_dir = tmp_path / "killed"
     command = [
         "cache", "build", "--data", cats_dogs, "--weights", weights_path,
-        "--cache-dir", killed_dir, "--batch-size", "8", "--engine", "keras",
+        "--cache-dir", killed_dir, "--batch-size", "8", "--engine", "keras", "--image-size", "96",
     ]
     for spec in splits:
         command += ["--split", spec]
@@ -187,20 +205,14 @@ def test_resume_after_kill_equals_clean_build(tmp_path, weights_path, cats_dogs,
     assert state is not None and 0 < sum(n for n, _ in state.values()) < sum(n_images.values()), (state, figures)
     assert not all(complete for _, complete in state.values())
 
-    resumed = build_cache(cats_dogs, splits, weights=weights_path, cache_dir=killed_dir, batch_size=8, engine="keras")
+    resumed = build_cache(cats_dogs, splits, weights=weights_path, cache_dir=killed_dir, batch_size=8, engine="keras",
+                           image_size=96)
     assert resumed.resumed and not resumed.hit
     assert not partial.exists() and resumed.path.name == partial.name[: -len(".partial")]
     for split in resumed.splits:  # committed rows were kept
         assert split.n_images == n_images[split.name] and split.n_processed == split.n_images - state[split.name][0]
 
-    assert not clean.resumed and clean.fingerprint == resumed.fingerprint
-    a, b = _read_all(resumed.path), _read_all(clean.path)
-    assert set(a) == set(b) == {"train", "validation"}
-    for split in a:
-        for name in ARRAYS:
-            assert a[split][name].dtype == b[split][name].dtype, (split, name)
-            assert np.array_equal(a[split][name], b[split][name]), (split, name)
-    assert verify_cache(resumed.path).ok
+    assert_equal_builds(resumed, clean)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,20 +407,23 @@ def test_a_blocks_windows_are_committed_as_one():
 @pytest.mark.faults
 def test_sigterm_ends_a_build_as_ctrl_c_does_and_it_resumes(tmp_path, weights_path, cats_dogs, launcher):
     """`kill PID` (SIGTERM) at the first commit a look sees: exit 143 with the one interrupted line,
-    the partial file kept with its commits, no lock held; the same command then resumes it."""
-    splits = ["train=train[:640]", "validation=validation[:32]"]  # 20+ commits: the look lands before the last
-    command = ["cache", "build", "--data", cats_dogs, "--weights", weights_path, "--cache-dir", tmp_path,
-               "--batch-size", "8", "--engine", "keras", *[t for s in splits for t in ("--split", s)]]
-    log, errors = tmp_path / "build.log", []
+    which names the images the partial file holds; no lock held; the same command then resumes it
+    to the clean build. Sized like the kill test above, from the commit rate measured here."""
+    errors = []
+    clean, splits, figures = sized_clean_build(tmp_path, weights_path, cats_dogs, errors)
+    cache_dir = tmp_path / "terminated"
+    command = ["cache", "build", "--data", cats_dogs, "--weights", weights_path, "--cache-dir", cache_dir,
+               "--batch-size", "8", "--engine", "keras", "--image-size", "96", *[t for s in splits for t in ("--split", s)]]
+    log = tmp_path / "build.log"
     process = launcher.start(command, stdout=log)
 
     def first_commit():
-        partials = list(tmp_path.glob("*.h5.partial"))
+        partials = list(cache_dir.glob("*.h5.partial"))
         state = _partial_rows(partials[0], errors) if partials else None
         return state is not None and sum(n for n, _ in state.values()) > 0
 
     try:
-        wait_until(first_commit, what="a commit of the build", processes=[process])
+        wait_until(first_commit, what=f"a commit of the build ({figures})", processes=[process])
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=120)  # the contract: within 60 s of the signal
     finally:
@@ -416,8 +431,36 @@ def test_sigterm_ends_a_build_as_ctrl_c_does_and_it_resumes(tmp_path, weights_pa
             process.kill()
             process.wait()
     lines = [line for line in log.read_text().splitlines() if line.startswith("error: ")]
-    assert process.returncode == 143 and lines and lines[-1].startswith("error: interrupted"), log.read_text()[-2000:]
-    (partial,) = tmp_path.glob("*.h5.partial")
-    assert sum(n for n, _ in _partial_rows(partial, errors).values()) > 0
-    resumed = build_cache(cats_dogs, splits, weights=weights_path, cache_dir=tmp_path, batch_size=8, engine="keras")
+    assert process.returncode == 143 and lines, log.read_text()[-2000:]
+    (partial,) = cache_dir.glob("*.h5.partial")
+    kept = sum(n for n, _ in _partial_rows(partial, errors).values())
+    assert 0 < kept < sum(s.n_images for s in clean.splits), figures
+    assert lines[-1] == (f"error: interrupted; {kept} finished images are kept in {partial.name}; run the same "
+                         "command again to resume"), log.read_text()[-2000:]
+    resumed = build_cache(cats_dogs, splits, image_size=96, weights=weights_path, cache_dir=cache_dir, batch_size=8,
+                          engine="keras")
     assert resumed.resumed and not partial.exists()
+    assert_equal_builds(resumed, clean)
+
+
+@pytest.mark.parametrize("where, line", [
+    ("load_backbone", "error: interrupted before the first image was stored; nothing was written"),
+    ("run_split", "error: interrupted before the first batch was stored; {partial} holds no image yet; run the same "
+                  "command again to start over"),
+], ids=["while the base loads", "before the first commit"])
+def test_an_early_interrupt_says_that_nothing_is_kept(where, line, tmp_path, weights_path, cats_dogs, monkeypatch):
+    """Ctrl-C while the base loads, or before the first commit: the last line does not claim
+    finished batches that do not exist."""
+    from bottlecache.cache import build
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, where, interrupt)
+    result = invoke(["cache", "build", "--data", cats_dogs, "--weights", weights_path, "--cache-dir", tmp_path / "c",
+                     "--split", "train=train[:8]", "--image-size", "96", "--engine", "keras"])
+    partials = list((tmp_path / "c").glob("*.partial"))
+    assert result.exit_code == 130 and len(partials) == (where == "run_split"), result.output
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit), result.output
+    lines = [text for text in result.stderr.splitlines() if text.startswith("error: ")]  # after the progress bar
+    assert lines == [line.format(partial=partials[0].name if partials else None)], result.stderr

@@ -11,7 +11,7 @@ import json
 import platform
 import time
 
-from ..core.errors import BottlecacheError
+from ..core.errors import BottlecacheError, note_interrupt
 from ..core.files import ensure_cache_dir, write_error
 from ..core.options import DEFAULT_ENGINE, settings_with
 from ..core.progress import NullProgress
@@ -104,8 +104,20 @@ def build_resolved(resolved: ResolvedCache, *, batch_size: int | None = None, en
             if final_path.exists():  # the other build finished it while we waited
                 return hit_report(resolved, final_path)
             return _build_locked(resolved, base, ready, batch_size, engine, progress, called, plan)
+    except KeyboardInterrupt as stop:
+        note_interrupt(stop, "interrupted before the first image was stored; nothing was written")
+        raise
     finally:
         plan.close()
+
+
+def kept_after_interrupt(partial: PartialCache, splits) -> str:
+    """The last line of an interrupted build: the images its partial file holds, or that it holds none."""
+    n_done = sum(partial.progress(name)[0] for name in splits)
+    if not n_done:
+        return (f"interrupted before the first batch was stored; {partial.path.name} holds no image yet; run the "
+                "same command again to start over")
+    return f"interrupted; {n_done} finished images are kept in {partial.path.name}; run the same command again to resume"
 
 
 def _build_locked(resolved: ResolvedCache, base, engine, batch_size, engine_name, progress, called, plan):
@@ -175,6 +187,10 @@ def _build_locked(resolved: ResolvedCache, base, engine, batch_size, engine_name
     except OSError as error:  # a failed write; with a full disk, nothing committed is lost (PartialCache._reserve)
         raise write_error(partial.path, error, "the partial file is kept with every finished batch; "
                                                "run the same command again to resume") from None
+    except KeyboardInterrupt as stop:
+        committer.close()  # the commit under way finishes: it is part of what is kept
+        note_interrupt(stop, kept_after_interrupt(partial, source.splits))
+        raise
     finally:
         committer.close()  # a commit under way finishes before the file is closed
         partial.close()

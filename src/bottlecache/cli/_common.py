@@ -41,7 +41,8 @@ def verbose() -> bool:
 def handle_errors(command=None, *, interrupted: str = INTERRUPTED):
     """User-facing failures end as one line on stderr and a non-zero exit, never a traceback.
 
-    ``interrupted`` is what Ctrl-C leaves behind for this command (what is kept, how to go on).
+    ``interrupted`` is what Ctrl-C leaves behind for this command (what is kept, how to go on),
+    unless the work that was interrupted noted what it kept (``core.errors.note_interrupt``).
     An error nobody foresaw is a bug: one line that says so (``--verbose`` shows the traceback).
     """
     if command is None:
@@ -56,7 +57,7 @@ def handle_errors(command=None, *, interrupted: str = INTERRUPTED):
         except BottlecacheError as error:
             fail(str(error), 2)
         except KeyboardInterrupt as stop:
-            fail(interrupted, 143 if isinstance(stop, Terminated) else 130)
+            fail(getattr(stop, "kept", None) or interrupted, 143 if isinstance(stop, Terminated) else 130)
         except OSError as error:
             where = f"{error.filename}: " if error.filename else ""
             fail(f"{where}{reason(error)}", 1)

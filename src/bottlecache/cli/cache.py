@@ -34,8 +34,7 @@ app = typer.Typer(help="Build, inspect and verify bottleneck-feature caches; tra
 
 
 @app.command("build")
-@handle_errors(interrupted="interrupted; every finished batch is kept in the partial file; run the same command "
-                           "again to resume")
+@handle_errors(interrupted="interrupted; what was finished is kept; run the same command again to resume")
 def build(
     data: DataOpt = DEFAULT_DATA,
     split: SplitOpt = None,

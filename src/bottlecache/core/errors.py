@@ -19,6 +19,14 @@ class CacheMismatchError(BottlecacheError):
     """A cache (or head) was built with a configuration other than the one the caller expects."""
 
 
+def note_interrupt(stop: BaseException, kept: str) -> None:
+    """Note on an interrupt (Ctrl-C, SIGTERM) what the interrupted work kept and how to go on: the
+    command's last line says it instead of its general one. The innermost note, the one that knew
+    most, is the one said."""
+    if getattr(stop, "kept", None) is None:
+        stop.kept = kept
+
+
 def reason(error: BaseException, limit: int = 200) -> str:
     """``error`` as one short line: its message without TensorFlow's op wrapping, or its type's name.
 
