@@ -746,6 +746,9 @@ def list_caches(cache_dir=None) -> list[Path]:
 
 def find_cache(spec=None, cache_dir=None) -> Path:
     """A cache file path, a unique fingerprint prefix in the cache dir, or (None) the newest one."""
+    if spec is not None and not str(spec).strip():  # Path("") is "."
+        raise BottlecacheError("The 'cache' argument is empty; pass a cache file, a fingerprint prefix, or nothing "
+                               "for the newest cache.")
     if spec is not None and ("/" in str(spec) or str(spec).endswith((".h5", PARTIAL_SUFFIX)) or Path(spec).exists()):
         if not Path(spec).exists():
             raise BottlecacheError(f"No cache file at {spec}.")

@@ -7,6 +7,8 @@ import json
 import os
 import signal
 import sys
+import typing
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -83,11 +85,33 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, terminated)
 
 
+def refuse_empty_paths(command) -> None:
+    """A path option or argument given an empty string is refused: typer reads ``""`` as ``.``,
+    the current folder, so ``--out "$UNSET"`` would write there, and ``cache train-head ""`` would
+    look for a cache in it."""
+
+    def process_value(inner, param, ctx, value):
+        given = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, str) and not v.strip() for v in given):
+            raise click_exceptions.BadParameter("an empty path is not a path (an unset variable?)", ctx, param)
+        return inner(ctx, value)
+
+    for sub in (getattr(command, "commands", None) or {}).values():
+        refuse_empty_paths(sub)
+    for param in command.params:
+        annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+        takes_paths = annotation is Path or Path in typing.get_args(annotation)
+        if takes_paths and not getattr(param, "refuses_empty", False):
+            param.process_value = functools.partial(process_value, param.process_value, param)
+            param.refuses_empty = True
+
+
 class OneLineGroup(TyperGroup):
     """The root command: a usage error (a value typer cannot parse, an unknown option, a flag given
-    a value) ends as one line too, as every other failure does."""
+    a value) ends as one line too, as every other failure does; an empty path is such an error."""
 
     def main(self, *args, standalone_mode: bool = True, **kwargs):
+        refuse_empty_paths(self)
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
         try:
@@ -214,7 +238,6 @@ class RichProgress:
 
 
 # Options shared by `cache build` and `finetune run` (one definition, not a copy).
-from pathlib import Path  # noqa: E402
 from typing import Annotated, Optional  # noqa: E402
 
 DataOpt = Annotated[

@@ -88,6 +88,8 @@ def check_fraction(name: str, value, *, inclusive_one: bool = False) -> float:
 def check_folder_option(name: str, folder) -> Path:
     """A folder option: an existing folder, or a path where one can be made (not a file, not below a
     file, not a dangling link)."""
+    if isinstance(folder, str) and not folder.strip():  # Path("") would be ".", the current folder
+        raise BottlecacheError(f"The '{name}' option must be a folder. Got an empty value.")
     path = Path(folder).expanduser()
     if path.is_symlink() and not path.exists():
         raise BottlecacheError(f"The '{name}' option must be a folder. Got {str(path)!r}, a link to nothing.")

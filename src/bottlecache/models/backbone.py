@@ -88,10 +88,8 @@ def resolve_weights(weights: str | os.PathLike | None = None, image_size: int = 
         return WeightsRef("imagenet", str(cached), _sha256_memo(cached), model)
     path = Path(spec).expanduser()
     if not path.is_file():
-        raise BottlecacheError(
-            f"The 'weights' option must be 'imagenet' or a weights file. Got {spec!r}, which "
-            f"{'is a folder' if path.is_dir() else 'does not exist'}."
-        )
+        what = "is empty" if not spec.strip() else "is a folder" if path.is_dir() else "does not exist"
+        raise BottlecacheError(f"The 'weights' option must be 'imagenet' or a weights file. Got {spec!r}, which {what}.")
     import h5py
 
     try:
