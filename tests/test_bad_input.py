@@ -783,6 +783,18 @@ class OptionCase:
         return f"{where}={self.bad.id}" if self.bad else f"{where}=NO-GENERATOR"
 
 
+# Parameters that take a path as text (a path, a tfds name or "imagenet"; a path or a fingerprint)
+TEXT_PATHS = {"data", "weights", "tfds_data_dir", "cache", "cut_cache", "query"}
+EMPTY_PATH = const("", id="empty path")  # typer reads "" as ".": the current folder
+
+
+def _takes_paths(param) -> bool:
+    import typing
+
+    annotation = _annotation(param)
+    return param.name in TEXT_PATHS or annotation is Path or Path in typing.get_args(annotation)
+
+
 def _generated(command: tuple, param) -> list[Bad] | None:
     name = param.name
     specific = BAD_VALUES.get(" ".join(command) + " " + name)
@@ -794,7 +806,9 @@ def _generated(command: tuple, param) -> list[Bad] | None:
     if values is None:
         return None
     junk = INT_JUNK if kind == "int" else FLOAT_JUNK if kind == "float" else []
-    return junk + list(values)
+    empty = [EMPTY_PATH] if _takes_paths(param) and not any(b.make(None) == [""] for b in values if b.id == "empty") \
+        else []
+    return junk + list(values) + empty
 
 
 def option_cases() -> list[OptionCase]:
@@ -1166,6 +1180,37 @@ def test_a_damaged_head_file_is_one_line_in_every_command_that_loads_it(command,
             "export": ["export", folder, "--format", "keras", "--data", ctx.w.data, "--out", ctx.tmp / "export-out"],
             "report": ["report", folder, "--data", ctx.w.data, "--out", ctx.tmp / "report.html"]}[command]
     assert_contract(run_case(ctx, argv))
+
+
+def _edit_cache_ref(edit):
+    def apply(folder: Path) -> None:
+        record = json.loads((folder / "head.json").read_text())
+        edit(record["cache"])
+        (folder / "head.json").write_text(json.dumps(record))
+    return apply
+
+
+# A head.json whose cache fingerprint is not the hash of the config beside it (each still of a
+# valid form): every command that reads the head refuses it in the same words.
+FORGED_CACHE_REFS = {
+    "another fingerprint": lambda ref: ref.update(fingerprint="0" * 64),
+    "config edited, fingerprint kept": lambda ref: ref["config"].update(dtype="float32" if ref["config"]["dtype"] ==
+                                                                        "float16" else "float16"),
+}
+
+
+@pytest.mark.parametrize("command", ["predict", "export", "report"])
+@pytest.mark.parametrize("forgery", list(FORGED_CACHE_REFS))
+def test_a_head_whose_fingerprint_is_not_its_configs_is_refused_by_every_command(command, forgery, ctx, monkeypatch):
+    fast_loading(monkeypatch)
+    folder = ctx.copy(ctx.w.sk_head, "head")
+    _edit_cache_ref(FORGED_CACHE_REFS[forgery])(folder)
+    argv = {"predict": ["predict", folder, ctx.w.images[0]],
+            "export": ["export", folder, "--format", "keras", "--data", ctx.w.data, "--out", ctx.tmp / "export-out"],
+            "report": ["report", folder, "--data", ctx.w.data, "--out", ctx.tmp / "report.html"]}[command]
+    outcome = run_case(ctx, argv)
+    assert_contract(outcome)
+    assert "'fingerprint' is not the hash of 'config'" in outcome.result.stderr, outcome.result.stderr
 
 
 @pytest.mark.parametrize("mutation", MODEL_CASES, ids=[f"model: {m.id}" for m in MODEL_CASES])

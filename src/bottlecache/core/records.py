@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, Json, ValidationError, model_validator
 
 from .errors import BottlecacheError, reason
-from .fingerprint import FORMAT_NAME
+from .fingerprint import FORMAT_NAME, fingerprint
 from .options import DTYPES, IMAGE_SIZES, SEED_LIMIT
 from .registry import BACKBONES, PREPROCESSINGS, bottleneck_shape
 
@@ -140,9 +140,24 @@ class CacheAttrs(Record):
 
 
 class CacheRef(Record):
+    """The cache a head was trained on. Its fingerprint must be the hash of its config, as a cache
+    file's must: an edited record is refused by every command, not trusted by some."""
+
     path: str
     fingerprint: Sha256
     config: CacheConfig
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hashes_its_config(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("config"), dict) and isinstance(data.get("fingerprint"), str):
+            try:
+                matches = fingerprint(data["config"]) == data["fingerprint"]
+            except (TypeError, ValueError):
+                return data  # values that cannot be hashed: the fields say which
+            if not matches:
+                raise ValueError("'fingerprint' is not the hash of 'config' (edited after training?)")
+        return data
 
 
 class HeadRecord(Record):
