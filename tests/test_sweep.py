@@ -142,6 +142,24 @@ def test_rerun_reuses_everything(first, photos, weights_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_a_rerun_needs_neither_data_nor_weights(first, photos, weights_path, monkeypatch):
+    """Without --data and --weights, the sweep takes where its caches found them (said on stderr):
+    the same caches, reused; nothing built, trained or written but the leaderboard."""
+    board, cache_dir = first
+    before = _files(cache_dir)
+    _tripwires(monkeypatch)
+    result = invoke(["sweep", "--cache-dir", cache_dir, "--image-size", ",".join(map(str, SIZES)),
+                     "--kind", "sklearn,keras", "--C", ",".join(map(str, CS)), "--epochs", EPOCHS,
+                     "--engine", "keras", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["rows"]
+    assert len(rows) == len(board.rows) and all(r["status"] == "reused" and r["cache"] == "hit" for r in rows), rows
+    assert f"data: {photos.resolve()}" in result.stderr and f"weights of mobilenet_v2: {weights_path.resolve()}" in \
+        result.stderr, result.stderr
+    assert _files(cache_dir) == before
+
+
+@pytest.mark.slow
 def test_budget_stops_new_builds(first, photos, weights_path, monkeypatch):
     """A budget no build fits in: the existing caches are used, no new one is started."""
     board, cache_dir = first

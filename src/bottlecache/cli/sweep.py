@@ -8,10 +8,9 @@ from typing import Annotated, Optional
 import typer
 
 from ..core.errors import BottlecacheError
-from ..core.options import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_ENGINE
+from ..core.options import DEFAULT_DTYPE, DEFAULT_ENGINE
 from ._common import (
     CacheDirOpt,
-    DataOpt,
     JsonOpt,
     RichProgress,
     SplitOpt,
@@ -58,7 +57,7 @@ def _weights(values: list[str] | None):
 
 @handle_errors(interrupted="interrupted; every finished cache and head is kept; run the same command again to resume")
 def sweep(
-    data: DataOpt = DEFAULT_DATA,
+    data: Annotated[Optional[str], typer.Option("--data", help="Image folder, tfds:NAME or a tfds name, as for cache build. Default: the folder the newest cache in the cache dir was built from, else cats_vs_dogs.")] = None,
     split: SplitOpt = None,
     image_size: Annotated[str, typer.Option("--image-size", help="Image sizes to try, comma-separated (96, 128, 160, 192, 224).")] = "160,192,224",
     model: Annotated[Optional[str], typer.Option("--model", help="Backbones to try, comma-separated (default: the default backbone).")] = None,
@@ -68,7 +67,7 @@ def sweep(
     epochs: Annotated[int, typer.Option(help="keras: epochs of each Keras head.")] = 10,
     seed: Annotated[int, typer.Option(help="Random seed of the heads.")] = 0,
     budget: Annotated[Optional[str], typer.Option("--budget", help="Start no build that would end after this long, e.g. 90s, 10m, 1h (cheapest first).")] = None,
-    weights: Annotated[Optional[list[str]], typer.Option("--weights", help="A weights file, or MODEL=PATH once per model. Default: $BOTTLECACHE_WEIGHTS or imagenet.")] = None,
+    weights: Annotated[Optional[list[str]], typer.Option("--weights", help="A weights file, or MODEL=PATH once per model. Default: $BOTTLECACHE_WEIGHTS, else the file a model's newest cache was built with, else imagenet.")] = None,
     cache_dir: CacheDirOpt = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Folder for leaderboard.json and leaderboard.png (default: <cache dir>/sweep).")] = None,
     dtype: Annotated[str, typer.Option(help="Storage type of the features: float16 or float32.")] = DEFAULT_DTYPE,

@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -27,11 +28,12 @@ from pathlib import Path
 
 from ..cache.build import build_resolved
 from ..cache.settings import CacheSettings
-from ..cache.store import Cache
+from ..cache.store import Cache, list_caches
 from ..cache.writer import check_build_options
 from ..core.errors import BottlecacheError, reason
 from ..core.files import atomic_save, atomic_write_text, ensure_cache_dir, free_folder, write_error
 from ..core.options import (
+    DEFAULT_DATA,
     DEFAULT_DTYPE,
     DEFAULT_ENGINE,
     DEFAULT_MODEL,
@@ -44,6 +46,7 @@ from ..core.options import (
     resolve_cache_dir,
     settings_with,
 )
+from ..core.fingerprint import sha256_file
 from ..core.progress import NullProgress
 from ..core.records import MetricsRecord, read_json
 from ..data.sources import open_source
@@ -390,18 +393,21 @@ class SweepSettings:
         check_build_options(self.engine, self.batch_size)
 
 
-def sweep(data, splits=None, *, settings: SweepSettings | None = None, weights=None, cache_dir=None,
+def sweep(data=None, splits=None, *, settings: SweepSettings | None = None, weights=None, cache_dir=None,
           tfds_data_dir=None, out=None, progress=None, **overrides) -> Leaderboard:
     """Find or build the cache of every configuration, train every head setting on it, rank on validation.
 
     Parameters
     ----------
     data, splits, tfds_data_dir
-        As for ``build_cache``.
+        As for ``build_cache``. ``data`` None: the folder the newest cache in ``cache_dir`` was
+        built from, if it is still there, else the default data set.
     settings : SweepSettings, optional
         The grid, the head settings, the budget; keywords name its fields and override them.
     weights : str, path or dict, optional
-        As for ``build_cache``, or a mapping of model names to weights files.
+        As for ``build_cache``, or a mapping of model names to weights files. None (and no
+        ``$BOTTLECACHE_WEIGHTS``): for each model, the file its newest cache in ``cache_dir`` was
+        built with, while it still has the sha256 that cache recorded; else ImageNet's.
     cache_dir : path, optional
         Where the caches and heads are found or made.
     out : path, optional
@@ -424,13 +430,15 @@ def sweep(data, splits=None, *, settings: SweepSettings | None = None, weights=N
     plot = settings.plot
     cache_dir = resolve_cache_dir(cache_dir)
     out = check_folder_option("out", out) if out is not None else None
+    progress = progress or NullProgress()
+    data, weights, tfds_data_dir = recorded_defaults(data, weights, tfds_data_dir, cache_dir,
+                                                     {p.model or DEFAULT_MODEL for p in points}, progress)
     # Every configuration's settings are made (and so checked) before any work starts, and what they
     # all share (the data, one weights file) is opened once: a bad value of it is one error, not a row each.
     caches = {p: _settings(p, data, splits, weights, dtype, fast_decode, tfds_data_dir, cache_dir) for p in points}
     check_shared(caches, weights)
     if out is None:
         out = ensure_cache_dir(cache_dir) / SWEEP_FOLDER
-    progress = progress or NullProgress()
     board = Leaderboard([], None, budget=clock.budget)
     rows = []
     for i, point in enumerate(points, 1):
@@ -444,6 +452,33 @@ def sweep(data, splits=None, *, settings: SweepSettings | None = None, weights=N
     board.seconds = clock.elapsed
     write_outputs(board, out, plot)
     return board
+
+
+def recorded_defaults(data, weights, tfds_data_dir, cache_dir: Path, models: set, progress):
+    """``data`` and ``weights`` as given; where not given (and ``$BOTTLECACHE_WEIGHTS`` unset), where
+    the newest caches in ``cache_dir`` found them: the data folder if it is still there, and for
+    each swept model a weights file that still has the sha256 its cache was built with. What is
+    taken from a cache is said (``progress.message``). Else the usual defaults."""
+    data_given, weights_given = data is not None, weights is not None or os.environ.get("BOTTLECACHE_WEIGHTS")
+    found_weights = {}
+    for path in ([] if data_given and weights_given else list_caches(cache_dir)):
+        try:
+            with Cache(path) as cache:
+                config, build = cache.config, cache.build_info
+        except (BottlecacheError, OSError):
+            continue  # a damaged cache records nothing usable; `cache ls` says what is wrong with it
+        where = build.get("data") or {}
+        if data is None and where.get("path") and Path(where["path"]).is_dir():
+            data, tfds_data_dir = where["path"], tfds_data_dir or where.get("tfds_data_dir")
+            progress.message(f"data: {data} (where the cache {path.name} found it; --data to choose)")
+        model, recorded = config.get("model", DEFAULT_MODEL), build.get("weights_path")
+        if not weights_given and model in models and model not in found_weights and recorded \
+                and Path(recorded).is_file() and sha256_file(recorded) == config.get("weights_sha256"):
+            found_weights[model] = recorded
+            progress.message(f"weights of {model}: {recorded} (what the cache {path.name} was built with; "
+                             "--weights to choose)")
+    return (DEFAULT_DATA if data is None else data), (found_weights or None) if not weights_given else weights, \
+        tfds_data_dir
 
 
 def _settings(point: Configuration, data, splits, weights, dtype, fast_decode, tfds_data_dir, cache_dir):
