@@ -229,7 +229,8 @@ def train_head_command(
         kind, C=c or (1.0,), epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer,
         dropout=dropout, seed=seed, early_stopping=early_stopping, class_weight=class_weight, views=views,
     )
-    result = train_head(path, settings=settings, out=out_dir, cache_dir=cache_dir)
+    with RichProgress(quiet=False) as progress:
+        result = train_head(path, settings=settings, out=out_dir, cache_dir=cache_dir, progress=progress)
     record = result.to_dict()
     if as_json:
         print_json(record)

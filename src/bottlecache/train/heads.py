@@ -243,16 +243,27 @@ def best_weights_callback(monitor: str = "val_loss", patience: int | None = None
     )
 
 
-def epoch_timer(seconds: list):
-    """A callback appending each epoch's wall seconds (training and validation) to ``seconds``."""
+def epoch_timer(seconds: list, progress=None, epochs: int = 0):
+    """A callback appending each epoch's wall seconds (training and validation) to ``seconds``, and
+    advancing ``progress``'s "epochs" bar (of ``epochs``) as each ends."""
     keras = import_keras()
 
     class EpochTimer(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            if progress is not None:
+                progress.start_split("epochs", epochs, 0)
+
         def on_epoch_begin(self, epoch, logs=None):
             self._started = time.perf_counter()
 
         def on_epoch_end(self, epoch, logs=None):
             seconds.append(time.perf_counter() - self._started)
+            if progress is not None:
+                progress.advance("epochs", 1)
+
+        def on_train_end(self, logs=None):
+            if progress is not None:
+                progress.end_split("epochs")
 
     return EpochTimer()
 
@@ -419,7 +430,7 @@ class HeadSettings:
 
 
 def train_head(cache, kind: str | None = None, *, settings: HeadSettings | None = None, evaluate=None, out=None,
-               save: bool = True, cache_dir=None, **overrides) -> HeadResult:
+               save: bool = True, cache_dir=None, progress=None, **overrides) -> HeadResult:
     """Fit a head on a cache's ``train`` split and measure it on every other split.
 
     Parameters
@@ -438,6 +449,8 @@ def train_head(cache, kind: str | None = None, *, settings: HeadSettings | None 
         Folder to save the head in; default ``<cache dir>/heads/<kind>-<fingerprint12>-<time>``.
     cache_dir : path, optional
         Where a fingerprint prefix is looked up, and where heads are saved by default.
+    progress : bottlecache.core.progress.Progress, optional
+        A Keras head's epochs, as an "epochs" bar.
     **overrides
         Fields of ``HeadSettings`` by name.
 
@@ -493,7 +506,7 @@ def train_head(cache, kind: str | None = None, *, settings: HeadSettings | None 
                 learning_rate=settings.learning_rate, optimizer=settings.optimizer, dropout=settings.dropout,
                 seed=settings.seed, early_stopping=settings.early_stopping, shuffle=settings.shuffle,
                 max_memory=settings.max_memory or _memory_budget(), verbose=settings.verbose,
-                class_weight=settings.class_weight, views=views,
+                class_weight=settings.class_weight, views=views, progress=progress,
             )
         result.params["views"] = cache.n_views if views else 0
         for split in eval_splits:
@@ -537,7 +550,7 @@ def _train_sklearn(cache, Cs, train_split, has_validation, class_weight="none", 
 
 def _train_keras(cache, n_classes, train_split, has_validation, *, epochs, batch_size, learning_rate, optimizer,
                  dropout, seed, early_stopping, shuffle, max_memory, verbose, class_weight="none",
-                 views=False) -> HeadResult:
+                 views=False, progress=None) -> HeadResult:
     keras = import_keras()
     keras.utils.set_random_seed(seed)
     model = compile_for(build_head_model(cache.feature_shape, n_classes, dropout), n_classes, learning_rate, optimizer,
@@ -547,7 +560,7 @@ def _train_keras(cache, n_classes, train_split, has_validation, *, epochs, batch
     epoch_seconds = []
     weights = None if class_weight == "none" else class_weights(cache.labels(train_split), n_classes)
     callbacks = [best_weights_callback("val_loss" if has_validation else "loss", early_stopping),
-                 epoch_timer(epoch_seconds)]
+                 epoch_timer(epoch_seconds, progress, epochs)]
     if views:  # one view per image per epoch (bottlecache.train.views); the views stay in their stored dtype
 
         validation = cache.dataset("validation", batch_size=EVAL_BATCH_SIZE) if has_validation else None
