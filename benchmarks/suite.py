@@ -152,10 +152,13 @@ def background_load(n: int):
 
 def run_cases(run, names: list[str]) -> dict:
     """Run each case, in order; a failing case is recorded with its error and the rest go on."""
+    from bottlecache.models.backbone import forget_loaded_backbones
+
     from .cases import CASES
 
     for i, name in enumerate(names, 1):
         print(f"[{i}/{len(names)}] {name} …", file=sys.stderr, flush=True)
+        forget_loaded_backbones()  # each case loads its base as a user's process would
         started, load = time.perf_counter(), report.load_average()
         try:
             result = CASES[name](run)

@@ -107,7 +107,7 @@ def test_one_step_from_the_float32_cut_equals_one_end_to_end_step(float32_cut, c
     head_a = build_head_model((5, 5, 1280), 2, dropout=0.0)
     head_b = build_head_model((5, 5, 1280), 2, dropout=0.0)
     head_b.set_weights(head_a.get_weights())
-    base_a, base_b = load_backbone(weights, 160), load_backbone(weights, 160)
+    base_a, base_b = load_backbone(weights, 160, fresh=True), load_backbone(weights, 160, fresh=True)  # trained
     end_to_end = attach_head(base_a, head_a, 160)
     from_cut = cut_model(base_b, head_b, "block_10_project_BN")
     for model, base in ((end_to_end, base_a), (from_cut, base_b)):
@@ -129,7 +129,7 @@ def test_one_step_from_the_float32_cut_equals_one_end_to_end_step(float32_cut, c
     frozen = {layer.name for layer in base_a.layers[:100]}
     assert all(v == 0.0 for path, v in changed.items() if path.split("/")[0] in frozen)
     # the model saved from a cut run is the usual one: images in, same outputs as the end-to-end model
-    rebuilt = full_model(from_cut, load_backbone(weights, 160), 100, 160)
+    rebuilt = full_model(from_cut, load_backbone(weights, 160, fresh=True), 100, 160)
     np.testing.assert_allclose(np.asarray(rebuilt(images, training=False)),
                                np.asarray(end_to_end(images, training=False)), atol=1e-4)
 

@@ -157,3 +157,18 @@ def test_a_checked_flatbuffer_starts_the_next_build_without_keras(weights_path, 
     with Cache(fourth.path) as cache:
         assert cache.build_info["engine_check"] == "probe"
     assert path.read_bytes() != bytes(data)
+
+
+def test_a_base_is_built_once_for_inference_and_fresh_for_training(weights_path):
+    """The frozen base is shared in a process (the same object and traced call for the same file,
+    model and size) unless asked for fresh, as fine-tuning does; forgetting starts over."""
+    from bottlecache.models.backbone import forget_loaded_backbones, inference_call, load_backbone, resolve_weights
+
+    ref = resolve_weights(weights_path, 96)
+    shared = load_backbone(ref, 96)
+    assert load_backbone(ref, 96) is shared and inference_call(shared) is inference_call(shared)
+    fresh = load_backbone(ref, 96, fresh=True)
+    assert fresh is not shared and load_backbone(ref, 96) is shared and inference_call(fresh) is not inference_call(fresh)
+    assert not shared.trainable and not fresh.trainable
+    forget_loaded_backbones()
+    assert load_backbone(ref, 96) is not shared

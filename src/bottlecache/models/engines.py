@@ -20,6 +20,7 @@ from ..core.files import atomic_write_text
 from ..core.fingerprint import sha256_file
 from ..core.options import DEFAULT_MODEL, usable_cores
 from ..core.tf import import_tf, native_logs_silenced
+from .backbone import inference_call
 from ..data.sources import image_dataset
 
 MAX_ABS_DIFF = 1e-3
@@ -33,9 +34,8 @@ class KerasEngine:
     batch_size = 32
 
     def __init__(self, model):
-        tf = import_tf()
         self.model = model
-        self._call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        self._call = inference_call(model)
         self.max_abs_diff = 0.0
 
     def __call__(self, images):

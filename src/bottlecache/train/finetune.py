@@ -35,6 +35,7 @@ from ..core.options import (
     check_positive,
     check_range,
     check_seed,
+    given_fields,
     settings_with,
 )
 from ..core.progress import NullProgress
@@ -268,10 +269,7 @@ def finetune(data=None, splits=None, *, settings: FinetuneSettings | None = None
     -------
     FinetuneResult
     """
-    if data is not None:
-        overrides["data"] = data
-    if splits is not None:
-        overrides["splits"] = splits
+    overrides = given_fields(overrides, data=data, splits=splits)
     if head is not None and cache is None:  # the head's own data and weights, unless told otherwise
         overrides = recorded_inputs(head) | overrides
     cache, settings = settings_with("finetune", {CacheSettings: cache, FinetuneSettings: settings}, overrides)
@@ -445,7 +443,8 @@ def _run(out: Path, resolved, loaded, head: Path, run_config: dict, state: dict 
         model.load_weights(checkpoint / "best.weights.h5")
     if cut is not None:  # the trained layers put back into the whole base: the model takes images
 
-        model = full_model(model, load_backbone(resolved.weights, image_size), params["fine_tune_at"], image_size)
+        model = full_model(model, load_backbone(resolved.weights, image_size, fresh=True), params["fine_tune_at"],
+                           image_size)
     metrics = {split: _evaluate(model, source, split, image_size, params["batch_size"], base_name)
                for split in source.splits if split != "train"}
     for split in metrics:
@@ -477,7 +476,7 @@ def _warm_start(resolved, loaded, params: dict, checkpoint: Path, cut=None, data
     validation activations (what the epochs' validation loss is measured on too).
     """
     source, image_size, base_name = resolved.source, resolved.settings.image_size, resolved.settings.model
-    base = load_backbone(resolved.weights, image_size)
+    base = load_backbone(resolved.weights, image_size, fresh=True)  # trained: not the shared one
     if cut is not None:
         model = cut_model(base, loaded.head.model, cut.config["cut"]["layer"])
         head_metrics = {"validation": _evaluate_batches(model, data[1], source.class_names)}
