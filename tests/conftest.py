@@ -100,6 +100,20 @@ def pytest_collection_modifyitems(config, items):
     items[:] = sorted(items, key=lambda item: (group(item) not in own, -n_slow[group(item)]))  # stable
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """With ``$BOTTLECACHE_TEST_TIMELINE`` set to a file, each worker appends a line per test (worker,
+    start, end, test id): when each worker ran what, to see where a run's wall time goes (idle
+    workers at the end, a long test started late). docs/testing.md."""
+    target = os.environ.get("BOTTLECACHE_TEST_TIMELINE")
+    started = time.time()
+    yield
+    if target:
+        with open(target, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps([os.environ.get("PYTEST_XDIST_WORKER", "main"), round(started, 2),
+                                     round(time.time(), 2), item.nodeid]) + "\n")
+
+
 # ---------------------------------------------------------------------------------------------
 # One shared world: what several test files need is made once per run, keyed by its configuration.
 # Under pytest-xdist every worker has its own session; the first worker to ask makes the thing in

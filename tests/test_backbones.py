@@ -137,7 +137,7 @@ PIPELINE_MODELS = ["mobilenet_v3_small", "efficientnet_b0", "resnet50_v2", "dens
 def test_every_model_caches_trains_finetunes_and_predicts(name, random_weights, tmp_path, cats_dogs):
     from bottlecache import build_cache
     from bottlecache.cache.store import Cache
-    from bottlecache.models.backbone import load_backbone, resolve_weights
+    from bottlecache.models.backbone import resolve_weights
     from bottlecache.models.engines import make_engine, probe_images
     from bottlecache.serve.predict import load_model
     from bottlecache.train.finetune import finetune
@@ -159,7 +159,8 @@ def test_every_model_caches_trains_finetunes_and_predicts(name, random_weights, 
     assert head.backbone["model"] == name == keras_loaded.backbone["model"]
 
     # the head on the base predicts what it predicts on the cached features: the same preprocessing
-    rows = load_model(sklearn_head.path, weights=weights).predict([cats_dogs / k for k in keys])
+    predictor = load_model(sklearn_head.path, weights=weights)
+    rows = predictor.predict([cats_dogs / k for k in keys])
     expected = head.predict_proba(features)
     got = np.array([[r["probabilities"][c] for c in head.class_names] for r in rows])
     np.testing.assert_allclose(got, expected, atol=1e-3)
@@ -177,7 +178,7 @@ def test_every_model_caches_trains_finetunes_and_predicts(name, random_weights, 
     if name not in LITERT_CHECKED:
         return
     ref = resolve_weights(weights, SIZE, name)
-    base = load_backbone(ref, SIZE)
+    base = predictor.parts["base"]  # the base the head predicted on above, loaded from the same file
     images = probe_images(*_source_and_split(cats_dogs), SIZE, model=name)
     if entry.litert:
         engine = make_engine("litert", base, ref, SIZE, cache_dir=cache_dir, images=images)

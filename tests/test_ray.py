@@ -153,12 +153,10 @@ def test_consolidate_writes_a_standalone_file(ray_build, local_build, tmp_path):
 @pytest.mark.faults
 def test_an_injected_failure_is_retried_then_stops_naming_the_shard_and_a_rerun_finishes(
         ray_session, local_build, weights_path, cats_dogs, tmp_path):
-    retried = _ray_build(cats_dogs, weights_path, tmp_path / "retried", inject_failures={1: 1})
-    rows = {row["shard"]: row for row in retried.shard_rows}
-    assert rows[1]["attempts"] == 2 and rows[0]["attempts"] == 1
-    assert_same_cache(retried.path, local_build.path)
-
-    with pytest.raises(BottlecacheError) as raised:  # more failures than tries (1 + 2 retries)
+    """Two builds (each starts its actors, the slow part): the first fails shard 1 more often than
+    it is tried (1 + 2 retries) and stops naming it, keeping the others; the rerun fails shard 1
+    once more, retries it, and finishes equal to the local build, reusing the kept shards."""
+    with pytest.raises(BottlecacheError) as raised:
         _ray_build(cats_dogs, weights_path, tmp_path / "exhausted", inject_failures={1: 5})
     message = str(raised.value)
     assert "shard 00001 (train rows 32-63) failed 3 times (injected fault)" in message and "\n" not in message
@@ -166,8 +164,9 @@ def test_an_injected_failure_is_retried_then_stops_naming_the_shard_and_a_rerun_
     assert (folder / "shard-00000.h5").is_file() and (folder / "shard-00002.h5").is_file()
     assert not (tmp_path / "exhausted" / local_build.path.name).exists()
 
-    rerun = _ray_build(cats_dogs, weights_path, tmp_path / "exhausted")
+    rerun = _ray_build(cats_dogs, weights_path, tmp_path / "exhausted", inject_failures={1: 1})
     assert rerun.n_reused == 2 and [row["shard"] for row in rerun.shard_rows] == [1]
+    assert rerun.shard_rows[0]["attempts"] == 2  # failed once, retried: the failing shard only
     assert_same_cache(rerun.path, local_build.path)
 
 

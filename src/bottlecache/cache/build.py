@@ -13,7 +13,7 @@ import time
 
 from ..core.errors import BottlecacheError, note_interrupt
 from ..core.files import ensure_cache_dir, write_error
-from ..core.options import DEFAULT_ENGINE, settings_with
+from ..core.options import DEFAULT_ENGINE, given_fields, settings_with
 from ..core.progress import NullProgress
 from ..models.backbone import load_backbone
 from ..models.cut import check_engine, feature_shape_of, lower_model
@@ -55,10 +55,7 @@ def build_cache(data=None, splits=None, *, settings: CacheSettings | None = None
     -------
     BuildReport
     """
-    if data is not None:
-        overrides["data"] = data
-    if splits is not None:
-        overrides["splits"] = splits
+    overrides = given_fields(overrides, data=data, splits=splits)
     settings, options = settings_with("build_cache", {CacheSettings: settings, BuildOptions: options}, overrides,
                                       aliases={"seed": "view_seed"})
     if options.executor == "ray":

@@ -116,6 +116,12 @@ MAX_EPOCHS = 100_000
 MAX_VIEWS = 64
 
 
+def given_fields(overrides: dict, **values) -> dict:
+    """``overrides`` and each of ``values`` that is not None: the arguments a function takes by
+    position (``data``, ``splits``) that are also fields of its settings."""
+    return overrides | {name: value for name, value in values.items() if value is not None}
+
+
 def settings_with(function: str, given: dict, overrides: dict, aliases: dict | None = None) -> list:
     """The settings objects ``function`` runs with: each of ``given`` (settings class → an instance
     or None), with the keyword ``overrides`` that name its fields applied (``dataclasses.replace``,
