@@ -997,8 +997,9 @@ CASES = {
 _EXPORTS = ("export-keras", "export-saved-model", "export-litert", "export-litert-float16", "export-litert-dynamic",
             "export-litert-int8")
 GROUPS = (
-    tuple(name for name in CASES if name not in (*_EXPORTS, "sweep", "backbones")),
+    tuple(name for name in CASES if name not in (*_EXPORTS, "sweep", "backbones", "build-startup")),
     _EXPORTS,
     ("sweep",),
     ("backbones",),
+    ("build-startup",),  # fresh processes, the run's flatbuffer (converted by then for backbones)
 )

@@ -178,6 +178,8 @@ def lanes(names: list[str], jobs: int) -> list[list[str]]:
     the remaining groups in turn."""
     from .cases import GROUPS
 
+    if jobs <= 1:
+        return [list(names)] if names else []
     groups = [[n for n in group if n in names] for group in GROUPS]
     groups = [g for g in groups if g]
     out = [groups[0] if groups else []] + [[] for _ in range(min(jobs, len(groups)) - 1)]
