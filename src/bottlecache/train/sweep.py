@@ -32,6 +32,7 @@ from ..cache.store import Cache, list_caches
 from ..cache.writer import check_build_options
 from ..core.errors import BottlecacheError, reason
 from ..core.files import atomic_save, atomic_write_text, ensure_cache_dir, free_folder, write_error
+from ..core.fingerprint import sha256_file
 from ..core.options import (
     DEFAULT_DATA,
     DEFAULT_DTYPE,
@@ -46,7 +47,6 @@ from ..core.options import (
     resolve_cache_dir,
     settings_with,
 )
-from ..core.fingerprint import sha256_file
 from ..core.progress import NullProgress
 from ..core.records import MetricsRecord, read_json
 from ..data.sources import open_source
@@ -477,8 +477,9 @@ def recorded_defaults(data, weights, tfds_data_dir, cache_dir: Path, models: set
             found_weights[model] = recorded
             progress.message(f"weights of {model}: {recorded} (what the cache {path.name} was built with; "
                              "--weights to choose)")
-    return (DEFAULT_DATA if data is None else data), (found_weights or None) if not weights_given else weights, \
-        tfds_data_dir
+    if not weights_given:
+        weights = found_weights or None  # None: the usual default (ImageNet's)
+    return (DEFAULT_DATA if data is None else data), weights, tfds_data_dir
 
 
 def _settings(point: Configuration, data, splits, weights, dtype, fast_decode, tfds_data_dir, cache_dir):
