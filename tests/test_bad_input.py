@@ -815,8 +815,7 @@ def _generated(command: tuple, param) -> list[Bad] | None:
     if values is None:
         return None
     junk = INT_JUNK if kind == "int" else FLOAT_JUNK if kind == "float" else []
-    empty = [EMPTY_PATH] if _takes_paths(param) and not any(b.make(None) == [""] for b in values if b.id == "empty") \
-        else []
+    empty = [EMPTY_PATH] if _takes_paths(param) and not any(b.id == "empty" for b in values) else []  # const("")
     return junk + list(values) + empty
 
 
