@@ -87,6 +87,21 @@ def forward_limit_litert(run: Run) -> dict:
     return result
 
 
+def forward_limit_litert_int8(run: Run) -> dict:
+    """The int8 flatbuffer's raw forward throughput (``cache build --precision int8``'s engine,
+    calibrated on the run's data as a build calibrates it); its conversion is timed too."""
+    from bottlecache.models.engines import Int8Engine
+
+    flatbuffer = run.int8_flatbuffer()
+    result = _forward_case(run, Int8Engine(flatbuffer))
+    result["convert_seconds"] = run.int8_flatbuffer_seconds
+    float_limit = run.results.get("forward-limit-litert", {}).get("images_per_second")
+    result["float_limit_ratio"] = result["images_per_second"] / float_limit if float_limit else None
+    result["note"] += (f"; {result['float_limit_ratio']:.2f}× forward-limit-litert" if float_limit else "") + \
+        f"; conversion with calibration {run.int8_flatbuffer_seconds:.1f} s (once per run)"
+    return result
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. The input pipeline alone
 
@@ -111,16 +126,19 @@ def decode_only(run: Run, fast_decode: bool = False) -> dict:
 # 3. Cache builds
 
 
-def _cache_build(run: Run, engine: str) -> dict:
+LIMIT_CASES = {"litert": "forward-limit-litert", "litert-int8": "forward-limit-litert-int8", "keras": "forward-limit"}
+
+
+def _cache_build(run: Run, engine: str, precision: str = "float32", fast_decode: bool = False) -> dict:
     from bottlecache.cache.store import Cache
     from bottlecache.train.heads import train_head
 
-    build = run.build(engine)
+    build = run.build(engine, precision=precision, fast_decode=fast_decode)
     report = build.report
     n_images = sum(s.n_processed for s in report.splits)
     inference_seconds = sum(s.seconds for s in report.splits)
     rate = n_images / inference_seconds
-    limit_case = "forward-limit-litert" if report.engine == "litert" else "forward-limit"
+    limit_case = LIMIT_CASES[report.engine]
     limit = run.results.get(limit_case, {}).get("images_per_second")
     with Cache(report.path) as cache:
         info = cache.build_info
@@ -138,7 +156,9 @@ def _cache_build(run: Run, engine: str) -> dict:
         "images": n_images,
         "images_per_second": rate,
         "engine": report.engine,
+        "precision": precision,
         "engine_max_abs_diff": max_abs_diff,
+        "engine_relative_error": info.get("engine_relative_error"),
         "forward_limit_case": limit_case,
         "forward_limit_ratio": ratio,
         "forward_plus_decode_bound": bound,
@@ -180,6 +200,90 @@ def cache_build_keras(run: Run) -> dict:
 
 def cache_build_litert(run: Run) -> dict:
     return _cache_build(run, "litert")
+
+
+def cache_build_int8(run: Run) -> dict:
+    """``cache build --precision int8``: the same fields as cache-build, against its own forward limit
+    and bound, and its speed beside the float LiteRT build's (cache-build-litert, same run)."""
+    result = _cache_build(run, "litert", precision="int8")
+    float_rate = run.results.get("cache-build-litert", {}).get("images_per_second")
+    result["float_build_ratio"] = result["images_per_second"] / float_rate if float_rate else None
+    if float_rate:
+        result["note"] = f"{result['float_build_ratio']:.2f}× cache-build-litert; " + result["note"]
+    return result
+
+
+def cache_build_int8_fast_decode(run: Run) -> dict:
+    """The int8 build with ``--fast-decode``: once the forward pass is int8, decoding is half the
+    build's time, so this is the decode side's answer. Its speed against its own bound (the int8
+    forward limit and fast decoding alone), and the heads' validation accuracy against the int8
+    build with full decoding."""
+    from bottlecache.train.heads import train_head
+
+    result = _cache_build(run, "litert", precision="int8", fast_decode=True)
+    decode = run.results.get("fast-decode", {}).get("decode_only_images_per_second") or \
+        decode_only(run, fast_decode=True)["images_per_second"]
+    limit = run.results.get("forward-limit-litert-int8", {}).get("images_per_second")
+    bound = 1 / (1 / limit + 1 / decode) if limit else None
+    full = run.build("litert", precision="int8")
+    keras = {name: train_head(build.report.path, "keras", epochs=run.epochs, seed=run.seed,
+                              out=run.work_dir / "heads" / f"keras-int8-{name}-decode")
+             for name, build in (("full", full), ("fast", run.build("litert", precision="int8", fast_decode=True)))}
+    full_rate = sum(s.n_processed for s in full.report.splits) / sum(s.seconds for s in full.report.splits)
+    float_rate = run.results.get("cache-build-litert", {}).get("images_per_second")
+    result.update(
+        decode_only_images_per_second=decode,
+        forward_plus_decode_bound=bound,
+        bound_ratio=result["images_per_second"] / bound if bound else None,
+        full_decode_ratio=result["images_per_second"] / full_rate,
+        float_build_ratio=result["images_per_second"] / float_rate if float_rate else None,
+        keras_accuracy=accuracy(keras["fast"].metrics),
+        full_decode_keras_accuracy=accuracy(keras["full"].metrics),
+    )
+    result["note"] = (f"{result['full_decode_ratio']:.2f}× the int8 build with full decoding"
+                      + (f", {result['float_build_ratio']:.2f}× cache-build-litert" if float_rate else "")
+                      + (f"; {result['bound_ratio']:.2f} of the {bound:.0f} img/s that forward-limit-litert-int8 and "
+                         f"fast decoding ({decode:.0f} img/s) allow" if bound else "")
+                      + f"; validation sklearn {_percent(result['sklearn_accuracy']['validation'])}, "
+                        f"keras {_percent(result['keras_accuracy']['validation'])} (full decoding: keras "
+                        f"{_percent(result['full_decode_keras_accuracy']['validation'])})")
+    return result
+
+
+def int8_heads(run: Run) -> dict:
+    """The scikit-learn and Keras heads trained on the float LiteRT cache and on the int8 cache of the
+    same photos (same settings, same seed), validation accuracy side by side; and the int8 cache's
+    scikit-learn head on the float cache's features (what ``predict`` and ``export``, which run the
+    float base, give it)."""
+    from bottlecache.cache.store import Cache
+    from bottlecache.train.heads import compute_metrics, predict_split, train_head
+
+    builds = {"float32": run.build("litert"), "int8": run.build("litert", precision="int8")}
+    out: dict = {"seconds": 0.0}
+    heads = {}
+    for precision, build in builds.items():
+        for kind in ("sklearn", "keras"):
+            options = {"save": False} if kind == "sklearn" else {
+                "epochs": run.epochs, "seed": run.seed, "out": run.work_dir / "heads" / f"keras-{precision}"}
+            head, seconds = _timed(lambda: train_head(build.report.path, kind, **options))
+            heads[precision, kind] = head
+            out["seconds"] += seconds
+            out[f"{kind}_{precision}"] = {"accuracy": accuracy(head.metrics), "head_seconds": seconds}
+    for kind in ("sklearn", "keras"):
+        gap = _gap_points(out[f"{kind}_int8"]["accuracy"], out[f"{kind}_float32"])
+        out[f"{kind}_gap_points"] = gap  # int8 minus float32, validation
+    with Cache(builds["float32"].report.path) as cache:
+        if "validation" in cache.splits:
+            proba = predict_split(heads["int8", "sklearn"].head, cache, "validation")
+            metrics = compute_metrics(cache.labels("validation"), proba, cache.class_names)
+            out["sklearn_int8_on_float_features"] = metrics["accuracy"]
+    out["accuracy"] = out["sklearn_int8"]["accuracy"]
+    out["note"] = "validation: " + "; ".join(
+        f"{kind} float32 {_percent(out[f'{kind}_float32']['accuracy']['validation'])}, "
+        f"int8 {_percent(out[f'{kind}_int8']['accuracy']['validation'])}" for kind in ("sklearn", "keras")) + \
+        (f"; the int8 sklearn head on float32 features {_percent(out['sklearn_int8_on_float_features'])}"
+         if "sklearn_int8_on_float_features" in out else "")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -962,10 +1066,14 @@ def _number(value) -> str:
 CASES = {
     "forward-limit": forward_limit,
     "forward-limit-litert": forward_limit_litert,
+    "forward-limit-litert-int8": forward_limit_litert_int8,
     "decode-only": decode_only,
     "cache-build": cache_build,
     "cache-build-keras": cache_build_keras,
     "cache-build-litert": cache_build_litert,
+    "cache-build-int8": cache_build_int8,
+    "int8-heads": int8_heads,
+    "cache-build-int8-fast-decode": cache_build_int8_fast_decode,
     "cache-build-ray": cache_build_ray,
     "build-startup": build_startup,
     "fast-decode": fast_decode,

@@ -50,9 +50,11 @@ class Run:
     keras_head_path: Path | None = None  # set by cached-keras; the warm start of finetune
     export_head_path: Path | None = None  # the scikit-learn head every export-* case exports
     flatbuffer_seconds: float | None = None
+    int8_flatbuffer_seconds: float | None = None
     _source: object = None
     _base: object = None
     _flatbuffer: Path | None = None
+    _int8: tuple | None = None  # (flatbuffer, its calibration's content sha256)
     _builds: dict = field(default_factory=dict)
 
     def source(self):
@@ -81,34 +83,55 @@ class Run:
             self.flatbuffer_seconds = time.perf_counter() - started
         return self._flatbuffer
 
-    def give_flatbuffer(self, cache_dir: Path, engine: str) -> None:
+    def int8_flatbuffer(self) -> Path:
+        """The base quantised to int8, calibrated as ``cache build --precision int8`` calibrates it on
+        the run's data (default sample), converted once per run (its seconds are kept)."""
+        if self._int8 is None:
+            from bottlecache.cache.settings import CacheSettings
+            from bottlecache.models.engines import convert_to_flatbuffer, flatbuffer_path
+
+            started = time.perf_counter()
+            resolved = CacheSettings(self.data, self.splits and tuple(self.splits), image_size=self.image_size,
+                                     weights=self.weights.path, model=self.weights.model, precision="int8",
+                                     cache_dir=self.work_dir / "converted").resolve()
+            int8 = resolved.int8()
+            path = flatbuffer_path(self.work_dir / "converted", self.weights.sha256, self.image_size,
+                                   self.weights.model, int8.identity)
+            self._int8 = (convert_to_flatbuffer(self.base(), path, int8), int8.identity)
+            self.int8_flatbuffer_seconds = time.perf_counter() - started
+        return self._int8[0]
+
+    def give_flatbuffer(self, cache_dir: Path, engine: str, precision: str = "float32") -> None:
         """Put the run's converted flatbuffer in ``cache_dir`` (for an engine that may use it)."""
         from bottlecache.models.engines import flatbuffer_path, litert_available
 
         if engine != "keras" and litert_available():
-            converted = self.flatbuffer()
-            target = flatbuffer_path(cache_dir, self.weights.sha256, self.image_size, self.weights.model)
+            converted = self.flatbuffer() if precision == "float32" else self.int8_flatbuffer()
+            calibration = None if precision == "float32" else self._int8[1]
+            target = flatbuffer_path(cache_dir, self.weights.sha256, self.image_size, self.weights.model, calibration)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(converted, target)
             shutil.copy2(converted.with_suffix(".json"), target.with_suffix(".json"))
 
-    def build(self, engine: str, fast_decode: bool = False, executor: str = "local", shard_size=None) -> Build:
-        """Build the cache with ``engine`` in a fresh folder, once per engine per run.
+    def build(self, engine: str, fast_decode: bool = False, executor: str = "local", shard_size=None,
+              precision: str = "float32") -> Build:
+        """Build the cache with ``engine`` (and ``precision``) in a fresh folder, once per engine per run.
 
         The folder is given the run's converted flatbuffer first, as a user's second build would
-        find it: the conversion is timed once, in forward-limit-litert, not in every build.
+        find it: the conversion is timed once, in forward-limit-litert(-int8), not in every build.
         """
-        key = (engine, fast_decode, executor)
+        key = (engine, fast_decode, executor, precision)
         if key not in self._builds:
             from bottlecache.cache.build import build_cache
 
             cache_dir = self.work_dir / (f"cache-{engine}{'-fast-decode' if fast_decode else ''}"
-                                         f"{'' if executor == 'local' else '-' + executor}")
-            self.give_flatbuffer(cache_dir, engine)
+                                         f"{'' if executor == 'local' else '-' + executor}"
+                                         f"{'' if precision == 'float32' else '-' + precision}")
+            self.give_flatbuffer(cache_dir, engine, precision)
             started, cpu_started = time.perf_counter(), cpu_seconds()
             report = build_cache(self.data, self.splits, image_size=self.image_size, weights=self.weights.path,
                                  cache_dir=cache_dir, engine=engine, fast_decode=fast_decode, executor=executor,
-                                 shard_size=shard_size, model=self.weights.model)
+                                 shard_size=shard_size, model=self.weights.model, precision=precision)
             seconds = time.perf_counter() - started
             if report.hit:
                 raise RuntimeError(f"the {engine} build in the fresh folder {cache_dir} was a cache hit")

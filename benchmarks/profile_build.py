@@ -130,7 +130,7 @@ class _Clock:
 
 def timing(args) -> int:
     from bottlecache.cache import build as build_module
-    from bottlecache.cache import store
+    from bottlecache.cache import store, writer
     from bottlecache.core.options import usable_cores
     from bottlecache.models import engines
     from bottlecache.models.backbone import resolve_weights
@@ -139,7 +139,7 @@ def timing(args) -> int:
     from .context import Run
 
     clock = _Clock()
-    build_module._windows = clock.wrap_iterator("waiting for decoded images", build_module._windows)
+    writer._windows = clock.wrap_iterator("waiting for decoded images", writer._windows)
     used = []  # the build's engine, run alone afterwards
 
     def recorded(call):
@@ -151,7 +151,7 @@ def timing(args) -> int:
     for engine_class in (engines.LiteRTEngine, engines.KerasEngine):
         engine_class.__call__ = recorded(clock.wrap("inside the engine", engine_class.__call__))
     store.PartialCache.append = clock.wrap("commits (commit thread)", store.PartialCache.append, cpu=True)
-    build_module.Committer.wait = clock.wrap("waiting for commits", build_module.Committer.wait)
+    writer.Committer.wait = clock.wrap("waiting for commits", writer.Committer.wait)
     with tempfile.TemporaryDirectory(prefix="bottlecache-timing-") as cache_dir:
         if args.engines_from:
             shutil.copytree(args.engines_from, Path(cache_dir) / "engines")
@@ -160,7 +160,8 @@ def timing(args) -> int:
                 counter.clear()
             started, cpu_started = time.perf_counter(), time.process_time()
             report = build_module.build_cache(args.data, image_size=args.image_size, weights=args.weights,
-                                              cache_dir=cache_dir, engine=args.engine, reuse=False)
+                                              cache_dir=cache_dir, engine=args.engine, reuse=False,
+                                              precision=args.precision, fast_decode=args.fast_decode)
             wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
             n = sum(s.n_processed for s in report.splits)
             split_seconds = sum(s.seconds for s in report.splits)
@@ -181,7 +182,7 @@ def timing(args) -> int:
               image_size=args.image_size, finetune_epochs=0, seed=0, engine=args.engine, quick=False,
               work_dir=Path(tempfile.gettempdir()))
     forward = _forward_case(run, used[0])["images_per_second"]
-    decode = decode_only(run)["images_per_second"]
+    decode = decode_only(run, fast_decode=args.fast_decode)["images_per_second"]
     bound = 1 / (1 / forward + 1 / decode)
     print(f"forward alone {forward:.1f} images/s (as forward-limit measures it), decoding alone {decode:.1f}: "
           f"bound {bound:.1f}; the last build {n / split_seconds / bound:.3f} of it")
@@ -196,9 +197,15 @@ def engine_grid(args) -> int:
 
     weights = resolve_weights(args.weights, args.image_size)
     with tempfile.TemporaryDirectory() as tmp:
-        flatbuffer = convert_to_flatbuffer(load_backbone(weights, args.image_size),
-                                           flatbuffer_path(Path(tmp), weights.sha256, args.image_size, weights.model))
-        print("threads  batch  images/s (best of 3)")
+        int8 = None
+        if args.precision == "int8":  # calibrated as `cache build --precision int8` calibrates it on --data
+            from bottlecache.cache.settings import CacheSettings
+
+            int8 = CacheSettings(args.data, image_size=args.image_size, weights=args.weights, precision="int8",
+                                 cache_dir=tmp).resolve().int8()
+        flatbuffer = convert_to_flatbuffer(load_backbone(weights, args.image_size), flatbuffer_path(
+            Path(tmp), weights.sha256, args.image_size, weights.model, int8 and int8.identity), int8)
+        print(f"{args.precision}: threads  batch  images/s (best of 3)")
         for threads in args.threads:
             engine = LiteRTEngine(flatbuffer, threads=threads)
             for batch in args.batch_sizes:
@@ -235,6 +242,9 @@ def main(argv=None) -> int:
     parser.add_argument("--timing", action="store_true", help="a build's parts timed, against the bound")
     parser.add_argument("--repeat", type=int, default=1, help="--timing: builds to run")
     parser.add_argument("--batch-sizes", type=_ints, default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--fast-decode", action="store_true", help="--timing: build with --fast-decode")
+    parser.add_argument("--precision", default="float32", choices=("float32", "int8"),
+                        help="--engine-grid, --timing: the base's precision (int8: calibrated on --data)")
     parser.add_argument("--threads", type=_ints, default=sorted({1, os.cpu_count() or 1}))
     args = parser.parse_args(argv)
     if args.timing:

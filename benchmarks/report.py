@@ -43,6 +43,12 @@ CLAIMS = (
      "distance between the sklearn validation accuracies on the litert- and keras-built caches, in points",
      lambda c: 100 * abs(c["cache-build-litert"]["sklearn_accuracy"]["validation"]
                          - c["cache-build-keras"]["sklearn_accuracy"]["validation"]), "<=", 0.3),
+    ("int8_build_speedup",
+     "cache-build-int8 images/s / cache-build-litert (float32) images/s",
+     lambda c: c["cache-build-int8"]["images_per_second"] / c["cache-build-litert"]["images_per_second"], ">=", 1.5),
+    *((f"int8_{kind}_accuracy_drop_points",
+       f"int8-heads: {kind} head's validation accuracy on the float32 cache minus on the int8 cache, in points",
+       lambda c, k=kind: -c["int8-heads"][f"{k}_gap_points"], "<=", 0.3) for kind in ("sklearn", "keras")),
     ("cache_update_add_fraction",
      "cache-update: seconds to add 30 photos / seconds of a full build of the folder",
      lambda c: c["cache-update"]["added"]["fraction_of_full"], "<=", 0.10),

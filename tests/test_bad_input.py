@@ -700,6 +700,10 @@ BAD_VALUES: dict[str, list[Bad]] = {
     "images": IMAGES_BAD,
     "cut": below(1) + [const("155"), const(str(2**64), id="2**64")],
     "views": below(0) + [const("65")],
+    "precision": [const("int4"), const("float16"), const("")],
+    # (the control line is float32: a calibration is refused there whatever its value)
+    "calibration_images": below(1) + [const("4097"), const("64", id="64 without --precision int8")],
+    "sweep precision": [const("int4"), const(""), const("float32,"), const("float32,int4")],
     "augment": [const(""), const("shear=0.1"), const("rotate=0"), const("zoom=2"), const("flip,flip"),
                 const("rotate=abc")],
     "cut_cache": CACHE_ARG_BAD,

@@ -327,7 +327,7 @@ def test_tables_are_plain_lines_when_piped_and_fold_on_a_terminal(small_cache, m
     result = invoke(["cache", "ls", "--cache-dir", small_cache.path.parent])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0] == "# caches" and lines[1].split("\t")[:3] == ["file", "data", "splits"]
+    assert lines[0] == "# caches" and lines[1].split("\t")[:4] == ["file", "data", "precision", "splits"]
     assert any(line.split("\t")[0] == small_cache.path.name for line in lines[2:]), lines
 
     screen = io.StringIO()

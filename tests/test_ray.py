@@ -112,6 +112,24 @@ def test_heads_read_a_ray_cache_unchanged(ray_build, local_build, tmp_path):
     assert got.to_dict()["metrics"] == want.to_dict()["metrics"]
 
 
+def test_an_int8_ray_build_equals_the_local_int8_build(ray_session, weights_path, cats_dogs, tmp_path):
+    """``--precision int8`` on Ray: the driver converts (here: finds) and checks the int8 flatbuffer,
+    every worker loads that one as it is (none converts or calibrates), and the rows equal a
+    single-process int8 build's."""
+    from bottlecache.cache.ray_build import build_ray
+    from conftest import copy_engines
+
+    options = dict(image_size=SIZE, weights=str(weights_path), precision="int8", calibration_images=16)
+    local = build_cache(cats_dogs, SPLITS, cache_dir=tmp_path / "local", **options)
+    resolved = CacheSettings(str(cats_dogs), tuple(SPLITS), cache_dir=copy_engines(tmp_path / "local", tmp_path / "ray"),
+                             **options).resolve()
+    report = build_ray(resolved, shard_size=SHARD)
+    assert report.path.name == local.path.name and report.n_shards == 3
+    assert_same_cache(report.path, local.path)
+    with open_cache(report.path) as cache:
+        assert cache.build_info["engine"] == "litert-int8"
+
+
 def _copy(build, tmp_path) -> Path:
     """A copy of a Ray-built cache folder (the cache file and its shard folder)."""
     target = tmp_path / "copy"

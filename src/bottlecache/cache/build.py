@@ -83,14 +83,14 @@ def build_resolved(resolved: ResolvedCache, *, batch_size: int | None = None, en
     # a cache with views computes every row (their views are not copied: docs/cache-format.md).
     cut = resolved.settings.cut is not None
     engine_name = check_engine(resolved.config, engine)
-    plan = plan_reuse(resolved, expected_engine(engine_name), reuse=reuse and not resolved.settings.views,
+    plan = plan_reuse(resolved, expected_engine(engine_name, resolved.config), reuse=reuse and not resolved.settings.views,
                       progress=progress)  # reads, writes nothing
     try:
         # A build that copies every row needs no engine, and a flatbuffer an earlier build converted
         # and checked needs no Keras base; otherwise the weights load before anything is written:
         # a file that does not load leaves nothing behind.
         ready = engine_from_source(plan) or (None if cut else checked_engine(
-            engine, resolved.weights, resolved.settings.image_size, cache_dir=final_path.parent))
+            engine, resolved.weights, resolved.settings.image_size, cache_dir=final_path.parent, int8=resolved.int8()))
         base = None if ready else load_backbone(resolved.weights, resolved.settings.image_size)
         if base is not None and cut:
             base = lower_model(base, resolved.config["cut"]["layer"])
@@ -125,7 +125,8 @@ def _build_locked(resolved: ResolvedCache, base, engine, batch_size, engine_name
     # .partial behind (the next run would "resume" it).
     if engine is None:
         engine = make_engine(check_engine(config, engine_name), base, weights_ref, image_size,
-                             cache_dir=final_path.parent, probe=(source, next(iter(source.splits))))
+                             cache_dir=final_path.parent, probe=(source, next(iter(source.splits))),
+                             int8=resolved.int8())
     if engine.name != plan.engine:  # auto chose Keras after all: rows of a LiteRT cache are not its rows
         plan.close()
         plan = plan_reuse(resolved, engine.name, reuse=plan.reuse, progress=progress)
@@ -173,6 +174,7 @@ def _build_locked(resolved: ResolvedCache, base, engine, batch_size, engine_name
             "engine": engine.name,
             "engine_max_abs_diff": getattr(engine, "max_abs_diff", 0.0),
             "engine_check": getattr(engine, "checked", ""),
+            "engine_relative_error": getattr(engine, "relative_error", None),
             "batch_size": batch_size or engine.batch_size,
             "threads": getattr(engine, "threads", None),
             "startup_seconds": None if startup_seconds is None else round(startup_seconds, 3),

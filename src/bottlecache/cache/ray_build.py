@@ -27,7 +27,7 @@ from ..core.options import DEFAULT_ENGINE, usable_cores
 from ..core.progress import NullProgress
 from ..core.tf import import_tf
 from ..models.backbone import load_backbone
-from ..models.engines import make_engine
+from ..models.engines import checked_engine, make_engine
 from .settings import CacheSettings, ResolvedCache
 from .shards import (
     DEFAULT_SHARD_SIZE,
@@ -177,7 +177,8 @@ def resolve_engine(resolved: ResolvedCache, engine: str) -> tuple[str, int, floa
 
     base = load_backbone(resolved.weights, resolved.settings.image_size)
     chosen = make_engine(engine, base, resolved.weights, resolved.settings.image_size,
-                         cache_dir=resolved.path.parent, probe=(resolved.source, next(iter(resolved.source.splits))))
+                         cache_dir=resolved.path.parent, probe=(resolved.source, next(iter(resolved.source.splits))),
+                         int8=resolved.int8())
     return chosen.name, chosen.batch_size, float(getattr(chosen, "max_abs_diff", 0.0))
 
 
@@ -285,9 +286,18 @@ class ShardWorker:
             raise BottlecacheError("this worker sees other data or weights than the driver (fingerprint "
                                    f"{self.resolved.fingerprint[:12]}, driver {fingerprint[:12]}); use a shared file system")
         size = self.resolved.settings.image_size
-        base = load_backbone(self.resolved.weights, size)
-        self.engine = make_engine(engine, base, self.resolved.weights, size, cache_dir=self.resolved.path.parent,
-                                  probe=(self.resolved.source, next(iter(self.resolved.source.splits))), threads=threads)
+        int8 = self.resolved.int8()
+        if int8 is not None:  # the driver converted and checked it (resolve_engine): load it as it is
+            self.engine = checked_engine("litert", self.resolved.weights, size, cache_dir=self.resolved.path.parent,
+                                         int8=int8, threads=threads)
+            if self.engine is None:
+                raise BottlecacheError("this worker does not see the int8 engine the driver converted; "
+                                       "use a shared file system")
+        else:
+            base = load_backbone(self.resolved.weights, size)
+            self.engine = make_engine(engine, base, self.resolved.weights, size, cache_dir=self.resolved.path.parent,
+                                      probe=(self.resolved.source, next(iter(self.resolved.source.splits))),
+                                      threads=threads)
         self.folder, self.batch_size, self.retries = Path(folder), batch_size, retries
         self.inject = {int(k): int(v) for k, v in inject.items()}
         self.versions = library_versions()

@@ -26,7 +26,7 @@ from h5py._objects import phil
 
 from ..core.errors import BottlecacheError
 from ..data.content import SplitContent, split_content
-from ..models.engines import litert_available
+from ..models.engines import INT8_ENGINE, litert_available
 from .chunks import decode_chunk, encodes_directly, stored_checksum_ok
 from .store import CONTENT, FEATURE_CHUNK_ROWS, FILE_STAT, Cache, list_caches
 
@@ -51,10 +51,11 @@ class ReuseReport:
     check_seconds: float = 0.0  # finding the source and reading its chunks once before copying
 
 
-def expected_engine(requested: str) -> str:
+def expected_engine(requested: str, config: dict | None = None) -> str:
     """The engine a build will run: ``auto`` is LiteRT where it is installed (it falls back to Keras
-    only if LiteRT fails its check, and then the build plans again)."""
-
+    only if LiteRT fails its check, and then the build plans again); an int8 cache's is LiteRT int8."""
+    if (config or {}).get("precision"):
+        return INT8_ENGINE
     return ("litert" if litert_available() else "keras") if requested == "auto" else requested
 
 

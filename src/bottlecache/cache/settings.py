@@ -10,15 +10,19 @@ from pathlib import Path
 from ..core.errors import BottlecacheError
 from ..core.fingerprint import fingerprint
 from ..core.options import (
+    DEFAULT_CALIBRATION_IMAGES,
     DEFAULT_DATA,
     DEFAULT_DTYPE,
     DEFAULT_ENGINE,
     DEFAULT_IMAGE_SIZE,
     DEFAULT_MODEL,
+    DEFAULT_PRECISION,
     DTYPES,
     ENGINES,
     MAX_BATCH_SIZE,
+    MAX_CALIBRATION_IMAGES,
     MAX_VIEWS,
+    PRECISIONS,
     check_choice,
     check_folder_option,
     check_image_size,
@@ -28,11 +32,13 @@ from ..core.options import (
     resolve_cache_dir,
 )
 from ..core.records import DECODE_FAST, DECODE_FULL
-from ..core.registry import check_model_size
+from ..core.registry import BACKBONES, check_model_size
 from ..data.augment import canonical_spec
+from ..data.calibration import CalibrationSample, calibration_images, calibration_sample
 from ..data.sources import open_source, parse_splits, split_config
 from ..models.backbone import backbone_record, resolve_weights
 from ..models.cut import check_cut, cut_record
+from ..models.engines import Int8Calibration
 from .store import cache_file_name
 
 EXECUTORS = ("local", "ray")
@@ -50,8 +56,10 @@ class CacheSettings:
     fine-tune layer index; the cache then holds the activation at the cut below it instead of
     the bottleneck (``bottlecache.models.cut``). ``views`` augmented views of each train image, made by
     ``augment`` (a spec, ``bottlecache.data.augment``; default ``tutorial``) seeded by the image's key,
-    the view's index and ``view_seed``. Settings that do not change a cache's content (engine,
-    batch size) are not here.
+    the view's index and ``view_seed``. ``precision`` ``float32`` or ``int8``: the base quantised
+    to full integer, calibrated on ``calibration_images`` of the images being cached (default
+    64; ``bottlecache.data.calibration`` says which), run by LiteRT. Settings that do not change a
+    cache's content (engine, batch size) are not here.
 
     ``resolve()`` opens the source and the weights once; everything downstream takes the result.
     """
@@ -69,6 +77,8 @@ class CacheSettings:
     views: int = 0
     augment: str | None = None
     view_seed: int = 0
+    precision: str = DEFAULT_PRECISION
+    calibration_images: int | None = None
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -100,6 +110,24 @@ class CacheSettings:
         if self.augment is not None and not self.views:
             raise BottlecacheError("The 'augment' option needs --views K (K augmented views of each train image).")
         set_(self, "augment", augment if self.views else None)
+        self._check_precision()
+
+    def _check_precision(self) -> None:
+        check_choice("precision", self.precision, PRECISIONS)
+        if self.precision != "int8":
+            if self.calibration_images is not None:
+                raise BottlecacheError("The 'calibration_images' option applies to --precision int8 only.")
+            return
+        if self.calibration_images is None:
+            object.__setattr__(self, "calibration_images", DEFAULT_CALIBRATION_IMAGES)
+        check_positive("calibration_images", self.calibration_images, maximum=MAX_CALIBRATION_IMAGES)
+        if self.cut is not None:
+            raise BottlecacheError("The 'precision' option int8 quantises the whole base; a --cut cache is float32 "
+                                   "(leave out --precision or --cut).")
+        entry = BACKBONES[self.model]
+        if not entry.litert:
+            raise BottlecacheError(f"The 'precision' option int8 runs on LiteRT, which does not run {self.model} "
+                                   f"({entry.keras_only_reason}); use --precision float32.")
 
     def resolve(self) -> "ResolvedCache":
         """Open the source and the weights, and compute the configuration and its fingerprint."""
@@ -118,7 +146,11 @@ class CacheSettings:
             config["cut"] = cut_record(self.image_size, self.cut, self.model)  # the layer's name: --cut 99 and 100 share
         if self.views:
             config["views"] = {"k": self.views, "augment": self.augment, "seed": self.view_seed}
-        return ResolvedCache(self, source, weights, config, fingerprint(config))
+        calibration = None
+        if self.precision == "int8":  # float32 caches have no "precision": their fingerprints stay as they were
+            calibration = calibration_sample(source, self.calibration_images)
+            config["precision"] = {"kind": "int8", "calibration": calibration.record()}
+        return ResolvedCache(self, source, weights, config, fingerprint(config), calibration)
 
 
 @dataclass(frozen=True)
@@ -130,6 +162,7 @@ class ResolvedCache:
     weights: object
     config: dict = field(repr=False)
     fingerprint: str
+    calibration: CalibrationSample | None = None  # an int8 cache's calibration sample
 
     def locations(self) -> dict:
         """Where the data and the weights were found (not part of the fingerprint; the cache's
@@ -140,6 +173,18 @@ class ResolvedCache:
                      "tfds_data_dir": self.settings.tfds_data_dir},
             "weights_path": str(Path(self.weights.path).resolve()),
         }
+
+    def int8(self) -> Int8Calibration | None:
+        """An int8 cache's calibration, as the engine takes it (its images decoded when first asked
+        for, as the cache's rows are); None for a float32 cache."""
+        sample, settings = self.calibration, self.settings
+        if sample is None:
+            return None
+        # the flatbuffer's name: the sample's content and how its images became the base's input
+        inputs = {"content_sha256": sample.content_sha256, "decode": self.config["decode"],
+                  "preprocess": self.config.get("preprocess"), "preprocess_version": self.config["preprocess_version"]}
+        return Int8Calibration(fingerprint(inputs), lambda: calibration_images(
+            self.source, sample, settings.image_size, fast_decode=settings.fast_decode, model=settings.model))
 
     @property
     def path(self) -> Path:

@@ -9,7 +9,14 @@ from typing import Annotated, Optional
 import typer
 
 from ..core.errors import BottlecacheError, reason
-from ..core.options import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_ENGINE, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL
+from ..core.options import (
+    DEFAULT_DATA,
+    DEFAULT_DTYPE,
+    DEFAULT_ENGINE,
+    DEFAULT_IMAGE_SIZE,
+    DEFAULT_MODEL,
+    DEFAULT_PRECISION,
+)
 from ._common import (
     CacheDirOpt,
     DataOpt,
@@ -56,6 +63,8 @@ def build(
     views: Annotated[int, typer.Option(help="Augmented views of each train image to store beside its features (0: none).")] = 0,
     augment: Annotated[Optional[str], typer.Option(help="How views are made: 'tutorial' (default; flip,rotate=0.2) or e.g. flip,rotate=0.2,zoom=0.1.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the views (with the image key and the view index).")] = 0,
+    precision: Annotated[str, typer.Option(help="float32, or int8: the base quantised to full integer and run by LiteRT (a different cache; see docs/engines.md).")] = DEFAULT_PRECISION,
+    calibration_images: Annotated[Optional[int], typer.Option(help="int8: train images that calibrate the quantisation (default 64).")] = None,
     as_json: JsonOpt = False,
 ):
     """Run the frozen base (--model) once over each split and store the features in an HDF5 cache."""
@@ -68,7 +77,7 @@ def build(
     settings = CacheSettings(
         data, None if split is None else tuple(split), image_size=image_size, weights=weights, dtype=dtype,
         fast_decode=fast_decode, tfds_data_dir=tfds_data_dir, cache_dir=cache_dir, model=model, cut=cut, views=views,
-        augment=augment, view_seed=seed,
+        augment=augment, view_seed=seed, precision=precision, calibration_images=calibration_images,
     )
     options = BuildOptions(engine=engine, batch_size=batch_size, wait=wait, reuse=reuse, executor=executor,
                            ray_address=ray_address, shard_size=shard_size)
@@ -119,7 +128,8 @@ def ls(cache_dir: CacheDirOpt = None, as_json: JsonOpt = False):
                 counts = {s: cache.n_examples(s) for s in cache.splits}
                 record = {
                     "path": str(path), "fingerprint": cache.fingerprint, "data": cache.config["data"].get("name", "?"),
-                    "image_size": cache.image_size, "dtype": cache.config["dtype"], "splits": counts,
+                    "image_size": cache.image_size, "dtype": cache.config["dtype"],
+                    "precision": precision_of(cache.config), "splits": counts,
                     "size": path.stat().st_size, "created": cache.created,
                 }
         except (BottlecacheError, OSError) as error:  # one bad file must not hide the others
@@ -129,13 +139,31 @@ def ls(cache_dir: CacheDirOpt = None, as_json: JsonOpt = False):
             rows.append([path.name, "?", "", "", "", record["error"]])
         else:
             splits = ", ".join(f"{s} {n}" for s, n in record["splits"].items())
-            rows.append([path.name, record["data"], splits, human_bytes(record["size"]), record["created"], ""])
+            rows.append([path.name, record["data"], record["precision"], splits, human_bytes(record["size"]),
+                         record["created"], ""])
     if as_json:
         print_json(records)
     elif not rows:
         out.print("no caches")
     else:
-        out.print(table("caches", ["file", "data", "splits", "size", "created", "note"], rows))
+        out.print(table("caches", ["file", "data", "precision", "splits", "size", "created", "note"], rows))
+
+
+def precision_of(config: dict) -> str:
+    return (config.get("precision") or {}).get("kind", "float32")
+
+
+def precision_line(config: dict, build: dict) -> str:
+    """``cache info``'s line on what the base computed in (and, for int8, on what it was calibrated)."""
+    precision = config.get("precision")
+    if not precision:
+        return "precision float32"
+    calibration = precision["calibration"]
+    error = build.get("engine_relative_error")
+    return (f"precision int8: calibrated on {calibration['images']} {calibration['split']} images "
+            f"({calibration['rule']}, content {calibration['content_sha256'][:12]})"
+            + (f"; pooled features {error:.3f} of their norm from float32 on the probe images"
+               if isinstance(error, (int, float)) else ""))
 
 
 @app.command("info")
@@ -154,6 +182,7 @@ def info(cache: Annotated[str, typer.Argument(help="Cache file or fingerprint pr
         print_json(record)
         return
     out.print(f"[bold]{record['path']}[/]")
+    out.print(precision_line(record["config"], record["build"]), markup=False)
     out.print(json.dumps({k: record[k] for k in ("fingerprint", "config", "build", "created")}, indent=2))
     rows = [[s, v["images"], v["skipped"], human_bytes(v["bytes"])] for s, v in record["splits"].items()]
     out.print(table("splits", ["split", "images", "skipped", "size"], rows))

@@ -16,6 +16,12 @@ from .errors import BottlecacheError
 IMAGE_SIZES = (96, 128, 160, 192, 224)
 DTYPES = ("float16", "float32")
 ENGINES = ("auto", "keras", "litert")
+# What the base computes in: float32 (Keras or its exact LiteRT copy), or int8 (a LiteRT copy
+# quantised to full integer, calibrated on a sample of the cached images: docs/engines.md, "int8")
+PRECISIONS = ("float32", "int8")
+DEFAULT_PRECISION = "float32"
+DEFAULT_CALIBRATION_IMAGES = 64  # 64 and 256 gave the same head accuracy and feature error (docs/engines.md)
+MAX_CALIBRATION_IMAGES = 4096
 DEFAULT_DATA = "cats_vs_dogs"
 DEFAULT_IMAGE_SIZE = 160
 DEFAULT_DTYPE = "float16"

@@ -88,6 +88,22 @@ class ViewsRecord(Record):
     seed: int = Field(ge=0, lt=SEED_LIMIT)
 
 
+class CalibrationRecord(Record):
+    """The images an int8 cache's base was calibrated on (``bottlecache.data.calibration``)."""
+
+    split: str = Field(min_length=1)
+    images: int = Field(gt=0)
+    rule: Literal["smallest-key-hash", "first"]
+    content_sha256: Sha256
+
+
+class PrecisionRecord(Record):
+    """An int8 cache's precision: the base quantised to full integer, and its calibration."""
+
+    kind: Literal["int8"]
+    calibration: CalibrationRecord
+
+
 class CacheConfig(Record):
     """The cache's configuration: everything that determines its content (see ``fingerprint``)."""
 
@@ -104,11 +120,14 @@ class CacheConfig(Record):
     dtype: Literal[DTYPES]  # type: ignore[valid-type]
     cut: CutRecord | None = None
     views: ViewsRecord | None = None
+    precision: PrecisionRecord | None = None  # None: float32
 
     @model_validator(mode="after")
     def _rules(self):
         _unique(self.class_names, "class_names")
         _check_backbone_fields(self)
+        if self.precision is not None and self.cut is not None:
+            raise ValueError("'precision' int8 and 'cut' do not go together (a cut cache is float32)")
         if not self.splits:
             raise ValueError("'splits' must name at least one split")
         return self

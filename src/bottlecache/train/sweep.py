@@ -1,7 +1,7 @@
 """``sweep``: try every cache configuration × head setting, rank them on validation, test only the winner.
 
-A cache configuration is what changes the features (image size; the backbone ``model`` and the
-number of ``views`` where ``CacheSettings`` has those fields). Each one's cache is found or built
+A cache configuration is what changes the features (image size; the backbone ``model``, the
+number of ``views`` and the ``precision`` where ``CacheSettings`` has those fields). Each one's cache is found or built
 (``CacheSettings`` → fingerprint, so an existing cache is a hit), every head setting is trained on it
 and measured on the validation split only; the best validation accuracy wins (lower validation log
 loss breaks a tie, then the cheaper configuration). Only the winner is then measured on the test
@@ -38,7 +38,9 @@ from ..core.options import (
     DEFAULT_DTYPE,
     DEFAULT_ENGINE,
     DEFAULT_MODEL,
+    DEFAULT_PRECISION,
     MAX_EPOCHS,
+    PRECISIONS,
     check_choice,
     check_folder_option,
     check_image_size,
@@ -73,6 +75,7 @@ SWEEP_FOLDER = "sweep"
 # Forward cost per pixel relative to MobileNetV2 (multiply-adds per pixel, Keras's published
 # figures: Xception 8.4 G at 299 px, MobileNetV2 0.3 G at 224 px). A model not listed counts as 1.
 MODEL_COST = {"mobilenet_v2": 1.0, "xception": 15.7}
+PRECISION_COST = {"float32": 1.0, "int8": 0.5}  # the int8 forward pass is about twice as fast (docs/engines.md)
 # Before any build of this sweep has been timed: seconds per image of the reference configuration
 # (MobileNetV2 at 160 px) and seconds per build (loading the model, preparing the engine). From the
 # benchmarks on a loaded 2-core machine (cache-build-keras 65 img/s; litert conversion 20 s).
@@ -88,36 +91,40 @@ MAX_BUDGET_SECONDS = 30 * 24 * 3600
 
 @dataclass(frozen=True)
 class Configuration:
-    """One cache configuration; ``model`` and ``views`` None mean ``CacheSettings``'s defaults."""
+    """One cache configuration; ``model``, ``views`` and ``precision`` None mean ``CacheSettings``'s defaults."""
 
     image_size: int
     model: str | None = None
     views: int | None = None
+    precision: str | None = None
 
     @property
     def label(self) -> str:
         parts = [f"{self.model} {self.image_size} px" if self.model else f"{self.image_size} px"]
         if self.views:
             parts.append(f"{self.views} views")
+        if self.precision:
+            parts.append(self.precision)
         return ", ".join(parts)
 
     @property
     def relative_cost(self) -> float:
-        """Forward cost per image relative to MobileNetV2 at 160 px (one view)."""
+        """Forward cost per image relative to MobileNetV2 at 160 px (one view, float32)."""
         model_cost = MODEL_COST.get(self.model or DEFAULT_MODEL, 1.0)
-        return (self.image_size / REFERENCE_SIZE) ** 2 * model_cost * (1 + (self.views or 0))
+        return ((self.image_size / REFERENCE_SIZE) ** 2 * model_cost * (1 + (self.views or 0))
+                * PRECISION_COST[self.precision or DEFAULT_PRECISION])
 
     def settings_fields(self) -> dict:
         """The ``CacheSettings`` fields this configuration sets (the others keep their defaults)."""
         out = {"image_size": self.image_size}
-        if self.model is not None:
-            out["model"] = self.model
-        if self.views is not None:
-            out["views"] = self.views
+        for name in ("model", "views", "precision"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
         return out
 
     def to_dict(self) -> dict:
-        return {"image_size": self.image_size, "model": self.model or DEFAULT_MODEL, "views": self.views or 0}
+        return {"image_size": self.image_size, "model": self.model or DEFAULT_MODEL, "views": self.views or 0,
+                "precision": self.precision or DEFAULT_PRECISION}
 
 
 @dataclass(frozen=True)
@@ -159,12 +166,14 @@ class HeadSetting:
         return {"kind": self.kind, **({"C": self.C} if self.kind == "sklearn" else {"epochs": self.epochs})}
 
 
-def grid(image_sizes=DEFAULT_IMAGE_SIZES, models=None, views=None) -> list[Configuration]:
+def grid(image_sizes=DEFAULT_IMAGE_SIZES, models=None, views=None, precisions=None) -> list[Configuration]:
     """The cache configurations, cheapest first (the order a budget cuts from the end)."""
     sizes = _list_option("image_size", image_sizes, check_image_size)
     model_names = [None] if models is None else _list_option("model", models, _check_model)
     view_counts = [None] if views is None else _list_option("views", views, _check_views)
-    points = [Configuration(s, m, v) for m in model_names for v in view_counts for s in sizes]
+    kinds = [None] if precisions is None else _list_option(
+        "precision", precisions, lambda p: check_choice("precision", p, PRECISIONS) or p)
+    points = [Configuration(s, m, v, p) for m in model_names for v in view_counts for p in kinds for s in sizes]
     return sorted(points, key=lambda p: p.relative_cost)  # stable: the given order breaks ties
 
 
@@ -364,8 +373,8 @@ class _Clock:
 class SweepSettings:
     """What a sweep tries, checked once on creation (each message names the option).
 
-    The cache grid: every combination of ``image_sizes``, ``models`` and ``views`` is one
-    configuration (None keeps ``CacheSettings``'s default), stored as ``dtype``, decoded with
+    The cache grid: every combination of ``image_sizes``, ``models``, ``views`` and
+    ``precisions`` (``float32``, ``int8``) is one configuration (None keeps ``CacheSettings``'s default), stored as ``dtype``, decoded with
     ``fast_decode``, built by ``engine`` ``batch_size`` images at a time. The head settings: one
     scikit-learn head per C of ``Cs``, one Keras head of ``epochs`` epochs, for each of ``kinds``,
     seeded by ``seed``. ``budget`` (seconds or a duration such as ``"10m"``): start no build that
@@ -375,6 +384,7 @@ class SweepSettings:
     image_sizes: tuple = DEFAULT_IMAGE_SIZES
     models: tuple | None = None
     views: tuple | None = None
+    precisions: tuple | None = None
     kinds: tuple = DEFAULT_KINDS
     Cs: tuple = DEFAULT_CS
     epochs: int = DEFAULT_EPOCHS
@@ -387,10 +397,13 @@ class SweepSettings:
     plot: bool = True
 
     def __post_init__(self):
-        grid(self.image_sizes, self.models, self.views)
+        grid(self.image_sizes, self.models, self.views, self.precisions)
         head_settings(self.kinds, self.Cs, self.epochs, self.seed)
         parse_budget(self.budget)
         check_build_options(self.engine, self.batch_size)
+        if "int8" in (self.precisions or ()) and self.engine == "keras":
+            raise BottlecacheError("The 'engine' option keras computes in float32; an int8 cache is built by LiteRT: "
+                                   "use --engine auto or litert, or leave int8 out of --precision.")
 
 
 def sweep(data=None, splits=None, *, settings: SweepSettings | None = None, weights=None, cache_dir=None,
@@ -423,7 +436,7 @@ def sweep(data=None, splits=None, *, settings: SweepSettings | None = None, weig
     """
 
     (settings,) = settings_with("sweep", {SweepSettings: settings}, overrides)
-    points = grid(settings.image_sizes, settings.models, settings.views)
+    points = grid(settings.image_sizes, settings.models, settings.views, settings.precisions)
     settings_heads = head_settings(settings.kinds, settings.Cs, settings.epochs, settings.seed)
     clock = _Clock(parse_budget(settings.budget))
     dtype, engine, batch_size, fast_decode = settings.dtype, settings.engine, settings.batch_size, settings.fast_decode
