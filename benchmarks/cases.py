@@ -570,6 +570,82 @@ def duplicates(run: Run) -> dict:
     }
 
 
+AUDIT_FLIPS = {"full": 20, "quick": 3}  # train labels flipped per class in the audit case's copy
+AUDIT_TOP = {"full": 60, "quick": 12}  # the first label issues the flipped ones are looked for in
+
+
+def audit(run: Run) -> dict:
+    """``cache audit`` on the run's cache (seconds, issues found), then on a copy of the photos with
+    train labels flipped at random (20 each way; seeded): how many of the flipped ones are among the
+    first 60 label issues, and the scikit-learn head's validation accuracy on the clean photos, on
+    the flipped copy, and on the copy without the audit's issues (``--exclude``)."""
+    from bottlecache.serve.audit import audit as run_audit
+    from bottlecache.train.heads import train_head
+
+    build = run.build(run.engine)
+    clean, seconds = _timed(lambda: run_audit(build.report.path, write=False))
+    out = {"seconds": seconds, "images": clean.n_images, "images_per_second": clean.n_images / seconds,
+           "label_issues": len(clean.label_issues), "first_issues": clean.label_issues[:20],
+           "out_of_fold_accuracy": clean.out_of_fold_accuracy, "part_seconds": clean.seconds}
+    source = run.source()
+    if source.kind != "folder":
+        out["note"] = f"{len(clean.label_issues)} label issues in {seconds:.1f} s; the flipped copy needs a folder"
+        return out
+    kind = "quick" if run.quick else "full"
+    copy, flipped = _flipped_copy(source, run.work_dir / "audit-flipped", AUDIT_FLIPS[kind], run.seed)
+    from bottlecache.cache.build import build_cache
+
+    # in the run's cache folder: its rows are copied (same bytes), the flipped photos get their new labels
+    report = build_cache(str(copy), image_size=run.image_size, weights=run.weights.path, cache_dir=build.cache_dir,
+                         engine=run.engine, model=run.weights.model)
+    noisy, noisy_seconds = _timed(lambda: run_audit(report.path, write=False))
+    top = AUDIT_TOP[kind]
+    found = len({issue["key"] for issue in noisy.label_issues[:top]} & flipped)
+    heads = {
+        "clean": train_head(build.report.path, "sklearn", save=False),
+        "flipped": train_head(report.path, "sklearn", save=False),
+        "excluded": train_head(report.path, "sklearn", save=False,
+                               exclude=[issue["key"] for issue in noisy.label_issues]),
+    }
+    acc = {name: head.metrics.get("validation", {}).get("accuracy") for name, head in heads.items()}
+    gap = None if acc["clean"] is None else 100 * (acc["clean"] - acc["excluded"])
+    out.update(
+        flipped=len(flipped), top=top, flipped_in_top=found, recall_in_top=found / len(flipped),
+        precision_in_top=found / top, flipped_issues=len(noisy.label_issues),
+        flipped_recall_all=len({i["key"] for i in noisy.label_issues} & flipped) / len(flipped),
+        flipped_audit_seconds=noisy_seconds, accuracy={"validation": acc["excluded"], "test": None},
+        sklearn_accuracy=acc, excluded_rows=heads["excluded"].params["exclude"]["n_excluded"],
+        exclusion_gap_points=gap,
+    )
+    out["note"] = (f"{len(clean.label_issues)} label issues among {clean.n_images} images in {seconds:.1f} s; "
+                   f"{len(flipped)} labels flipped: {found} in the first {top} issues ({len(noisy.label_issues)} "
+                   f"in all); sklearn validation clean {_percent(acc['clean'])}, flipped {_percent(acc['flipped'])}, "
+                   f"without the {out['excluded_rows']} train issues {_percent(acc['excluded'])}")
+    return out
+
+
+def _flipped_copy(source, root: Path, per_class: int, seed: int) -> tuple[Path, set]:
+    """Links to every photo of ``source`` in ``root/<split>/<class>/``, with ``per_class`` train photos
+    of each class filed under the next class; returns the folder and the flipped photos' keys."""
+    rng = np.random.default_rng(seed)
+    names = source.class_names
+    flipped = set()
+    for split_name, split in source.splits.items():
+        moved = set()
+        if split_name == "train":
+            for label in range(len(names)):
+                rows = [i for i, y in enumerate(split.labels) if y == label]
+                moved |= set(rng.choice(rows, min(per_class, len(rows)), replace=False).tolist())
+        for i, (path, label) in enumerate(zip(split.paths, split.labels)):
+            target = names[(label + 1) % len(names)] if i in moved else names[label]
+            folder = root / split_name / target
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / Path(path).name).symlink_to(Path(path).resolve())
+            if i in moved:
+                flipped.add(f"{split_name}/{target}/{Path(path).name}")
+    return root, flipped
+
+
 # ---------------------------------------------------------------------------------------------
 # 4-6. Training a head: the tutorial's way, and on the cache
 
@@ -1080,6 +1156,7 @@ CASES = {
     "cache-update": cache_update,
     "cache-read": cache_read,
     "duplicates": duplicates,
+    "audit": audit,
     "cached-sklearn": cached_sklearn,
     "cached-keras": cached_keras,
     "tutorial-frozen": tutorial_frozen,

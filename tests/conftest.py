@@ -33,9 +33,12 @@ _pin_xdist_worker()
 
 import contextlib  # noqa: E402 (after the pinning)
 import fcntl  # noqa: E402 (after the pinning)
+import html  # noqa: E402 (after the pinning)
 import itertools  # noqa: E402 (after the pinning)
 import json  # noqa: E402 (after the pinning)
+import re  # noqa: E402 (after the pinning)
 import shutil  # noqa: E402 (after the pinning)
+import subprocess  # noqa: E402 (after the pinning)
 import time  # noqa: E402 (after the pinning)
 from pathlib import Path  # noqa: E402 (after the pinning)
 
@@ -350,3 +353,64 @@ def launcher(tmp_path_factory):
     server = WarmLauncher(tmp_path_factory.mktemp("launcher"))
     yield server
     server.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pages opened in headless Chromium (the error report, the audit)
+
+CHROMIUM_SECONDS = 120  # a hung browser fails the test instead of hanging the suite
+CHECK_SCRIPT = """<script>
+(function () {
+  var errors = [];
+  window.addEventListener('error', function (e) {
+    errors.push(e.target && e.target.tagName ? 'failed to load ' + e.target.tagName : String(e.message));
+  }, true);
+  window.addEventListener('load', function () {
+    var images = Array.prototype.map.call(document.images, function (i) {
+      return {alt: i.alt, loaded: i.complete && i.naturalWidth > 0, width: i.naturalWidth};
+    });
+    var out = document.createElement('pre');
+    out.id = 'bottlecache-check';
+    out.textContent = JSON.stringify({images: images, errors: errors,
+      headings: Array.prototype.map.call(document.querySelectorAll('h1, h2'), function (h) { return h.textContent; }),
+      height: document.body.scrollHeight});
+    document.body.appendChild(out);
+  });
+})();
+</script>"""
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        message = "headless Chromium is missing (Debian: apt-get install chromium; .ci/run installs it)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message + "; skipped outside CI only")
+    return path
+
+
+def _run_chromium(browser: str, profile: Path, *args) -> subprocess.CompletedProcess:
+    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+               f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=CHROMIUM_SECONDS)
+
+
+def open_in_browser(page: Path, work: Path, name: str = "report") -> tuple[dict, list[str], Path]:
+    """The page's check (images loaded, load errors, headings), its console lines and a screenshot
+    (``<name>-screenshot.png``, in ``$BOTTLECACHE_ARTIFACTS`` when set)."""
+    browser = _chromium()
+    checked = work / "checked.html"  # the page with the check script first in <head>: it sees every load
+    checked.write_text(page.read_text(encoding="utf-8").replace("<head>", "<head>" + CHECK_SCRIPT, 1), encoding="utf-8")
+    dom = _run_chromium(browser, work / "profile-dom", "--virtual-time-budget=10000", "--dump-dom", checked.as_uri())
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    found = re.search(r'<pre id="bottlecache-check">(.*?)</pre>', dom.stdout, re.S)
+    assert found, "the check script did not run (the page did not finish loading):\n" + dom.stdout[-2000:]
+    check = json.loads(html.unescape(found.group(1)))
+    screenshot = Path(os.environ.get("BOTTLECACHE_ARTIFACTS") or work) / f"{name}-screenshot.png"
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    shot = _run_chromium(browser, work / "profile-shot", "--window-size=1200,2400", f"--screenshot={screenshot}",
+                         page.as_uri())
+    assert shot.returncode == 0 and screenshot.is_file(), shot.stderr[-2000:]
+    console = [line for text in (dom.stderr, shot.stderr) for line in text.splitlines() if ":CONSOLE" in line]
+    return check, console, screenshot

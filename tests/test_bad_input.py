@@ -736,6 +736,20 @@ BAD_VALUES: dict[str, list[Bad]] = {
     "export out_dir": paths("file", "under a file", "dangling symlink") + [
         Bad("an existing non-empty folder", _nonempty_folder)],
     "csv_path": paths("folder", "under a file", suffix=".csv"),
+    # cache audit
+    "folds": [const("1"), const("101"), const("0")],
+    "cache audit c": [const("0"), const("-1"), const("nan")],
+    "neighbors": below(1) + [const("10001")],
+    "cache audit top": below(1) + [const("10001")],
+    "cache audit data": paths("missing", "file", "empty folder"),
+    "cache audit out_dir": paths("file", "under a file", "dangling symlink") + [
+        Bad("an existing non-empty folder", _nonempty_folder)],
+    # --exclude FILE (cache train-head, finetune run, sweep): a file of keys of the cache
+    "exclude": paths("missing", "folder", "empty file", "unreadable file", suffix=".txt") + [
+        Bad("binary file", lambda c: [c.file("keys.txt", bytes(range(256)))]),
+        Bad("keys of another cache", lambda c: [c.file("keys.txt", b"train/cats/no-such-photo.jpg\n")]),
+        Bad("comments only", lambda c: [c.file("keys.txt", b"# nothing\n\n")]),
+    ],
 }
 
 
@@ -877,6 +891,9 @@ def base_values(command: tuple, param: str, c: Ctx) -> dict[str, list]:
         return {"cache": [w.cache], "query": [w.images[0]], "cache_dir": [c.folder("cache-dir")]}
     if name == "cache duplicates":
         return {"cache": [w.cache], "cache_dir": [c.folder("cache-dir")]}
+    if name == "cache audit":
+        return {"cache": [w.cache], "cache_dir": [c.folder("cache-dir")], "out_dir": [c.tmp / "audit-out"],
+                "folds": [2]}
     if name == "sweep":
         return {"data": [w.data], "image_size": [SIZE], "weights": [w.weights], "cache_dir": [c.folder("cache-dir")],
                 "engine": ["keras"], "kind": ["sklearn"]}

@@ -10,15 +10,17 @@ from ..core.tf import import_tf
 from .store import Cache
 
 
-def cut_datasets(cache, batch_size: int, seed: int):
+def cut_datasets(cache, batch_size: int, seed: int, keep=None):
     """``(train, validation)`` batches of ``(activations, labels)`` from a cut cache, in memory.
 
     The train split is shuffled with the same seeded shuffle of the same length as
     ``data.training_dataset`` (reshuffled each epoch): with nothing skipped, the batches hold the
-    images an end-to-end run sees, in the same order.
+    images an end-to-end run sees, in the same order. ``keep``: a mask of the train rows to use.
     """
     tf = import_tf()
     train_x, train_y = cache.features("train").astype(np.float32), cache.labels("train")
+    if keep is not None:
+        train_x, train_y = train_x[keep], train_y[keep]
     train = tf.data.Dataset.from_tensor_slices((train_x, train_y))
     train = train.shuffle(len(train_y), seed=seed, reshuffle_each_iteration=True).batch(batch_size).prefetch(2)
     val_x, val_y = cache.features("validation").astype(np.float32), cache.labels("validation")

@@ -655,10 +655,11 @@ class Cache:
         group = self._group(split)
         return sum(group[k].id.get_storage_size() for k in (*SPLIT_DATASETS, *ROW_RECORDS, *VIEW_DATASETS) if k in group)
 
-    def dataset(self, split: str, what: str = "features", batch_size: int | None = None):
+    def dataset(self, split: str, what: str = "features", batch_size: int | None = None, keep=None):
         """A ``tf.data.Dataset`` of ``(x, label)`` streamed from the file chunk by chunk.
 
-        ``what`` is ``"features"`` (float32, (s, s, 1280)) or ``"pooled"`` ((1280,)).
+        ``what`` is ``"features"`` (float32, (s, s, 1280)) or ``"pooled"`` ((1280,)). ``keep``: a
+        boolean mask over the split's rows; the others are left out.
         """
 
         tf = import_tf()
@@ -669,16 +670,19 @@ class Cache:
         step = COMMIT_ROWS * 8 if what == "features" else POOLED_CHUNK_ROWS
         labels = self.labels(split)
 
+        kept = np.ones(n, bool) if keep is None else np.asarray(keep, bool)
+
         def generate():
             for start in range(0, n, step):
                 block = self._read(split, what, slice(start, start + step)).astype(np.float32)
-                yield from zip(block, labels[start : start + step])
+                mask = kept[start : start + step]
+                yield from zip(block[mask], labels[start : start + step][mask])
 
         ds = tf.data.Dataset.from_generator(
             generate,
             output_signature=(tf.TensorSpec(shape, tf.float32), tf.TensorSpec((), tf.int64)),
         )
-        ds = ds.apply(tf.data.experimental.assert_cardinality(n))
+        ds = ds.apply(tf.data.experimental.assert_cardinality(int(kept.sum())))
         return ds.batch(batch_size).prefetch(2) if batch_size else ds
 
     def check(self, **expected) -> None:

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from ._common import JsonOpt, OneLineGroup, handle_errors, stop_on_sigterm
+from .audit import audit
 from .cache import app as cache_app
 from .cache import print_models
 from .embeddings import duplicates, neighbors
@@ -45,6 +46,7 @@ def root(
 
 cache_app.command("neighbors")(neighbors)
 cache_app.command("duplicates")(duplicates)
+cache_app.command("audit")(audit)
 app.add_typer(cache_app, name="cache")
 app.add_typer(finetune_app, name="finetune")
 app.command("predict")(predict)

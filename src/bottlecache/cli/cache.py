@@ -245,6 +245,7 @@ def train_head_command(
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Folder for the trained head (default: under the cache dir).")] = None,
     cache_dir: CacheDirOpt = None,
     views: Annotated[bool, typer.Option("--views", help="Train on the cache's augmented views (cache build --views K).")] = False,
+    exclude: Annotated[Optional[Path], typer.Option("--exclude", help="A file of keys, one a line, to leave out of training (cache audit writes exclude.txt).")] = None,
     as_json: JsonOpt = False,
 ):
     """Train a head on a cache's features and report its metrics on the other splits."""
@@ -257,6 +258,7 @@ def train_head_command(
     settings = HeadSettings(
         kind, C=c or (1.0,), epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer,
         dropout=dropout, seed=seed, early_stopping=early_stopping, class_weight=class_weight, views=views,
+        exclude=exclude,
     )
     with RichProgress(quiet=False) as progress:
         result = train_head(path, settings=settings, out=out_dir, cache_dir=cache_dir, progress=progress)
@@ -265,6 +267,10 @@ def train_head_command(
         print_json(record)
         return
     render_metrics(f"{kind} head on {path.name}: {result.train_seconds:.2f} s of training", record)
+    if "exclude" in result.params:
+        left = result.params["exclude"]
+        out.print(f"left out of training: {left['n_excluded']} image(s) of the {left['n_keys']} keys in {exclude}",
+                  markup=False)
     if result.selection and len(result.selection) > 1:
         out.print("C selection: " + ", ".join(f"C={s['C']:g} → {s['validation_accuracy']:.4f}" for s in result.selection)
                   + f"; kept C={result.params['C']:g}")

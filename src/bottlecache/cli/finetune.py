@@ -51,6 +51,7 @@ def run(
     views: Annotated[Optional[int], typer.Option(help="With --from-cache --augment: augmented views of each train image in the cut cache (default 8).")] = None,
     dtype: Annotated[str, typer.Option(help="Storage type of the caches this run builds: float16 or float32.")] = DEFAULT_DTYPE,
     cut_cache: Annotated[Optional[str], typer.Option(help="With --from-cache: a cut cache file (`cache build --cut L`) to use.")] = None,
+    exclude: Annotated[Optional[Path], typer.Option("--exclude", help="A file of keys, one a line, of train images to leave out (cache audit writes exclude.txt).")] = None,
     as_json: JsonOpt = False,
 ):
     """Unfreeze the base (--model) from --fine-tune-at on and train it with the head on the images."""
@@ -67,6 +68,7 @@ def run(
     settings = FinetuneSettings(
         fine_tune_at=fine_tune_at, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, seed=seed,
         augment=augment, early_stopping=early_stopping, head_epochs=head_epochs, from_cache=from_cache, views=views,
+        exclude=exclude,
     )
     with RichProgress() as progress:
         result = finetune(settings=settings, cache=cache, head=head, out=out_dir, resume=resume, cut_cache=cut_cache,

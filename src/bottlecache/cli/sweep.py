@@ -74,6 +74,7 @@ def sweep(
     dtype: Annotated[str, typer.Option(help="Storage type of the features: float16 or float32.")] = DEFAULT_DTYPE,
     engine: Annotated[str, typer.Option(help="auto, keras or litert (what runs the base during builds).")] = DEFAULT_ENGINE,
     tfds_data_dir: TfdsDirOpt = None,
+    exclude: Annotated[Optional[Path], typer.Option("--exclude", help="A file of keys, one a line, left out of every head's training (cache audit writes exclude.txt).")] = None,
     as_json: JsonOpt = False,
 ):
     """Find the best configuration for your data: build (or reuse) a cache per configuration, train every
@@ -88,7 +89,7 @@ def sweep(
         precisions=_csv("precision", precision, str, "precisions (float32, int8)"),
         kinds=_csv("kind", kind, str, "head kinds (sklearn, keras)"),
         Cs=_csv("C", c, float, "positive numbers"),
-        epochs=epochs, seed=seed, dtype=dtype, engine=engine, budget=budget,
+        epochs=epochs, seed=seed, dtype=dtype, engine=engine, budget=budget, exclude=exclude,
     )
     weights = _weights(weights)
     with RichProgress(quiet=False) as progress:

@@ -178,3 +178,33 @@ def ensure_cache_dir(folder: Path) -> Path:
     except OSError as error:
         raise write_error(folder, error, "pass another --cache-dir") from None
     return folder
+
+
+MAX_KEY_FILE_BYTES = 256 << 20
+
+
+def read_key_file(option: str, path) -> tuple[str, ...]:
+    """The keys of a key file (``exclude.txt`` as ``cache audit`` writes it): UTF-8 text, one key a
+    line; blank lines and lines starting with ``#`` are skipped. Sorted, each once."""
+    if isinstance(path, str) and not path.strip():
+        raise BottlecacheError(f"The '{option}' option must be a file of keys, one a line. Got an empty value.")
+    path = Path(path).expanduser()
+    if not path.is_file():
+        what = "a folder" if path.is_dir() else "missing"
+        raise BottlecacheError(f"The '{option}' option must be a file of keys, one a line. Got {str(path)!r}, {what}.")
+    try:
+        if path.stat().st_size > MAX_KEY_FILE_BYTES:
+            raise BottlecacheError(f"The '{option}' file {path} is larger than {MAX_KEY_FILE_BYTES >> 20} MB; "
+                                   "a file of keys is text, one key a line.")
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise BottlecacheError(f"The '{option}' file {path} is not UTF-8 text; pass a file of keys, one a line "
+                               "(as `cache audit` writes exclude.txt).") from None
+    except OSError as error:
+        raise BottlecacheError(f"The '{option}' file {path} could not be read ({reason(error)}).") from None
+    if "\0" in text:
+        raise BottlecacheError(f"The '{option}' file {path} is not text; pass a file of keys, one a line.")
+    keys = sorted({line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")})
+    if not keys:
+        raise BottlecacheError(f"The '{option}' file {path} holds no key; pass a file of keys, one a line.")
+    return tuple(keys)

@@ -526,12 +526,18 @@ def training_dataset(
     seed: int = 0,
     augment=None,
     model: str = DEFAULT_MODEL,
+    exclude=frozenset(),
 ):
     """Batches of ``(images, labels)`` for ``model.fit``, decoded every epoch (the tutorial's way).
 
-    Shuffling reorders the file list (seeded, reshuffled each epoch) before any decoding.
+    Shuffling reorders the file list (seeded, reshuffled each epoch) before any decoding. The
+    examples whose key is in ``exclude`` are left out (not read).
     """
     ordered = source.examples(split)
+    if exclude:
+        tf = import_tf()
+        left_out = tf.constant(sorted(exclude), tf.string)
+        ordered = ordered.filter(lambda i, k, y, e: tf.logical_not(tf.reduce_any(tf.equal(k, left_out))))
     if shuffle:
         ordered = ordered.shuffle(source.split(split).n_examples, seed=seed, reshuffle_each_iteration=True)
     ds = image_dataset(source, split, image_size, ordered=ordered, model=model).map(lambda i, k, y, x: (x, y))

@@ -197,6 +197,11 @@ def duplicates(cache, threshold: float = DEFAULT_THRESHOLD, *, cache_dir=None, p
     finally:
         if opened:
             cache.close()
+    return duplicate_pairs(emb, threshold, progress)
+
+
+def duplicate_pairs(emb: Embeddings, threshold: float, progress=None) -> DuplicatesResult:
+    """``duplicates`` over embeddings already loaded (the audit's)."""
     import sklearn.neighbors  # noqa: F401  (imported before the clock starts: seconds are the search's)
 
     started = time.perf_counter()

@@ -46,6 +46,7 @@ from ..data.sources import image_dataset, training_dataset
 from ..models.backbone import backbone_record, load_backbone
 from ..models.cut import cut_model, full_model
 from ..models.network import AUGMENT_SPEC, attach_head, unfreeze
+from .exclusion import Exclusion
 from .heads import (
     MAX_LEARNING_RATE,
     compile_for,
@@ -183,11 +184,17 @@ def _cut_data(cut, cut_cache: Path, params: dict):
     """``(train, validation, n_train)`` from the cut cache."""
 
     with open_cut_cache(cut_cache, cut) as cache:
-        train, validation = cut_datasets(cache, params["batch_size"], params["seed"])
+        keep = None
+        if params.get("exclude"):
+            if params["augment"]:
+                raise BottlecacheError("The 'exclude' option does not apply to --from-cache --augment (cached views) "
+                                       "yet; leave out --augment, or fine-tune on the images.")
+            keep, _ = Exclusion(tuple(params["exclude"]["keys"])).rows_kept(cache, "train")
+        train, validation = cut_datasets(cache, params["batch_size"], params["seed"], keep)
         if params["augment"]:  # one cached view of each image per epoch (bottlecache.train.views)
 
             train = ViewEpochs(cache, params["batch_size"], params["seed"]).dataset()
-        return train, validation, cache.n_examples("train")
+        return train, validation, cache.n_examples("train") if keep is None else int(keep.sum())
 
 
 @dataclass(frozen=True)
@@ -201,7 +208,8 @@ class FinetuneSettings:
     tutorial, the best epoch by validation loss kept. ``head_epochs``: the warm-start head's, when
     none is given. ``from_cache``: train the network above the cut below ``fine_tune_at`` on cached
     activations (``bottlecache.models.cut``); with ``augment``, the cut cache holds ``views``
-    (default 8) augmented views of each train image.
+    (default 8) augmented views of each train image. ``exclude``: train images left out (a file of
+    keys, one a line, as ``cache audit`` writes), from the warm-start head's training too.
     """
 
     fine_tune_at: int | None = None
@@ -214,8 +222,10 @@ class FinetuneSettings:
     head_epochs: int = 10
     from_cache: bool = False
     views: int | None = None
+    exclude: object = None  # keys left out of training (bottlecache.train.exclusion)
 
     def __post_init__(self):
+        object.__setattr__(self, "exclude", Exclusion.of(self.exclude))
         check_positive("epochs", self.epochs, maximum=MAX_EPOCHS)
         check_positive("learning_rate", self.learning_rate, float, maximum=MAX_LEARNING_RATE)
         check_positive("batch_size", self.batch_size, maximum=MAX_BATCH_SIZE)
@@ -283,6 +293,9 @@ def finetune(data=None, splits=None, *, settings: FinetuneSettings | None = None
                           augment=settings.augment, early_stopping=settings.early_stopping,
                           from_cache=settings.from_cache, views=settings.views)
     from_cache, batch_size, seed = settings.from_cache, settings.batch_size, settings.seed
+    if settings.exclude is not None:  # part of the run: a resumed run must leave out the same images
+        params["exclude"] = {"file": settings.exclude.file, "sha256": settings.exclude.sha256,
+                             "keys": list(settings.exclude.keys)}
     if cut_cache is not None and not from_cache:
         raise BottlecacheError("The 'cut_cache' option needs --from-cache.")
     progress = progress or NullProgress()
@@ -293,13 +306,15 @@ def finetune(data=None, splits=None, *, settings: FinetuneSettings | None = None
             f"Fine-tuning needs 'train' and 'validation' splits; the data has {', '.join(source.splits)}. "
             "Name them with --split train=... --split validation=...."
         )
+    if settings.exclude is not None:
+        settings.exclude.check_source(source)
     cut = _resolve_cut(cache, params, cut_cache) if from_cache else None
     if out is not None:
         _check_out(Path(out), resume)
         if resume:
             _read_state(Path(out))  # a damaged checkpoint is refused before anything is loaded
     head = Path(head) if head is not None else _train_warm_start_head(resolved, settings.head_epochs, batch_size, seed,
-                                                                       progress)
+                                                                       progress, settings.exclude)
     loaded = _load_warm_start_head(head, resolved)
     record = backbone_record(resolved.weights, image_size)
     run_config = {"data": source.identity, "splits": {n: str(s.spec) for n, s in source.splits.items()},
@@ -359,13 +374,13 @@ def _check_out(out: Path, resume: bool) -> None:
         raise BottlecacheError(f"The 'out' folder {out} exists and is not empty; pass another --out.")
 
 
-def _train_warm_start_head(resolved, head_epochs: int, batch_size: int, seed: int, progress) -> Path:
+def _train_warm_start_head(resolved, head_epochs: int, batch_size: int, seed: int, progress, exclude=None) -> Path:
     """Phase 1: the cache (built or found) and a Keras head trained on it."""
 
     progress.message(f"phase 1: caching features and training a Keras head for {head_epochs} epochs")
     report = build_resolved(resolved, progress=progress)
     return train_head(report.path, "keras", epochs=head_epochs, batch_size=batch_size, seed=seed,
-                      cache_dir=resolved.settings.cache_dir).path
+                      cache_dir=resolved.settings.cache_dir, exclude=exclude).path
 
 
 def _load_warm_start_head(head: Path, resolved):
@@ -500,10 +515,12 @@ def _fit(model, source, image_size: int, params: dict, state: dict, checkpoint: 
     if data is not None:
         train, validation, n_train = data
     else:
+        excluded = frozenset((params.get("exclude") or {}).get("keys", ()))
         train = training_dataset(source, "train", image_size, batch_size, shuffle=True, seed=params["seed"],
-                                 model=base_name)
+                                 model=base_name, exclude=excluded)
         validation = training_dataset(source, "validation", image_size, batch_size, model=base_name)
-        n_train = source.split("train").n_examples
+        split = source.split("train")
+        n_train = split.n_examples - (sum(k in excluded for k in split.keys) if split.keys else 0)
     callback = epoch_checkpoint(checkpoint, state, early_stopping, progress, n_train, batch_size)
     started = time.perf_counter()
     stopped_early = early_stopping and state["epoch"] - state["best_epoch"] >= early_stopping

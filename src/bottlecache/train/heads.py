@@ -33,6 +33,7 @@ from ..core.options import (
 )
 from ..core.records import HEAD_FORMAT, RECORD_VERSION, HeadRecord, MetricsRecord, differences, read_json, to_json
 from ..core.tf import import_keras
+from .exclusion import Exclusion
 from .views import ViewEpochs, check_views, pooled_rows
 
 KINDS = ("sklearn", "keras")
@@ -391,7 +392,8 @@ class HeadSettings:
     validation loss is kept). ``class_weight`` ``balanced`` weighs each class by n / (k * its
     count) for both kinds. ``train_split`` is the split fitted; ``max_memory`` the bytes of float32
     features loaded whole (above it the Keras head streams from the file); ``views`` trains on the
-    cache's augmented views (``bottlecache.train.views``).
+    cache's augmented views (``bottlecache.train.views``). ``exclude``: keys left out of training (a
+    file of keys, one a line, as ``cache audit`` writes, or the keys; ``bottlecache.train.exclusion``).
     """
 
     kind: str = "sklearn"
@@ -409,9 +411,14 @@ class HeadSettings:
     max_memory: int | None = None
     verbose: int = 0
     views: bool = False
+    exclude: object = None  # → Exclusion | None
 
     def __post_init__(self):
         check_choice("kind", self.kind, KINDS)
+        object.__setattr__(self, "exclude", Exclusion.of(self.exclude))
+        if self.exclude is not None and self.views:
+            raise BottlecacheError("The 'exclude' option does not apply to --views yet; train without --views, or "
+                                   "rebuild the cache without the excluded photos.")
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("class_weight", self.class_weight, CLASS_WEIGHTS)
         Cs = (self.C,) if isinstance(self.C, (int, float)) else tuple(self.C)
@@ -486,7 +493,9 @@ def train_head(cache, kind: str | None = None, *, settings: HeadSettings | None 
                                    f"({', '.join(s for s in cache.splits if s != train_split)}). Got {unknown[0]!r}.")
         has_validation = "validation" in cache.splits
         n_classes = len(cache.class_names)
-        present = np.unique(cache.labels(train_split)).tolist()
+        keep, excluded = (None, []) if settings.exclude is None else settings.exclude.rows_kept(cache, train_split)
+        train_labels = cache.labels(train_split)
+        present = np.unique(train_labels if keep is None else train_labels[keep]).tolist()
         if len(present) < 2:
             found = ", ".join(cache.class_names[i] for i in present) or "no examples"
             raise BottlecacheError(
@@ -499,16 +508,19 @@ def train_head(cache, kind: str | None = None, *, settings: HeadSettings | None 
                     "Choosing among several C values needs a 'validation' split, and this cache has none; "
                     "pass one --C or build the cache with a validation split (--split validation=...)."
                 )
-            result = _train_sklearn(cache, list(settings.C), train_split, has_validation, settings.class_weight, views)
+            result = _train_sklearn(cache, list(settings.C), train_split, has_validation, settings.class_weight, views,
+                                    keep)
         else:
             result = _train_keras(
                 cache, n_classes, train_split, has_validation, epochs=settings.epochs, batch_size=settings.batch_size,
                 learning_rate=settings.learning_rate, optimizer=settings.optimizer, dropout=settings.dropout,
                 seed=settings.seed, early_stopping=settings.early_stopping, shuffle=settings.shuffle,
                 max_memory=settings.max_memory or _memory_budget(), verbose=settings.verbose,
-                class_weight=settings.class_weight, views=views, progress=progress,
+                class_weight=settings.class_weight, views=views, progress=progress, keep=keep,
             )
         result.params["views"] = cache.n_views if views else 0
+        if settings.exclude is not None:
+            result.params["exclude"] = settings.exclude.record(excluded)
         for split in eval_splits:
             proba = predict_split(result.head, cache, split)
             result.metrics[split] = compute_metrics(cache.labels(split), proba, cache.class_names)
@@ -527,11 +539,14 @@ def predict_split(head, cache, split: str, block: int = 1024) -> np.ndarray:
     return np.concatenate([head.predict_proba(cache.features(split, slice(i, i + block))) for i in range(0, n, block)])
 
 
-def _train_sklearn(cache, Cs, train_split, has_validation, class_weight="none", views: bool = False) -> HeadResult:
+def _train_sklearn(cache, Cs, train_split, has_validation, class_weight="none", views: bool = False,
+                   keep=None) -> HeadResult:
     if views:
         x, y = pooled_rows(cache)
     else:
         x, y = cache.pooled(train_split), cache.labels(train_split)
+        if keep is not None:
+            x, y = x[keep], y[keep]
     selection, best = [], None
     started = time.perf_counter()
     for value in sorted(Cs):
@@ -550,7 +565,7 @@ def _train_sklearn(cache, Cs, train_split, has_validation, class_weight="none", 
 
 def _train_keras(cache, n_classes, train_split, has_validation, *, epochs, batch_size, learning_rate, optimizer,
                  dropout, seed, early_stopping, shuffle, max_memory, verbose, class_weight="none",
-                 views=False, progress=None) -> HeadResult:
+                 views=False, progress=None, keep=None) -> HeadResult:
     keras = import_keras()
     keras.utils.set_random_seed(seed)
     model = compile_for(build_head_model(cache.feature_shape, n_classes, dropout), n_classes, learning_rate, optimizer,
@@ -558,7 +573,8 @@ def _train_keras(cache, n_classes, train_split, has_validation, *, epochs, batch
     n_values = sum(cache.n_examples(s) for s in cache.splits) * int(np.prod(cache.feature_shape))
     in_memory = n_values * 4 <= max_memory
     epoch_seconds = []
-    weights = None if class_weight == "none" else class_weights(cache.labels(train_split), n_classes)
+    train_labels = cache.labels(train_split) if keep is None else cache.labels(train_split)[keep]
+    weights = None if class_weight == "none" else class_weights(train_labels, n_classes)
     callbacks = [best_weights_callback("val_loss" if has_validation else "loss", early_stopping),
                  epoch_timer(epoch_seconds, progress, epochs)]
     if views:  # one view per image per epoch (bottlecache.train.views); the views stay in their stored dtype
@@ -569,13 +585,15 @@ def _train_keras(cache, n_classes, train_split, has_validation, *, epochs, batch
                             shuffle=False, callbacks=callbacks, verbose=verbose)
     elif in_memory:
         x, y = cache.features(train_split).astype(np.float32), cache.labels(train_split)
+        if keep is not None:
+            x, y = x[keep], y[keep]
         validation = (cache.features("validation").astype(np.float32), cache.labels("validation")) if has_validation else None
         started = time.perf_counter()
         history = model.fit(x, y, batch_size=batch_size, epochs=epochs, validation_data=validation, shuffle=shuffle,
                             validation_batch_size=EVAL_BATCH_SIZE, callbacks=callbacks, verbose=verbose,
                             class_weight=weights)
     else:
-        train = cache.dataset(train_split)
+        train = cache.dataset(train_split, keep=keep)
         if shuffle:
             train = train.shuffle(4096, seed=seed, reshuffle_each_iteration=True)
         validation = cache.dataset("validation", batch_size=EVAL_BATCH_SIZE) if has_validation else None

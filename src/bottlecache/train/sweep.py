@@ -53,6 +53,7 @@ from ..core.progress import NullProgress
 from ..core.records import MetricsRecord, read_json
 from ..data.sources import open_source
 from ..models.backbone import resolve_weights
+from .exclusion import Exclusion
 from .heads import (
     HEAD_ADVICE,
     KINDS,
@@ -135,20 +136,23 @@ class HeadSetting:
     C: float | None = None  # sklearn
     epochs: int | None = None  # keras
     seed: int = 0
+    exclude: Exclusion | None = None  # keys left out of training (the same for every head of a sweep)
 
     @property
     def label(self) -> str:
         return f"sklearn C={self.C:g}" if self.kind == "sklearn" else f"keras {self.epochs} ep"
 
     def train_options(self) -> dict:
-        if self.kind == "sklearn":
-            return {"C": [self.C], "seed": self.seed}
-        return {"epochs": self.epochs, "seed": self.seed}
+        options = {"C": [self.C], "seed": self.seed} if self.kind == "sklearn" else {"epochs": self.epochs,
+                                                                                     "seed": self.seed}
+        return options | ({"exclude": self.exclude} if self.exclude is not None else {})
 
     def matches(self, kind: str, params: dict) -> bool:
         """Whether a saved head's kind and parameters are this setting's (other parameters at their defaults)."""
         if kind != self.kind or params.get("class_weight", "none") != "none":  # a weighted head is another head
             return False
+        if (params.get("exclude") or {}).get("sha256") != (self.exclude.sha256 if self.exclude else None):
+            return False  # trained without the rows this sweep leaves out, or without others
         if self.kind == "sklearn":
             return params.get("Cs") == [self.C]
 
@@ -159,7 +163,8 @@ class HeadSetting:
         return all(params.get(key) == value for key, value in expected.items())
 
     def folder_name(self, fingerprint: str) -> str:
-        digest = hashlib.sha256(json.dumps(self.train_options(), sort_keys=True).encode()).hexdigest()[:8]
+        options = self.train_options() | ({"exclude": self.exclude.sha256} if self.exclude else {})
+        digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:8]
         return f"{self.kind}-{fingerprint[:12]}-sweep-{digest}"
 
     def to_dict(self) -> dict:
@@ -177,17 +182,19 @@ def grid(image_sizes=DEFAULT_IMAGE_SIZES, models=None, views=None, precisions=No
     return sorted(points, key=lambda p: p.relative_cost)  # stable: the given order breaks ties
 
 
-def head_settings(kinds=DEFAULT_KINDS, Cs=DEFAULT_CS, epochs: int = DEFAULT_EPOCHS, seed: int = 0) -> list[HeadSetting]:
+def head_settings(kinds=DEFAULT_KINDS, Cs=DEFAULT_CS, epochs: int = DEFAULT_EPOCHS, seed: int = 0,
+                  exclude=None) -> list[HeadSetting]:
     kinds = _list_option("kind", kinds, lambda k: check_choice("kind", k, KINDS) or k)
     Cs = _list_option("C", Cs, lambda c: float(check_positive("C", c, float, maximum=MAX_C)))
     check_positive("epochs", epochs, maximum=MAX_EPOCHS)
     check_seed(seed)
+    exclude = Exclusion.of(exclude)
     out = []
     for kind in kinds:
         if kind == "sklearn":
-            out += [HeadSetting("sklearn", C=c, seed=seed) for c in Cs]
+            out += [HeadSetting("sklearn", C=c, seed=seed, exclude=exclude) for c in Cs]
         else:
-            out.append(HeadSetting("keras", epochs=epochs, seed=seed))
+            out.append(HeadSetting("keras", epochs=epochs, seed=seed, exclude=exclude))
     return out
 
 
@@ -377,7 +384,7 @@ class SweepSettings:
     ``precisions`` (``float32``, ``int8``) is one configuration (None keeps ``CacheSettings``'s default), stored as ``dtype``, decoded with
     ``fast_decode``, built by ``engine`` ``batch_size`` images at a time. The head settings: one
     scikit-learn head per C of ``Cs``, one Keras head of ``epochs`` epochs, for each of ``kinds``,
-    seeded by ``seed``. ``budget`` (seconds or a duration such as ``"10m"``): start no build that
+    seeded by ``seed``, each leaving out the keys of ``exclude`` (a key file). ``budget`` (seconds or a duration such as ``"10m"``): start no build that
     would end after it (configurations run cheapest first). ``plot``: write ``leaderboard.png``.
     """
 
@@ -395,10 +402,12 @@ class SweepSettings:
     fast_decode: bool = False
     budget: object = None
     plot: bool = True
+    exclude: object = None  # keys left out of every head's training (bottlecache.train.exclusion)
 
     def __post_init__(self):
         grid(self.image_sizes, self.models, self.views, self.precisions)
-        head_settings(self.kinds, self.Cs, self.epochs, self.seed)
+        object.__setattr__(self, "exclude", Exclusion.of(self.exclude))
+        head_settings(self.kinds, self.Cs, self.epochs, self.seed, self.exclude)
         parse_budget(self.budget)
         check_build_options(self.engine, self.batch_size)
         if "int8" in (self.precisions or ()) and self.engine == "keras":
@@ -437,7 +446,7 @@ def sweep(data=None, splits=None, *, settings: SweepSettings | None = None, weig
 
     (settings,) = settings_with("sweep", {SweepSettings: settings}, overrides)
     points = grid(settings.image_sizes, settings.models, settings.views, settings.precisions)
-    settings_heads = head_settings(settings.kinds, settings.Cs, settings.epochs, settings.seed)
+    settings_heads = head_settings(settings.kinds, settings.Cs, settings.epochs, settings.seed, settings.exclude)
     clock = _Clock(parse_budget(settings.budget))
     dtype, engine, batch_size, fast_decode = settings.dtype, settings.engine, settings.batch_size, settings.fast_decode
     plot = settings.plot
@@ -449,7 +458,7 @@ def sweep(data=None, splits=None, *, settings: SweepSettings | None = None, weig
     # Every configuration's settings are made (and so checked) before any work starts, and what they
     # all share (the data, one weights file) is opened once: a bad value of it is one error, not a row each.
     caches = {p: _settings(p, data, splits, weights, dtype, fast_decode, tfds_data_dir, cache_dir) for p in points}
-    check_shared(caches, weights)
+    check_shared(caches, weights, settings.exclude)
     if out is None:
         out = ensure_cache_dir(cache_dir) / SWEEP_FOLDER
     board = Leaderboard([], None, budget=clock.budget)
@@ -503,15 +512,18 @@ def _settings(point: Configuration, data, splits, weights, dtype, fast_decode, t
                          **point.settings_fields())
 
 
-def check_shared(settings: dict, weights) -> None:
-    """Open the data (with its splits) and, unless ``weights`` differ per model, the weights at each size.
-    What differs between configurations (a model's own weights file) fails in that configuration's row."""
+def check_shared(settings: dict, weights, exclude=None) -> None:
+    """Open the data (with its splits) and, unless ``weights`` differ per model, the weights at each size;
+    the ``exclude`` list against the data. What differs between configurations (a model's own weights
+    file) fails in that configuration's row."""
 
     first = next(iter(settings.values()))
     source = open_source(first.data, first.splits, tfds_data_dir=first.tfds_data_dir)
     if "validation" not in source.splits:
         raise BottlecacheError(f"The sweep ranks on a 'validation' split, and the data has none (it has "
                                f"{', '.join(source.splits)}); pass --split validation=...")
+    if exclude is not None:
+        exclude.check_source(source)
     if isinstance(weights, dict):
         swept = {s.model for s in settings.values()}
         unused = sorted(set(weights) - swept)
