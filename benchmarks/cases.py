@@ -614,7 +614,7 @@ def audit(run: Run) -> dict:
         precision_in_top=found / top, flipped_issues=len(noisy.label_issues),
         flipped_recall_all=len({i["key"] for i in noisy.label_issues} & flipped) / len(flipped),
         flipped_audit_seconds=noisy_seconds, accuracy={"validation": acc["excluded"], "test": None},
-        sklearn_accuracy=acc, excluded_rows=heads["excluded"].params["exclude"]["n_excluded"],
+        sklearn_validation_accuracy=acc, excluded_rows=heads["excluded"].params["exclude"]["n_excluded"],
         exclusion_gap_points=gap,
     )
     out["note"] = (f"{len(clean.label_issues)} label issues among {clean.n_images} images in {seconds:.1f} s; "

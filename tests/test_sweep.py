@@ -272,3 +272,20 @@ def test_budget_parsing():
         with pytest.raises(BottlecacheError, match="'budget' option"):
             parse_budget(bad)
     assert np.isfinite(parse_budget(30 * 24 * 3600))
+
+
+def test_calibrate_reports_the_calibration_error_before_and_after(photos, weights_path, tmp_path):
+    """--calibrate: every head's temperature fitted on validation; the rows carry the validation
+    expected calibration error before and after, the ranking by accuracy is unchanged, and a rerun
+    without --calibrate trains its own heads (a calibrated head is another head)."""
+    args = ["sweep", "--data", photos, "--weights", weights_path, "--cache-dir", tmp_path / "cache", "--image-size", "96",
+            "--kind", "sklearn", "--engine", "keras", "--json"]
+    calibrated = json.loads(invoke([*args, "--calibrate"]).stdout)
+    row = calibrated["rows"][0]
+    assert row["validation_ece"] is not None and row["validation_ece_uncalibrated"] is not None
+    head = json.loads((Path(calibrated["winner_path"]) / "head.json").read_text())
+    assert head["params"]["temperature"] > 0 and "calibration" in head["params"]
+    plain = json.loads(invoke(args).stdout)
+    assert plain["n_trained"] == 1 and plain["rows"][0]["validation_ece_uncalibrated"] is None
+    assert plain["rows"][0]["validation_accuracy"] == row["validation_accuracy"]
+    assert plain["rows"][0]["validation_ece"] == pytest.approx(row["validation_ece_uncalibrated"])

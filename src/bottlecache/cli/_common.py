@@ -186,8 +186,9 @@ def render_metrics(title: str, result: dict) -> None:
         )
         auc = f"{m['roc_auc']:.4f}" if "roc_auc" in m else "-"
         balanced = f"{m['balanced_accuracy']:.4f}" if m.get("balanced_accuracy") is not None else "-"
-        rows.append([split, m["n"], f"{m['accuracy']:.4f}", balanced, f"{m['log_loss']:.4f}", auc, per_class])
-    columns = ["split", "n", "accuracy", "balanced acc.", "log loss", "ROC AUC", "per class precision/recall/F1"]
+        ece = f"{m['ece']:.4f}" if m.get("ece") is not None else "-"
+        rows.append([split, m["n"], f"{m['accuracy']:.4f}", balanced, f"{m['log_loss']:.4f}", auc, ece, per_class])
+    columns = ["split", "n", "accuracy", "balanced acc.", "log loss", "ROC AUC", "ECE", "per class precision/recall/F1"]
     out.print(table(title, columns, rows))
     for split, m in result["metrics"].items():
         out.print(f"{split} confusion matrix (rows: true, columns: predicted): {m['confusion_matrix']}")

@@ -246,6 +246,7 @@ def train_head_command(
     cache_dir: CacheDirOpt = None,
     views: Annotated[bool, typer.Option("--views", help="Train on the cache's augmented views (cache build --views K).")] = False,
     exclude: Annotated[Optional[Path], typer.Option("--exclude", help="A file of keys, one a line, to leave out of training (cache audit writes exclude.txt).")] = None,
+    calibrate: Annotated[bool, typer.Option("--calibrate", help="Fit a temperature on the validation split: calibrated probabilities, the same predictions.")] = False,
     as_json: JsonOpt = False,
 ):
     """Train a head on a cache's features and report its metrics on the other splits."""
@@ -258,7 +259,7 @@ def train_head_command(
     settings = HeadSettings(
         kind, C=c or (1.0,), epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer,
         dropout=dropout, seed=seed, early_stopping=early_stopping, class_weight=class_weight, views=views,
-        exclude=exclude,
+        exclude=exclude, calibrate=calibrate,
     )
     with RichProgress(quiet=False) as progress:
         result = train_head(path, settings=settings, out=out_dir, cache_dir=cache_dir, progress=progress)
@@ -267,6 +268,11 @@ def train_head_command(
         print_json(record)
         return
     render_metrics(f"{kind} head on {path.name}: {result.train_seconds:.2f} s of training", record)
+    if "calibration" in result.params:
+        cal = result.params["calibration"]
+        out.print(f"calibrated: temperature {result.params['temperature']:.3f} fitted on validation; expected "
+                  f"calibration error {cal['ece_before']:.4f} → {cal['ece_after']:.4f}, log loss "
+                  f"{cal['log_loss_before']:.4f} → {cal['log_loss_after']:.4f}", markup=False)
     if "exclude" in result.params:
         left = result.params["exclude"]
         out.print(f"left out of training: {left['n_excluded']} image(s) of the {left['n_keys']} keys in {exclude}",

@@ -75,6 +75,7 @@ def sweep(
     engine: Annotated[str, typer.Option(help="auto, keras or litert (what runs the base during builds).")] = DEFAULT_ENGINE,
     tfds_data_dir: TfdsDirOpt = None,
     exclude: Annotated[Optional[Path], typer.Option("--exclude", help="A file of keys, one a line, left out of every head's training (cache audit writes exclude.txt).")] = None,
+    calibrate: Annotated[bool, typer.Option("--calibrate", help="Fit each head's temperature on validation (calibrated probabilities; the ranking by accuracy is unchanged).")] = False,
     as_json: JsonOpt = False,
 ):
     """Find the best configuration for your data: build (or reuse) a cache per configuration, train every
@@ -90,6 +91,7 @@ def sweep(
         kinds=_csv("kind", kind, str, "head kinds (sklearn, keras)"),
         Cs=_csv("C", c, float, "positive numbers"),
         epochs=epochs, seed=seed, dtype=dtype, engine=engine, budget=budget, exclude=exclude,
+        calibrate=calibrate,
     )
     weights = _weights(weights)
     with RichProgress(quiet=False) as progress:
@@ -110,18 +112,23 @@ def render(board) -> None:
         rows.append([
             i if row.done else "-", row.configuration.label, row.head.label if row.head else "-",
             _f(row.validation_accuracy, ".4f"), _f(row.validation_log_loss, ".4f"),
+            _f((row.validation or {}).get("ece"), ".4f"),
             _f(None if row.build_seconds_per_image is None else row.build_seconds_per_image * 1000, ".1f"),
             _f(row.head_seconds, ".2f"), _f(None if row.bytes_per_image is None else row.bytes_per_image / 1024, ".1f"), note,
         ])
     title = f"sweep: {board.n_built} cache(s) built, {board.n_trained} head(s) trained in {board.seconds:.0f} s; ranked by validation"
-    out.print(table(title, ["#", "configuration", "head", "val acc", "val loss", "build ms/img", "head s", "KiB/img",
+    out.print(table(title, ["#", "configuration", "head", "val acc", "val loss", "val ECE", "build ms/img", "head s", "KiB/img",
                             "cache, head"], rows))
     for row in board.skipped:
         out.print(f"skipped {row.configuration.label}: {row.error}", markup=False)
     if board.winner is not None:
         w = board.winner
+        ece = (w.validation or {}).get("ece")
+        before = (w.validation or {}).get("ece_before")
+        calibration = "" if ece is None else f", expected calibration error {ece:.4f}" + (
+            f" (calibrated; {before:.4f} before)" if before is not None else "")
         out.print(f"winner: {w.configuration.label}, {w.head.label}: validation accuracy {w.validation_accuracy:.4f}, "
-                  f"log loss {w.validation_log_loss:.4f}", markup=False)
+                  f"log loss {w.validation_log_loss:.4f}{calibration}", markup=False)
         if board.test is not None:
             out.print(f"test accuracy of the winner only: {board.test['accuracy']:.4f} (n {board.test['n']}); "
                       "the choice looked at validation only", markup=False)

@@ -203,6 +203,10 @@ class HeadRecord(Record):
                              f"of image size {self.backbone.image_size}")
         if self.cache.config.class_names != self.class_names:
             raise ValueError("'class_names' differs from the classes of the cache it was trained on")
+        temperature = self.params.get("temperature", 1.0)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+                math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"'params.temperature' must be a positive number (a calibrated head's), not {temperature!r}")
         for key in ("image_size", "weights_sha256", "preprocess_version", "model", "alpha", "preprocess"):
             if getattr(self.cache.config, key) != getattr(self.backbone, key):
                 raise ValueError(f"backbone.{key} differs from the cache's {key}")

@@ -142,7 +142,8 @@ def sklearn_as_keras(head, features, n_classes: int):
     pooled = keras.layers.GlobalAveragePooling2D(name="pool")(features)
     linear = keras.layers.Dense(head.coef_.shape[0], name="logistic_regression", trainable=False)
     logits = linear(pooled)
-    linear.set_weights([head.coef_.T.astype(np.float32), head.intercept_.astype(np.float32)])
+    scale = 1.0 / head.temperature  # a calibrated head: its logits divided by its temperature
+    linear.set_weights([(head.coef_.T * scale).astype(np.float32), (head.intercept_ * scale).astype(np.float32)])
     present = len(head.classes_)
     proba = probabilities_layer(logits, 2 if present == 2 else present)
     if present == n_classes and np.array_equal(head.classes_, np.arange(n_classes)):
@@ -155,15 +156,18 @@ def sklearn_as_keras(head, features, n_classes: int):
     return out
 
 
-def uint8_model(network, image_size: int, n_classes: int, *, sklearn_head=None, model: str = DEFAULT_MODEL):
+def uint8_model(network, image_size: int, n_classes: int, *, sklearn_head=None, model: str = DEFAULT_MODEL,
+                temperature: float = 1.0):
     """uint8 images → ``Preprocess`` → ``network`` (logits, or the base's features for a scikit-learn
-    head) → class probabilities."""
+    head) → class probabilities; a calibrated Keras head's logits divided by its ``temperature``."""
     keras = import_keras()
     from ..models.layers import Preprocess
 
     inputs = keras.Input(shape=(image_size, image_size, 3), dtype="uint8", name="image")
     x = Preprocess(image_size, model, name="preprocess")(inputs)
     y = network(x, training=False)
+    if sklearn_head is None and temperature != 1.0:
+        y = keras.layers.Rescaling(1.0 / temperature, name="temperature")(y)
     proba = sklearn_as_keras(sklearn_head, y, n_classes) if sklearn_head is not None else probabilities_layer(y, n_classes)
     return keras.Model(inputs, proba, name="bottlecache_export")
 
@@ -202,7 +206,7 @@ def load_source(source: SourceModel, weights=None) -> SourceModel:
         if loaded.kind == "keras":
             keras = import_keras()
             model = uint8_model(keras.Sequential([base, loaded.head.model], name="base_and_head"), source.image_size, n,
-                                model=base_name)
+                                model=base_name, temperature=loaded.head.temperature)
         else:
             model = uint8_model(base, source.image_size, n, sklearn_head=loaded.head, model=base_name)
     source.keras_model, source.predictor = model, predictor

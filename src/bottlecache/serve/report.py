@@ -158,6 +158,12 @@ def _evaluate_head(folder: Path, split, data, tfds_data_dir) -> Evaluation:
         proba = predict_split(loaded.head, cache, split)
         labels, keys, config = cache.labels(split), cache.keys(split), cache.config
     evaluation = Evaluation(str(folder), f"head ({loaded.kind})", split, list(loaded.class_names), labels, proba, keys)
+    calibration_record = loaded.record["params"].get("calibration")
+    if calibration_record:
+        evaluation.notes.append(
+            f"Calibrated head: its logits are divided by the temperature {loaded.head.temperature:.3f} fitted on "
+            f"validation (expected calibration error there {calibration_record['ece_before']:.4f} before, "
+            f"{calibration_record['ece_after']:.4f} after).")
     where = loaded.record.get("data") or {}
     if data is None and where.get("path") and Path(where["path"]).is_dir():  # where the cache's build found it
         data, tfds_data_dir = where["path"], tfds_data_dir or where.get("tfds_data_dir")

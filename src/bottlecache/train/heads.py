@@ -33,6 +33,7 @@ from ..core.options import (
 )
 from ..core.records import HEAD_FORMAT, RECORD_VERSION, HeadRecord, MetricsRecord, differences, read_json, to_json
 from ..core.tf import import_keras
+from .calibration import ECE_BINS, expected_calibration_error, fit_temperature, probabilities_from_logits
 from .exclusion import Exclusion
 from .views import ViewEpochs, check_views, pooled_rows
 
@@ -49,20 +50,9 @@ HEAD_ADVICE = "train the head again with `bottlecache cache train-head`"
 # Metrics
 
 
-def probabilities_from_logits(logits: np.ndarray) -> np.ndarray:
-    """(N, 1) binary logits → (N, 2) probabilities; (N, K) logits → softmax."""
-    logits = np.asarray(logits, dtype=np.float64)
-    if logits.ndim == 1 or logits.shape[1] == 1:
-        p = 1.0 / (1.0 + np.exp(-logits.reshape(-1)))
-        return np.stack([1.0 - p, p], axis=1)
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(shifted)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def compute_metrics(labels: np.ndarray, proba: np.ndarray, class_names: list[str]) -> dict:
     """Accuracy, balanced accuracy (the mean recall over the classes present), log loss, per-class
-    precision / recall / F1, confusion matrix, ROC AUC (2 classes)."""
+    precision / recall / F1, confusion matrix, expected calibration error (10 bins), ROC AUC (2 classes)."""
     from sklearn import metrics
 
     k = len(class_names)
@@ -80,6 +70,7 @@ def compute_metrics(labels: np.ndarray, proba: np.ndarray, class_names: list[str
             for name, p, r, f, s in zip(class_names, precision, recall, f1, support)
         },
         "confusion_matrix": metrics.confusion_matrix(labels, predicted, labels=range(k)).tolist(),
+        "ece": expected_calibration_error(labels, proba, ECE_BINS),
     }
     if k == 2 and len(set(labels.tolist())) == 2:
         out["roc_auc"] = float(metrics.roc_auc_score(labels, proba[:, 1]))
@@ -121,6 +112,7 @@ class SklearnHead:
     """
 
     kind = "sklearn"
+    temperature = 1.0  # logits are divided by it (bottlecache.train.calibration); 1: as fitted
 
     def __init__(self, C: float = 1.0, max_iter: int = 2000, class_weight: str = "none"):
         self.C = C
@@ -147,9 +139,12 @@ class SklearnHead:
             x = x.mean(axis=(1, 2))
         return x.astype(np.float64) @ self.coef_.T + self.intercept_
 
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        return self.decision_function(features)
+
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         """Class probabilities (N, K) from pooled (N, 1280) or full (N, s, s, 1280) features."""
-        proba = probabilities_from_logits(self.decision_function(features))
+        proba = probabilities_from_logits(self.decision_function(features) / self.temperature)
         full = np.zeros((len(proba), self.n_classes_))
         full[:, self.classes_] = proba
         return full
@@ -273,17 +268,20 @@ class KerasHead:
     """The tutorial's head, on the cached (s, s, 1280) features."""
 
     kind = "keras"
+    temperature = 1.0  # logits are divided by it (bottlecache.train.calibration); 1: as trained
 
     def __init__(self, model=None):
         self.model = model
 
-    def predict_proba(self, features: np.ndarray, batch_size: int = EVAL_BATCH_SIZE) -> np.ndarray:
+    def logits(self, features: np.ndarray, batch_size: int = EVAL_BATCH_SIZE) -> np.ndarray:
         if self.model is None:
             raise BottlecacheError("This KerasHead is not fitted yet; train it or load_head() it first.")
         x = np.asarray(features, dtype=np.float32)
-        logits = np.concatenate([np.asarray(self.model(x[i : i + batch_size], training=False))
-                                 for i in range(0, len(x), batch_size)] or [np.zeros((0, 1))])
-        return probabilities_from_logits(logits)
+        return np.concatenate([np.asarray(self.model(x[i : i + batch_size], training=False))
+                               for i in range(0, len(x), batch_size)] or [np.zeros((0, 1))])
+
+    def predict_proba(self, features: np.ndarray, batch_size: int = EVAL_BATCH_SIZE) -> np.ndarray:
+        return probabilities_from_logits(self.logits(features, batch_size) / self.temperature)
 
     def save(self, folder: Path) -> None:
         self.model.save(folder / "head.keras")
@@ -394,6 +392,7 @@ class HeadSettings:
     features loaded whole (above it the Keras head streams from the file); ``views`` trains on the
     cache's augmented views (``bottlecache.train.views``). ``exclude``: keys left out of training (a
     file of keys, one a line, as ``cache audit`` writes, or the keys; ``bottlecache.train.exclusion``).
+    ``calibrate``: fit a temperature on the validation split (``bottlecache.train.calibration``).
     """
 
     kind: str = "sklearn"
@@ -412,6 +411,7 @@ class HeadSettings:
     verbose: int = 0
     views: bool = False
     exclude: object = None  # → Exclusion | None
+    calibrate: bool = False
 
     def __post_init__(self):
         check_choice("kind", self.kind, KINDS)
@@ -486,6 +486,9 @@ def train_head(cache, kind: str | None = None, *, settings: HeadSettings | None 
             )
         if views:
             check_views(cache, train_split)
+        if settings.calibrate and (not has_split(cache, "validation") or train_split == "validation"):
+            raise BottlecacheError("Calibrating fits a temperature on a 'validation' split, and this cache has none "
+                                   "to spare; build it with --split validation=... or leave out --calibrate.")
         eval_splits = [s for s in cache.splits if s != train_split] if evaluate is None else list(evaluate)
         unknown = [s for s in eval_splits if s not in cache.splits or s == train_split]
         if unknown:
@@ -519,6 +522,8 @@ def train_head(cache, kind: str | None = None, *, settings: HeadSettings | None 
                 class_weight=settings.class_weight, views=views, progress=progress, keep=keep,
             )
         result.params["views"] = cache.n_views if views else 0
+        if settings.calibrate:
+            calibrate(result, cache)
         if settings.exclude is not None:
             result.params["exclude"] = settings.exclude.record(excluded)
         for split in eval_splits:
@@ -530,6 +535,38 @@ def train_head(cache, kind: str | None = None, *, settings: HeadSettings | None 
     finally:
         if opened:
             cache.close()
+
+
+def has_split(cache, split: str) -> bool:
+    return split in cache.splits
+
+
+def calibrate(result: HeadResult, cache) -> None:
+    """Fit the head's temperature on the validation split's logits; record it and the validation
+    expected calibration error and log loss before and after."""
+    labels = cache.labels("validation")
+    logits = head_logits(result.head, cache, "validation")
+    before = probabilities_from_logits(logits)
+    temperature = fit_temperature(logits, labels)
+    result.head.temperature = temperature
+    after = probabilities_from_logits(logits / temperature)
+    result.params["temperature"] = temperature
+
+    def log_loss(proba):
+        return float(-np.mean(np.log(np.clip(proba[np.arange(len(labels)), labels], 1e-15, 1.0))))
+
+    result.params["calibration"] = {
+        "split": "validation", "method": "temperature", "bins": ECE_BINS,
+        "ece_before": expected_calibration_error(labels, before), "ece_after": expected_calibration_error(labels, after),
+        "log_loss_before": log_loss(before), "log_loss_after": log_loss(after),
+    }
+
+
+def head_logits(head, cache, split: str, block: int = 1024) -> np.ndarray:
+    if head.kind == "sklearn":
+        return head.logits(cache.pooled(split))
+    n = cache.n_examples(split)
+    return np.concatenate([head.logits(cache.features(split, slice(i, i + block))) for i in range(0, n, block)])
 
 
 def predict_split(head, cache, split: str, block: int = 1024) -> np.ndarray:
@@ -726,6 +763,7 @@ def load_head(path) -> LoadedHead:
     folder = Path(path)
     record = read_head_record(folder)
     head = (SklearnHead if record.kind == "sklearn" else KerasHead).load(folder, record)
+    head.temperature = float(record.params.get("temperature", 1.0))
     return LoadedHead(folder, record.model_dump(mode="json"), head)
 
 

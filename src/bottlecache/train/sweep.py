@@ -137,6 +137,7 @@ class HeadSetting:
     epochs: int | None = None  # keras
     seed: int = 0
     exclude: Exclusion | None = None  # keys left out of training (the same for every head of a sweep)
+    calibrate: bool = False  # a temperature fitted on validation (bottlecache.train.calibration)
 
     @property
     def label(self) -> str:
@@ -145,7 +146,8 @@ class HeadSetting:
     def train_options(self) -> dict:
         options = {"C": [self.C], "seed": self.seed} if self.kind == "sklearn" else {"epochs": self.epochs,
                                                                                      "seed": self.seed}
-        return options | ({"exclude": self.exclude} if self.exclude is not None else {})
+        return (options | ({"exclude": self.exclude} if self.exclude is not None else {})
+                | ({"calibrate": True} if self.calibrate else {}))
 
     def matches(self, kind: str, params: dict) -> bool:
         """Whether a saved head's kind and parameters are this setting's (other parameters at their defaults)."""
@@ -153,6 +155,8 @@ class HeadSetting:
             return False
         if (params.get("exclude") or {}).get("sha256") != (self.exclude.sha256 if self.exclude else None):
             return False  # trained without the rows this sweep leaves out, or without others
+        if ("calibration" in params) != self.calibrate:
+            return False
         if self.kind == "sklearn":
             return params.get("Cs") == [self.C]
 
@@ -183,7 +187,7 @@ def grid(image_sizes=DEFAULT_IMAGE_SIZES, models=None, views=None, precisions=No
 
 
 def head_settings(kinds=DEFAULT_KINDS, Cs=DEFAULT_CS, epochs: int = DEFAULT_EPOCHS, seed: int = 0,
-                  exclude=None) -> list[HeadSetting]:
+                  exclude=None, calibrate: bool = False) -> list[HeadSetting]:
     kinds = _list_option("kind", kinds, lambda k: check_choice("kind", k, KINDS) or k)
     Cs = _list_option("C", Cs, lambda c: float(check_positive("C", c, float, maximum=MAX_C)))
     check_positive("epochs", epochs, maximum=MAX_EPOCHS)
@@ -192,9 +196,9 @@ def head_settings(kinds=DEFAULT_KINDS, Cs=DEFAULT_CS, epochs: int = DEFAULT_EPOC
     out = []
     for kind in kinds:
         if kind == "sklearn":
-            out += [HeadSetting("sklearn", C=c, seed=seed, exclude=exclude) for c in Cs]
+            out += [HeadSetting("sklearn", C=c, seed=seed, exclude=exclude, calibrate=bool(calibrate)) for c in Cs]
         else:
-            out.append(HeadSetting("keras", epochs=epochs, seed=seed, exclude=exclude))
+            out.append(HeadSetting("keras", epochs=epochs, seed=seed, exclude=exclude, calibrate=bool(calibrate)))
     return out
 
 
@@ -283,6 +287,8 @@ class Row:
             "fingerprint": self.fingerprint,
             "validation_accuracy": self.validation_accuracy,
             "validation_log_loss": self.validation_log_loss,
+            "validation_ece": (self.validation or {}).get("ece"),  # after calibration, when calibrated
+            "validation_ece_uncalibrated": (self.validation or {}).get("ece_before"),
             "build_seconds_per_image": self.build_seconds_per_image,
             "head_seconds": self.head_seconds,
             "bytes_per_image": self.bytes_per_image,
@@ -403,11 +409,12 @@ class SweepSettings:
     budget: object = None
     plot: bool = True
     exclude: object = None  # keys left out of every head's training (bottlecache.train.exclusion)
+    calibrate: bool = False  # every head's temperature fitted on validation
 
     def __post_init__(self):
         grid(self.image_sizes, self.models, self.views, self.precisions)
         object.__setattr__(self, "exclude", Exclusion.of(self.exclude))
-        head_settings(self.kinds, self.Cs, self.epochs, self.seed, self.exclude)
+        head_settings(self.kinds, self.Cs, self.epochs, self.seed, self.exclude, self.calibrate)
         parse_budget(self.budget)
         check_build_options(self.engine, self.batch_size)
         if "int8" in (self.precisions or ()) and self.engine == "keras":
@@ -446,7 +453,8 @@ def sweep(data=None, splits=None, *, settings: SweepSettings | None = None, weig
 
     (settings,) = settings_with("sweep", {SweepSettings: settings}, overrides)
     points = grid(settings.image_sizes, settings.models, settings.views, settings.precisions)
-    settings_heads = head_settings(settings.kinds, settings.Cs, settings.epochs, settings.seed, settings.exclude)
+    settings_heads = head_settings(settings.kinds, settings.Cs, settings.epochs, settings.seed, settings.exclude,
+                                   settings.calibrate)
     clock = _Clock(parse_budget(settings.budget))
     dtype, engine, batch_size, fast_decode = settings.dtype, settings.engine, settings.batch_size, settings.fast_decode
     plot = settings.plot
@@ -622,7 +630,8 @@ def _find_or_train(row: Row, cache_dir: Path, board: Leaderboard, progress) -> N
         row.head_path, metrics = result.path, result.to_dict()
         row.status = "trained"
         board.n_trained += 1
-    row.validation = {k: metrics["metrics"]["validation"][k] for k in ("n", "accuracy", "log_loss")}
+    row.validation = {k: metrics["metrics"]["validation"].get(k) for k in ("n", "accuracy", "log_loss", "ece")}
+    row.validation["ece_before"] = (metrics["params"].get("calibration") or {}).get("ece_before")
     row.head_seconds = metrics["train_seconds"]
 
 
