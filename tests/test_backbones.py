@@ -297,3 +297,45 @@ def test_xception_litert_matches_keras_on_real_photos(xception_weights, xception
     cache_dir = copy_engines(xception_cache.path.parent, tmp_path)  # the cache's conversion
     engine = make_engine("litert", load_backbone(ref, 160), ref, 160, cache_dir=cache_dir, images=images)
     assert engine.name == "litert" and engine.max_abs_diff <= 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["xception", "efficientnet_b3"])
+def test_a_base_takes_its_native_size_and_its_bottleneck_is_the_networks(name, tmp_path):
+    """Each base accepts the size it was trained at (`--image-size native`), beside the common ones:
+    the registry's bottleneck at that size is the one Keras builds (Xception's is a table, not a
+    division); the other bases refuse it in one line; the default caches keep their sizes."""
+    from bottlecache.cache.settings import CacheSettings
+    from bottlecache.core.errors import BottlecacheError
+    from bottlecache.core.options import IMAGE_SIZES
+    from bottlecache.core.tf import import_keras
+
+    entry = get_backbone(name)
+    size = entry.native_size
+    assert size not in IMAGE_SIZES and size in entry.image_sizes
+    model = getattr(import_keras().applications, entry.constructor)(input_shape=(size, size, 3), include_top=False,
+                                                                     weights=None)
+    assert tuple(model.output_shape[1:]) == entry.bottleneck_shape(size)
+    data = str(tmp_path)
+    assert CacheSettings(data, image_size="native", model=name, cache_dir=tmp_path).image_size == size
+    assert CacheSettings(data, image_size="native", cache_dir=tmp_path).image_size == 224  # MobileNetV2's own
+    with pytest.raises(BottlecacheError, match=f"must be one of 96, 128, 160, 192, 224 for the model mobilenet_v2. "
+                                               f"Got {size}"):
+        CacheSettings(data, image_size=size, cache_dir=tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("xception")
+def test_xception_at_its_native_size_on_real_photos(xception_weights, tmp_path):
+    result = invoke(["cache", "build", "--data", _need(CATS_DOGS), "--split", "train=train[:8]", "--split",
+                     "validation=validation[:8]", "--model", "xception", "--image-size", "native", "--weights",
+                     xception_weights, "--engine", "keras", "--cache-dir", tmp_path, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["config"]["image_size"] == 299 and "xception-299-" in report["path"]
+    from bottlecache.cache.store import Cache
+
+    with Cache(report["path"]) as cache:
+        assert cache.feature_shape == (10, 10, 2048) and cache.features("train").shape == (8, 10, 10, 2048)
+    bad = invoke(["cache", "build", "--image-size", "natve", "--cache-dir", tmp_path])
+    assert bad.exit_code == 2 and "The 'image_size' option must be an integer or native. Got 'natve'" in error_line(bad)

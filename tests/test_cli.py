@@ -49,7 +49,7 @@ def test_build_bad_image_size(tmp_path, cats_dogs, weights_path):
                      "--cache-dir", tmp_path / "cache"])
     assert result.exit_code == 2
     line = error_line(result)
-    assert "'image_size' option must be one of 96, 128, 160, 192, 224. Got 150" in line
+    assert "'image_size' option must be one of 96, 128, 160, 192, 224, a base's native size (240, 260, 299, 300), or native. Got 150" in line
 
 
 @pytest.mark.parametrize(

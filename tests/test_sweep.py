@@ -237,7 +237,8 @@ def test_cli_nothing_finished_exits_1(photos, tmp_path):
 
 @pytest.mark.parametrize("args, expected", [
     (["--image-size", "160,abc"], "The 'image_size' option must be a comma-separated list"),
-    (["--image-size", "100"], "The 'image_size' option must be one of 96, 128, 160, 192, 224. Got 100"),
+    (["--image-size", "100"], "The 'image_size' option must be one of 96, 128, 160, 192, 224, a base's native size "
+                              "(240, 260, 299, 300), or native. Got 100"),
     (["--kind", "sklearn,forest"], "The 'kind' option must be one of sklearn, keras. Got 'forest'"),
     (["--C", "1,-2"], "The 'C' option must be positive. Got -2.0"),
     (["--budget", "ten minutes"], "The 'budget' option must be a duration such as 90s, 10m or 1h30m"),
@@ -289,3 +290,12 @@ def test_calibrate_reports_the_calibration_error_before_and_after(photos, weight
     assert plain["n_trained"] == 1 and plain["rows"][0]["validation_ece_uncalibrated"] is None
     assert plain["rows"][0]["validation_accuracy"] == row["validation_accuracy"]
     assert plain["rows"][0]["validation_ece"] == pytest.approx(row["validation_ece_uncalibrated"])
+
+
+def test_native_is_each_models_own_size_once():
+    from bottlecache.train.sweep import grid
+
+    points = grid([160, 224, "native"], ["mobilenet_v2", "xception"])
+    assert [(p.model, p.image_size) for p in points] == [
+        ("mobilenet_v2", 160), ("mobilenet_v2", 224), ("xception", 160), ("xception", 224), ("xception", 299)]
+    assert "xception 299 px" in [p.label for p in points]

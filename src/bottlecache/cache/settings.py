@@ -32,7 +32,7 @@ from ..core.options import (
     resolve_cache_dir,
 )
 from ..core.records import DECODE_FAST, DECODE_FULL
-from ..core.registry import BACKBONES, check_model_size
+from ..core.registry import BACKBONES, check_model_size, resolve_image_size
 from ..data.augment import canonical_spec
 from ..data.calibration import CalibrationSample, calibration_images, calibration_sample
 from ..data.sources import open_source, parse_splits, split_config
@@ -50,7 +50,7 @@ class CacheSettings:
 
     ``data`` (a folder, ``tfds:NAME`` or a tfds name), ``splits`` (specs such as
     ``"validation=train[80%:90%]"``; None: the source's own), the backbone (``model``, a name of
-    ``bottlecache.core.registry.BACKBONES``), its ``image_size`` and
+    ``bottlecache.core.registry.BACKBONES``), its ``image_size`` (``"native"``: the base's own) and
     ``weights`` (``"imagenet"``, a weights file, or None: ``$BOTTLECACHE_WEIGHTS`` or imagenet),
     the storage ``dtype``, ``fast_decode``, and where it lives (``cache_dir``). ``cut``: a
     fine-tune layer index; the cache then holds the activation at the cut below it instead of
@@ -91,6 +91,7 @@ class CacheSettings:
 
             parse_splits(self.splits)  # raises on a malformed or repeated spec
             set_(self, "splits", tuple(str(s) for s in self.splits))
+        set_(self, "image_size", resolve_image_size(self.model, self.image_size))  # "native": the base's own
         check_image_size(self.image_size)
 
         check_model_size(self.model, self.image_size)

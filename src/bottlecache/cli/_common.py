@@ -249,7 +249,7 @@ SplitOpt = Annotated[
     Optional[list[str]],
     typer.Option("--split", help="Split spec NAME=BASE[start:stop] (tfds slicing, e.g. validation=train[80%:90%]); repeat for each split."),
 ]
-ImageSizeOpt = Annotated[int, typer.Option("--image-size", help="Input side in pixels: 96, 128, 160, 192 or 224.")]
+ImageSizeOpt = Annotated[str, typer.Option("--image-size", help="Input side in pixels: 96, 128, 160, 192, 224, a base's native size (Xception 299, EfficientNet B1-B3 240/260/300), or native.")]
 WeightsOpt = Annotated[
     Optional[str],
     typer.Option("--weights", help="'imagenet' (Keras download) or a weights file. Default: $BOTTLECACHE_WEIGHTS or imagenet."),

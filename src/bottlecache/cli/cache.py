@@ -16,6 +16,7 @@ from ..core.options import (
     DEFAULT_IMAGE_SIZE,
     DEFAULT_MODEL,
     DEFAULT_PRECISION,
+    parse_image_size,
 )
 from ._common import (
     CacheDirOpt,
@@ -45,7 +46,7 @@ app = typer.Typer(help="Build, inspect and verify bottleneck-feature caches; tra
 def build(
     data: DataOpt = DEFAULT_DATA,
     split: SplitOpt = None,
-    image_size: ImageSizeOpt = DEFAULT_IMAGE_SIZE,
+    image_size: ImageSizeOpt = str(DEFAULT_IMAGE_SIZE),
     model: ModelOpt = DEFAULT_MODEL,
     weights: WeightsOpt = None,
     cache_dir: CacheDirOpt = None,
@@ -75,7 +76,8 @@ def build(
         print_models(as_json)
         return
     settings = CacheSettings(
-        data, None if split is None else tuple(split), image_size=image_size, weights=weights, dtype=dtype,
+        data, None if split is None else tuple(split), image_size=parse_image_size(image_size), weights=weights,
+        dtype=dtype,
         fast_decode=fast_decode, tfds_data_dir=tfds_data_dir, cache_dir=cache_dir, model=model, cut=cut, views=views,
         augment=augment, view_seed=seed, precision=precision, calibration_images=calibration_images,
     )

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..core.options import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL
+from ..core.options import DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_IMAGE_SIZE, DEFAULT_MODEL, parse_image_size
 from ._common import (
     CacheDirOpt,
     ImageSizeOpt,
@@ -31,7 +31,7 @@ app = typer.Typer(help="Fine-tune the top of the frozen base end to end, warm-st
 def run(
     data: Annotated[Optional[str], typer.Option("--data", help="Image folder, tfds:NAME or a tfds name (default: with --head, where its cache found its data; else cats_vs_dogs).")] = None,
     split: SplitOpt = None,
-    image_size: ImageSizeOpt = DEFAULT_IMAGE_SIZE,
+    image_size: ImageSizeOpt = str(DEFAULT_IMAGE_SIZE),
     model: ModelOpt = DEFAULT_MODEL,
     weights: WeightsOpt = None,
     cache_dir: CacheDirOpt = None,
@@ -63,7 +63,8 @@ def run(
     data = data if data is not None else recorded.get("data", DEFAULT_DATA)
     weights = weights if weights is not None else recorded.get("weights")
     tfds_data_dir = tfds_data_dir if tfds_data_dir is not None else recorded.get("tfds_data_dir")
-    cache = CacheSettings(data, None if split is None else tuple(split), image_size=image_size, weights=weights,
+    cache = CacheSettings(data, None if split is None else tuple(split), image_size=parse_image_size(image_size),
+                          weights=weights,
                           dtype=dtype, tfds_data_dir=tfds_data_dir, cache_dir=cache_dir, model=model)
     settings = FinetuneSettings(
         fine_tune_at=fine_tune_at, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, seed=seed,

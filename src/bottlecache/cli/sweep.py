@@ -59,7 +59,7 @@ def _weights(values: list[str] | None):
 def sweep(
     data: Annotated[Optional[str], typer.Option("--data", help="Image folder, tfds:NAME or a tfds name, as for cache build. Default: the folder the newest cache in the cache dir was built from, else cats_vs_dogs.")] = None,
     split: SplitOpt = None,
-    image_size: Annotated[str, typer.Option("--image-size", help="Image sizes to try, comma-separated (96, 128, 160, 192, 224).")] = "160,192,224",
+    image_size: Annotated[str, typer.Option("--image-size", help="Image sizes to try, comma-separated (96, 128, 160, 192, 224; native: each model's own, e.g. Xception 299).")] = "160,192,224",
     model: Annotated[Optional[str], typer.Option("--model", help="Backbones to try, comma-separated (default: the default backbone).")] = None,
     kind: Annotated[str, typer.Option("--kind", help="Heads to train on every cache, comma-separated: sklearn, keras.")] = "sklearn,keras",
     c: Annotated[str, typer.Option("--C", help="sklearn: values of C to try, comma-separated (one head each).")] = "1",
@@ -84,7 +84,8 @@ def sweep(
     from ..train.sweep import sweep as run_sweep
 
     settings = SweepSettings(
-        image_sizes=_csv("image_size", image_size, int, "image sizes (96, 128, 160, 192, 224)"),
+        image_sizes=_csv("image_size", image_size, lambda t: t if t == "native" else int(t),
+                         "image sizes (96, 128, 160, 192, 224, a base's native size) or native"),
         models=_csv("model", model, str, "model names"),
         views=_csv("views", views, int, "whole numbers of views"),
         precisions=_csv("precision", precision, str, "precisions (float32, int8)"),

@@ -14,6 +14,11 @@ from .errors import BottlecacheError
 
 # The input sizes every registered base accepts (Keras ships MobileNetV2's ImageNet checkpoints for each).
 IMAGE_SIZES = (96, 128, 160, 192, 224)
+# A base's native size (the one it was trained at) beyond those: EfficientNet B1-B3 240, 260, 300;
+# Xception 299 (bottlecache.core.registry: each base's ``native_size``). `--image-size native` picks it.
+NATIVE_ONLY_SIZES = (240, 260, 299, 300)
+ALL_IMAGE_SIZES = IMAGE_SIZES + NATIVE_ONLY_SIZES
+NATIVE = "native"
 DTYPES = ("float16", "float32")
 ENGINES = ("auto", "keras", "litert")
 # What the base computes in: float32 (Keras or its exact LiteRT copy), or int8 (a LiteRT copy
@@ -46,13 +51,27 @@ def check_choice(name: str, value, allowed) -> None:
 
 
 def check_image_size(image_size) -> int:
+    """One of the sizes some base accepts (``check_model_size`` then checks the base's own)."""
+    allowed = f"one of {', '.join(map(str, IMAGE_SIZES))}, a base's native size ({', '.join(map(str, NATIVE_ONLY_SIZES))})"
     if isinstance(image_size, bool) or not isinstance(image_size, int):
-        raise BottlecacheError(
-            f"The 'image_size' option must be an integer, one of {', '.join(map(str, IMAGE_SIZES))}. "
-            f"Got {image_size!r} instead."
-        )
-    check_choice("image_size", image_size, IMAGE_SIZES)
+        raise BottlecacheError(f"The 'image_size' option must be an integer, {allowed}, or {NATIVE}. "
+                               f"Got {image_size!r} instead.")
+    if image_size not in ALL_IMAGE_SIZES:
+        raise BottlecacheError(f"The 'image_size' option must be {allowed}, or {NATIVE}. Got {image_size!r} instead.")
     return image_size
+
+
+def parse_image_size(text):
+    """A command line's ``--image-size``: ``native`` as it is, else an integer (checked later)."""
+    if isinstance(text, str):
+        text = text.strip()
+        if text == NATIVE:
+            return NATIVE
+        try:
+            return int(text)
+        except ValueError:
+            raise BottlecacheError(f"The 'image_size' option must be an integer or {NATIVE}. Got {text!r} instead.") from None
+    return text
 
 
 def _number(name: str, value, kind):

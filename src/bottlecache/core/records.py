@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, Json, ValidationError, model_
 
 from .errors import BottlecacheError, reason
 from .fingerprint import FORMAT_NAME, fingerprint
-from .options import DTYPES, IMAGE_SIZES, SEED_LIMIT
+from .options import ALL_IMAGE_SIZES, DTYPES, SEED_LIMIT
 from .registry import BACKBONES, PREPROCESSINGS, bottleneck_shape
 
 HEAD_FORMAT = "bottlecache-head"
@@ -53,6 +53,9 @@ PreprocessName = Literal[tuple(PREPROCESSINGS)]  # type: ignore[valid-type]
 def _check_backbone_fields(record) -> None:
     """The model's alpha and preprocessing as its registry entry has them (absent: the legacy ones)."""
     entry = BACKBONES[record.model]
+    if record.image_size not in entry.image_sizes:
+        raise ValueError(f"'image_size' {record.image_size} is not one of {record.model}'s "
+                         f"({', '.join(map(str, entry.image_sizes))})")
     if record.alpha != entry.alpha:
         raise ValueError(f"'alpha' {record.alpha} is not {record.model}'s ({entry.alpha})")
     if (record.preprocess or "scale_pm1") != entry.preprocessing:
@@ -63,7 +66,7 @@ class BackboneRecord(Record):
     model: ModelName
     alpha: FiniteFloat | None = Field(default=None, gt=0)
     preprocess: PreprocessName | None = None  # None: scale_pm1 (records made before the registry)
-    image_size: Literal[IMAGE_SIZES]  # type: ignore[valid-type]
+    image_size: Literal[ALL_IMAGE_SIZES]  # type: ignore[valid-type]
     weights_sha256: Sha256
     preprocess_version: int = Field(ge=1)
 
@@ -114,7 +117,7 @@ class CacheConfig(Record):
     model: ModelName
     alpha: FiniteFloat | None = Field(default=None, gt=0)
     preprocess: PreprocessName | None = None
-    image_size: Literal[IMAGE_SIZES]  # type: ignore[valid-type]
+    image_size: Literal[ALL_IMAGE_SIZES]  # type: ignore[valid-type]
     weights_sha256: Sha256
     preprocess_version: int = Field(ge=1)
     dtype: Literal[DTYPES]  # type: ignore[valid-type]
@@ -251,7 +254,7 @@ class ExportRecord(Record):
     quantize: Literal["none", "float16", "dynamic", "int8"]
     artifact: str = Field(min_length=1)
     class_names: ClassNames
-    image_size: Literal[IMAGE_SIZES]  # type: ignore[valid-type]
+    image_size: Literal[ALL_IMAGE_SIZES]  # type: ignore[valid-type]
     decode: Literal[DECODE_FULL, DECODE_FAST]  # type: ignore[valid-type]
     source: str
     evaluation: dict[str, Any] = Field(default_factory=dict)

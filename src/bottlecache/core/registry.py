@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import BottlecacheError
-from .options import DEFAULT_MODEL, IMAGE_SIZES
+from .options import DEFAULT_MODEL, IMAGE_SIZES, NATIVE
 
 # ---------------------------------------------------------------------------------------------
 # Preprocessing: each model has exactly one, named and versioned (both are in the fingerprint)
@@ -78,6 +78,11 @@ class Backbone:
     keras_only_reason: str = ""
     image_sizes: tuple[int, ...] = IMAGE_SIZES
     per_size_imagenet: bool = False  # Keras ships one ImageNet checkpoint per input size
+    native_size: int = 224  # the size its ImageNet weights were trained at: accepted too, `--image-size native`
+
+    def __post_init__(self):
+        if self.native_size not in self.image_sizes:
+            object.__setattr__(self, "image_sizes", tuple(sorted({*self.image_sizes, self.native_size})))
 
     @property
     def kwargs(self) -> dict:
@@ -108,7 +113,7 @@ class Backbone:
 
 
 # Xception's stem (two 'valid' 3x3 convolutions) loses pixels before its four stride-2 stages.
-_XCEPTION_SIDES = {96: 3, 128: 4, 160: 5, 192: 6, 224: 7}
+_XCEPTION_SIDES = {96: 3, 128: 4, 160: 5, 192: 6, 224: 7, 299: 10}
 
 _KA = "https://storage.googleapis.com/tensorflow/keras-applications/"
 _MOBILENET_V2_URL = _KA + "mobilenet_v2/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_{{size}}_no_top.h5"
@@ -119,16 +124,21 @@ def _mobilenet_v2(name: str, alpha: float, channels: int) -> Backbone:
                     _MOBILENET_V2_URL.format(alpha=float(alpha)), alpha=alpha, per_size_imagenet=True)
 
 
+_EFFICIENTNET_NATIVE = (224, 240, 260, 300)  # B0-B3, as Keras documents them (the V2 B0-B3 the same)
+
+
 def _efficientnet(b: int, n_layers: int, cut: int) -> Backbone:
     channels = (1280, 1280, 1408, 1536)[b]
     return Backbone(f"efficientnet_b{b}", f"EfficientNetB{b}", "efficientnet", "none", channels, n_layers,
-                    "block6a_expand_conv", cut, f"https://storage.googleapis.com/keras-applications/efficientnetb{b}_notop.h5")
+                    "block6a_expand_conv", cut, f"https://storage.googleapis.com/keras-applications/efficientnetb{b}_notop.h5",
+                    native_size=_EFFICIENTNET_NATIVE[b])
 
 
 def _efficientnet_v2(b: int, n_layers: int, cut: int) -> Backbone:
     channels = (1280, 1280, 1408, 1536)[b]
     return Backbone(f"efficientnet_v2_b{b}", f"EfficientNetV2B{b}", "efficientnet_v2", "none", channels, n_layers,
-                    "block6a_expand_conv", cut, _KA + f"efficientnet_v2/efficientnetv2-b{b}_notop.h5")
+                    "block6a_expand_conv", cut, _KA + f"efficientnet_v2/efficientnetv2-b{b}_notop.h5",
+                    native_size=_EFFICIENTNET_NATIVE[b])
 
 
 _ENTRIES = (
@@ -155,7 +165,7 @@ _ENTRIES = (
     Backbone("densenet121", "DenseNet121", "densenet", "torch", 1024, 427, "conv5_block1_0_bn", 313,
              _KA + "densenet/densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5"),
     Backbone("xception", "Xception", "xception", "scale_pm1", 2048, 132, "block11_sepconv1_act", 96,
-             _KA + "xception/xception_weights_tf_dim_ordering_tf_kernels_notop.h5", valid_padding=True),
+             _KA + "xception/xception_weights_tf_dim_ordering_tf_kernels_notop.h5", valid_padding=True, native_size=299),
     Backbone("convnext_tiny", "ConvNeXtTiny", "convnext", "none", 768, 133, "convnext_tiny_downsampling_block_2", 110,
              _KA + "convnext/convnext_tiny_notop.h5"),
 )
@@ -170,6 +180,11 @@ def get_backbone(name) -> Backbone:
             f"Got {name!r} instead."
         )
     return BACKBONES[name]
+
+
+def resolve_image_size(name: str, image_size):
+    """``native`` → the base's native size; any other value as it is."""
+    return get_backbone(name).native_size if image_size == NATIVE else image_size
 
 
 def check_model_size(name: str, image_size: int) -> Backbone:
@@ -197,7 +212,7 @@ def table_rows() -> list[dict]:
         rows.append({
             "model": entry.name, "keras": entry.constructor + (f"(alpha={entry.alpha})" if entry.alpha else ""),
             "preprocessing": f"{entry.preprocessing} v{entry.preprocess.version}",
-            "image_sizes": list(entry.image_sizes),
+            "image_sizes": list(entry.image_sizes), "native_size": entry.native_size,
             "bottleneck_160": list(entry.bottleneck_shape(160)) if 160 in entry.image_sizes else None,
             "layers": entry.n_layers, "fine_tune_at": entry.fine_tune_at, "fine_tune_layer": entry.fine_tune_layer,
             "engines": "keras, litert" if entry.litert else "keras",

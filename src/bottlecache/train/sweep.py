@@ -40,6 +40,7 @@ from ..core.options import (
     DEFAULT_MODEL,
     DEFAULT_PRECISION,
     MAX_EPOCHS,
+    NATIVE,
     PRECISIONS,
     check_choice,
     check_folder_option,
@@ -51,6 +52,7 @@ from ..core.options import (
 )
 from ..core.progress import NullProgress
 from ..core.records import MetricsRecord, read_json
+from ..core.registry import resolve_image_size
 from ..data.sources import open_source
 from ..models.backbone import resolve_weights
 from .exclusion import Exclusion
@@ -177,12 +179,14 @@ class HeadSetting:
 
 def grid(image_sizes=DEFAULT_IMAGE_SIZES, models=None, views=None, precisions=None) -> list[Configuration]:
     """The cache configurations, cheapest first (the order a budget cuts from the end)."""
-    sizes = _list_option("image_size", image_sizes, check_image_size)
+    sizes = _list_option("image_size", image_sizes, lambda size: size if size == NATIVE else check_image_size(size))
     model_names = [None] if models is None else _list_option("model", models, _check_model)
     view_counts = [None] if views is None else _list_option("views", views, _check_views)
     kinds = [None] if precisions is None else _list_option(
         "precision", precisions, lambda p: check_choice("precision", p, PRECISIONS) or p)
-    points = [Configuration(s, m, v, p) for m in model_names for v in view_counts for p in kinds for s in sizes]
+    points = list(dict.fromkeys(  # "native" is each model's own size; one that is also listed counts once
+        Configuration(resolve_image_size(m or DEFAULT_MODEL, s), m, v, p)
+        for m in model_names for v in view_counts for p in kinds for s in sizes))
     return sorted(points, key=lambda p: p.relative_cost)  # stable: the given order breaks ties
 
 
