@@ -130,6 +130,26 @@ def test_an_int8_ray_build_equals_the_local_int8_build(ray_session, weights_path
         assert cache.build_info["engine"] == "litert-int8"
 
 
+def test_litert_workers_load_the_drivers_checked_flatbuffer(ray_session, weights_path, cats_dogs, converted, tmp_path):
+    """The driver checks the LiteRT flatbuffer once; each worker loads it as it is (the check it
+    finds recorded beside it: no Keras base, no probe), and the rows equal a local LiteRT build's."""
+    import json
+
+    from bottlecache.cache.ray_build import build_ray
+    from conftest import copy_engines
+
+    local = build_cache(cats_dogs, SPLITS, image_size=SIZE, weights=weights_path, engine="litert",
+                        cache_dir=copy_engines(converted(SIZE), tmp_path / "local"))
+    resolved = _resolved(cats_dogs, weights_path, copy_engines(converted(SIZE), tmp_path / "ray"))
+    report = build_ray(resolved, engine="litert", shard_size=SHARD)
+    assert_same_cache(report.path, local.path)
+    shards = sorted(report.path.with_name(f"{report.path.stem}.shards").glob("shard-*.h5"))
+    assert len(shards) == 3
+    for shard in shards:
+        with h5py.File(shard, "r") as f:
+            assert json.loads(f.attrs["build"])["engine_check"] == "recorded", shard.name
+
+
 def _copy(build, tmp_path) -> Path:
     """A copy of a Ray-built cache folder (the cache file and its shard folder)."""
     target = tmp_path / "copy"

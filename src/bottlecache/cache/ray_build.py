@@ -293,11 +293,14 @@ class ShardWorker:
             if self.engine is None:
                 raise BottlecacheError("this worker does not see the int8 engine the driver converted; "
                                        "use a shared file system")
-        else:
-            base = load_backbone(self.resolved.weights, size)
-            self.engine = make_engine(engine, base, self.resolved.weights, size, cache_dir=self.resolved.path.parent,
-                                      probe=(self.resolved.source, next(iter(self.resolved.source.splits))),
-                                      threads=threads)
+        else:  # LiteRT: the flatbuffer the driver converted and checked, without a base or a probe of our own
+            self.engine = checked_engine(engine, self.resolved.weights, size, cache_dir=self.resolved.path.parent,
+                                         threads=threads)
+            if self.engine is None:  # Keras, or a check not recorded (an older LiteRT on this worker)
+                base = load_backbone(self.resolved.weights, size)
+                self.engine = make_engine(engine, base, self.resolved.weights, size, cache_dir=self.resolved.path.parent,
+                                          probe=(self.resolved.source, next(iter(self.resolved.source.splits))),
+                                          threads=threads)
         self.folder, self.batch_size, self.retries = Path(folder), batch_size, retries
         self.inject = {int(k): int(v) for k, v in inject.items()}
         self.versions = library_versions()

@@ -118,7 +118,8 @@ def write_shard(resolved, spec: ShardSpec, engine, batch_size, folder: Path, *, 
                           offset=spec.lo)
                 committer.wait()
                 partial.complete_split(spec.split, time.perf_counter() - started)
-            partial.finalize({"build": json.dumps({"engine": engine.name, "batch_size": batch_size or engine.batch_size})})
+            partial.finalize({"build": json.dumps({"engine": engine.name, "batch_size": batch_size or engine.batch_size,
+                                                   "engine_check": getattr(engine, "checked", "")})})
         except OSError as error:
             raise write_error(partial.path, error, "the shard keeps every finished batch") from None
         finally:
