@@ -58,13 +58,28 @@ SMALL_SPLITS = ["train=train[:96]", "validation=validation[:48]"]
 POLL_SECONDS = float(os.environ.get("BOTTLECACHE_TEST_POLL_SECONDS", "0.01"))
 
 
+def _missing(message: str):
+    """What is missing fails the test in CI and skips it elsewhere, saying so."""
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message + "; skipped outside CI only")
+
+
 def _need(path: Path) -> Path:
     if not path.exists():
-        message = f"{path} is missing (tests need ../shared beside the repository)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message + "; skipped outside CI only")
+        _missing(f"{path} is missing (tests need ../shared beside the repository)")
     return path
+
+
+def need_extra(extra: str, *modules: str) -> None:
+    """The optional extra ``extra`` (its ``modules`` importable), or the test fails in CI / skips elsewhere."""
+    import importlib
+
+    try:
+        for module in modules:
+            importlib.import_module(module)
+    except ImportError:
+        _missing(f"{modules[0]} is not installed (pip install 'bottlecache[{extra}]')")
 
 
 @pytest.fixture(scope="session")

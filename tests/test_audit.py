@@ -14,7 +14,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-from conftest import IN_CI, copy_engines, error_line, invoke, open_in_browser
+from conftest import copy_engines, error_line, invoke, need_extra, open_in_browser
 
 from bottlecache import build_cache
 from bottlecache.cache.store import Cache
@@ -26,19 +26,9 @@ SIZE = 96
 N_TRAIN, N_VALIDATION, FLIP = 40, 20, 3  # per class; FLIP train photos of each class filed under the other
 
 
-def _need_cleanlab():
-    try:
-        import cleanlab  # noqa: F401
-    except ImportError:
-        message = "cleanlab is not installed (pip install 'bottlecache[audit]')"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message + "; skipped outside CI only")
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, cats_dogs, weights_path, converted):
-    _need_cleanlab()
+    need_extra("audit", "cleanlab")
     root = tmp_path_factory.mktemp("audit")
     data, flipped = root / "data", []
     for cls, other in (("cats", "dogs"), ("dogs", "cats")):

@@ -22,7 +22,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import IN_CI, POLL_SECONDS, REPO, error_line, invoke, wait_until
+from conftest import POLL_SECONDS, REPO, error_line, invoke, need_extra, wait_until
 
 from bottlecache import build_cache
 from bottlecache.cache.settings import CacheSettings
@@ -37,14 +37,7 @@ SHARD = 32  # three shards: train 0-31, train 32-63, validation 0-31 (one commit
 
 
 def _need_ray():
-    try:
-        import ray  # noqa: F401
-        import ray.data  # noqa: F401
-    except ImportError:
-        message = "Ray Data is not installed (pip install 'bottlecache[ray]')"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message + "; skipped outside CI only")
+    need_extra("ray", "ray", "ray.data")
 
 
 @pytest.fixture(scope="module")
