@@ -29,7 +29,14 @@ import numpy as np
 from ..cache.store import Cache, open_cache
 from ..core.errors import BottlecacheError
 from ..core.files import free_folder, staged_folder, write_error
-from ..core.options import check_folder_option, check_positive, check_range, check_seed, resolve_cache_dir
+from ..core.options import (
+    check_folder_option,
+    check_positive,
+    check_range,
+    check_seed,
+    resolve_cache_dir,
+    settings_with,
+)
 from ..data.sources import open_source
 from ..train.heads import MAX_C, SklearnHead, check_new_folder
 from .embeddings import DEFAULT_THRESHOLD, DuplicatesResult, Embeddings, duplicate_pairs, load_embeddings
@@ -113,9 +120,7 @@ def audit(cache, *, settings: AuditSettings | None = None, out=None, write: bool
         The images, for the page's thumbnails; default where the cache's build found them.
     progress : bottlecache.core.progress.Progress, optional
     """
-    import dataclasses
-
-    settings = dataclasses.replace(settings or AuditSettings(), **overrides) if overrides else settings or AuditSettings()
+    (settings,) = settings_with("audit", {AuditSettings: settings}, overrides)
     resolve_cache_dir(cache_dir)
     if out is not None:
         out = check_folder_option("out", out)

@@ -50,6 +50,11 @@ def scaled_probabilities(logits: np.ndarray, temperature: float) -> np.ndarray:
     return probabilities_from_logits(np.asarray(logits, dtype=np.float64) / temperature)
 
 
+def mean_log_loss(labels: np.ndarray, proba: np.ndarray) -> float:
+    """The mean negative log probability of each image's label (clipped at 1e-15)."""
+    return float(-np.mean(np.log(np.clip(proba[np.arange(len(labels)), labels], 1e-15, 1.0))))
+
+
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """The temperature minimising the log loss of ``labels`` under ``logits / T`` (bounded search on log T)."""
     from scipy.optimize import minimize_scalar
@@ -59,8 +64,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
         raise BottlecacheError("Calibrating needs at least two validation images.")
 
     def loss(log_t: float) -> float:
-        proba = scaled_probabilities(logits, float(np.exp(log_t)))
-        return float(-np.mean(np.log(np.clip(proba[np.arange(len(labels)), labels], 1e-15, 1.0))))
+        return mean_log_loss(labels, scaled_probabilities(logits, float(np.exp(log_t))))
 
     low, high = np.log(TEMPERATURE_RANGE[0]), np.log(TEMPERATURE_RANGE[1])
     found = minimize_scalar(loss, bounds=(low, high), method="bounded", options={"xatol": 1e-6})

@@ -33,7 +33,7 @@ from ..core.options import (
 )
 from ..core.records import HEAD_FORMAT, RECORD_VERSION, HeadRecord, MetricsRecord, differences, read_json, to_json
 from ..core.tf import import_keras
-from .calibration import ECE_BINS, expected_calibration_error, fit_temperature, probabilities_from_logits
+from .calibration import ECE_BINS, expected_calibration_error, fit_temperature, mean_log_loss, probabilities_from_logits
 from .exclusion import Exclusion
 from .views import ViewEpochs, check_views, pooled_rows
 
@@ -486,7 +486,7 @@ def train_head(cache, kind: str | None = None, *, settings: HeadSettings | None 
             )
         if views:
             check_views(cache, train_split)
-        if settings.calibrate and (not has_split(cache, "validation") or train_split == "validation"):
+        if settings.calibrate and ("validation" not in cache.splits or train_split == "validation"):
             raise BottlecacheError("Calibrating fits a temperature on a 'validation' split, and this cache has none "
                                    "to spare; build it with --split validation=... or leave out --calibrate.")
         eval_splits = [s for s in cache.splits if s != train_split] if evaluate is None else list(evaluate)
@@ -537,10 +537,6 @@ def train_head(cache, kind: str | None = None, *, settings: HeadSettings | None 
             cache.close()
 
 
-def has_split(cache, split: str) -> bool:
-    return split in cache.splits
-
-
 def calibrate(result: HeadResult, cache) -> None:
     """Fit the head's temperature on the validation split's logits; record it and the validation
     expected calibration error and log loss before and after."""
@@ -551,14 +547,10 @@ def calibrate(result: HeadResult, cache) -> None:
     result.head.temperature = temperature
     after = probabilities_from_logits(logits / temperature)
     result.params["temperature"] = temperature
-
-    def log_loss(proba):
-        return float(-np.mean(np.log(np.clip(proba[np.arange(len(labels)), labels], 1e-15, 1.0))))
-
     result.params["calibration"] = {
         "split": "validation", "method": "temperature", "bins": ECE_BINS,
         "ece_before": expected_calibration_error(labels, before), "ece_after": expected_calibration_error(labels, after),
-        "log_loss_before": log_loss(before), "log_loss_after": log_loss(after),
+        "log_loss_before": mean_log_loss(labels, before), "log_loss_after": mean_log_loss(labels, after),
     }
 
 
