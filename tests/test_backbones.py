@@ -178,7 +178,7 @@ def test_every_model_caches_trains_finetunes_and_predicts(name, random_weights, 
     if name not in LITERT_CHECKED:
         return
     ref = resolve_weights(weights, SIZE, name)
-    base = predictor.parts["base"]  # the base the head predicted on above, loaded from the same file
+    base = predictor.parts["bases"][0]  # the base the head predicted on above, loaded from the same file
     images = probe_images(*_source_and_split(cats_dogs), SIZE, model=name)
     if entry.litert:
         engine = make_engine("litert", base, ref, SIZE, cache_dir=cache_dir, images=images)

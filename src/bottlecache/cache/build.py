@@ -22,7 +22,7 @@ from .ray_build import build_ray, import_ray
 from .reuse import engine_from_source, expected_engine, plan_reuse
 from .settings import BuildOptions, CacheSettings, ResolvedCache
 from .shards import DEFAULT_SHARD_SIZE
-from .store import PartialCache, build_lock, root_attrs
+from .store import PartialCache, build_lock, root_attrs, views_of
 from .writer import BuildReport, Committer, check_build_options, hit_report, library_versions, run_split, split_reports
 
 
@@ -59,9 +59,9 @@ def build_cache(data=None, splits=None, *, settings: CacheSettings | None = None
     settings, options = settings_with("build_cache", {CacheSettings: settings, BuildOptions: options}, overrides,
                                       aliases={"seed": "view_seed"})
     if options.executor == "ray":
-        if settings.cut is not None or settings.views:
-            raise BottlecacheError("The ray executor builds bottleneck caches only; build a --cut or --views cache "
-                                   "with --executor local.")
+        if settings.cut is not None or settings.views or settings.tta != "none":
+            raise BottlecacheError("The ray executor builds bottleneck caches only; build a --cut, --views or --tta "
+                                   "cache with --executor local.")
         import_ray()  # before anything is resolved: without Ray, say how to install it
         shard_size = DEFAULT_SHARD_SIZE if options.shard_size is None else options.shard_size
         return build_ray(settings.resolve(), batch_size=options.batch_size, engine=options.engine, wait=options.wait,
@@ -80,10 +80,11 @@ def build_resolved(resolved: ResolvedCache, *, batch_size: int | None = None, en
     if final_path.exists():
         return hit_report(resolved, final_path)
     # A cut cache runs the Keras base up to the cut (bottlecache.models.cut), never a whole-base flatbuffer;
-    # a cache with views computes every row (their views are not copied: docs/cache-format.md).
+    # a cache with views (or mirrors) computes every row (views are not copied: docs/cache-format.md).
     cut = resolved.settings.cut is not None
     engine_name = check_engine(resolved.config, engine)
-    plan = plan_reuse(resolved, expected_engine(engine_name, resolved.config), reuse=reuse and not resolved.settings.views,
+    with_views = any(views_of(resolved.config, name) for name in resolved.source.splits)
+    plan = plan_reuse(resolved, expected_engine(engine_name, resolved.config), reuse=reuse and not with_views,
                       progress=progress)  # reads, writes nothing
     try:
         # A build that copies every row needs no engine, and a flatbuffer an earlier build converted
@@ -143,8 +144,7 @@ def _build_locked(resolved: ResolvedCache, base, engine, batch_size, engine_name
     }
     attrs = root_attrs(config, fp, versions)
     existed = partial.path.exists()
-    views = config.get("views") or {}
-    partial.open(attrs, split_attrs, feature_shape_of(config), dtype, views.get("k", 0))
+    partial.open(attrs, split_attrs, feature_shape_of(config), dtype, {name: views_of(config, name) for name in split_attrs})
     if partial.resumed:
         progress.message(f"resuming the partial build in {partial.path.name}")
     elif existed:

@@ -23,6 +23,7 @@ from ..core.options import (
     MAX_CALIBRATION_IMAGES,
     MAX_VIEWS,
     PRECISIONS,
+    TTAS,
     check_choice,
     check_folder_option,
     check_image_size,
@@ -56,8 +57,9 @@ class CacheSettings:
     fine-tune layer index; the cache then holds the activation at the cut below it instead of
     the bottleneck (``bottlecache.models.cut``). ``views`` augmented views of each train image, made by
     ``augment`` (a spec, ``bottlecache.data.augment``; default ``tutorial``) seeded by the image's key,
-    the view's index and ``view_seed``. ``precision`` ``float32`` or ``int8``: the base quantised
-    to full integer, calibrated on ``calibration_images`` of the images being cached (default
+    the view's index and ``view_seed``. ``tta`` ``flip``: every split but train also holds the
+    features of each image's mirror (as one view per row), for test-time flips. ``precision``
+    ``float32`` or ``int8``: the base quantised to full integer, calibrated on ``calibration_images`` of the images being cached (default
     64; ``bottlecache.data.calibration`` says which), run by LiteRT. Settings that do not change a
     cache's content (engine, batch size) are not here.
 
@@ -79,6 +81,7 @@ class CacheSettings:
     view_seed: int = 0
     precision: str = DEFAULT_PRECISION
     calibration_images: int | None = None
+    tta: str = "none"
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -112,6 +115,10 @@ class CacheSettings:
             raise BottlecacheError("The 'augment' option needs --views K (K augmented views of each train image).")
         set_(self, "augment", augment if self.views else None)
         self._check_precision()
+        check_choice("tta", self.tta, TTAS)
+        if self.tta != "none" and self.cut is not None:
+            raise BottlecacheError("The 'tta' option caches the mirrored bottleneck for heads; a --cut cache is for "
+                                   "fine-tuning (leave out --tta or --cut).")
 
     def _check_precision(self) -> None:
         check_choice("precision", self.precision, PRECISIONS)
@@ -151,6 +158,8 @@ class CacheSettings:
         if self.precision == "int8":  # float32 caches have no "precision": their fingerprints stay as they were
             calibration = calibration_sample(source, self.calibration_images)
             config["precision"] = {"kind": "int8", "calibration": calibration.record()}
+        if self.tta != "none":  # caches without it keep their fingerprints
+            config["tta"] = self.tta
         return ResolvedCache(self, source, weights, config, fingerprint(config), calibration)
 
 

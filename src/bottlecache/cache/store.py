@@ -62,8 +62,16 @@ _STR = h5py.string_dtype("utf-8")
 DAMAGED_ADVICE = ("delete or move the file, then run `bottlecache cache build` with the same options "
                   "to build it again")
 SPLIT_DATASETS = ("features", "pooled", "labels", "keys", "skipped")
-VIEW_DATASETS = ("view_features", "view_pooled")  # in the train split of a cache built with views
+VIEW_DATASETS = ("view_features", "view_pooled")  # K augmented views of train rows; one mirror of the others'
 VIEWS_SPLIT = "train"
+
+
+def views_of(config: dict, split: str) -> int:
+    """Views per row a split of a cache with this config holds: the train split its ``views`` (K
+    augmented views), every other split one (each image's mirror) if it was built with ``tta: flip``."""
+    if split == VIEWS_SPLIT:
+        return int((config.get("views") or {}).get("k", 0))
+    return 1 if config.get("tta") == "flip" else 0
 CONTENT = "content"  # per-row content digests (content.py); caches written before it lack them
 # per-row (size, mtime_ns) of the file the row came from, -1 for none: a later build of the folder
 # takes the digest of a file listed the same instead of reading it again (content.py)
@@ -207,9 +215,9 @@ class PartialCache:
 
     # -- opening ----------------------------------------------------------------------------
     def open(self, root_attrs: dict, splits: dict[str, dict], feature_shape, dtype: str,
-             views: int = 0) -> "PartialCache":
-        """Resume the partial file if it is ours and readable, else start a new one (with ``views``
-        augmented views per row in the train split)."""
+             views: dict | None = None) -> "PartialCache":
+        """Resume the partial file if it is ours and readable, else start a new one (``views``: split →
+        views per row, ``views_of``)."""
         self.resumed = self.path.exists() and self._try_resume()
         if not self.resumed:
             if self.path.exists():
@@ -244,7 +252,7 @@ class PartialCache:
             f.close()
             return False
 
-    def _create(self, root_attrs, splits, feature_shape, dtype, views: int = 0):
+    def _create(self, root_attrs, splits, feature_shape, dtype, views: dict | None = None):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Not libver="latest": its superblock (v3) marks the file open for writing until it is
         # closed, and HDF5 then refuses to reopen a file whose writer was killed, so a resume
@@ -272,14 +280,15 @@ class PartialCache:
             group.create_dataset(
                 "labels", (0,), dtype="int64", maxshape=(None,), chunks=(COMMIT_ROWS,), **checked
             )
-            if views and name == VIEWS_SPLIT:  # one chunk per view of 32 rows (views are never copied)
+            k = (views or {}).get(name, 0)
+            if k:  # one chunk per view of 32 rows (views are never copied)
                 group.create_dataset(
-                    "view_features", (0, views, *feature_shape), dtype=dtype, maxshape=(None, views, *feature_shape),
+                    "view_features", (0, k, *feature_shape), dtype=dtype, maxshape=(None, k, *feature_shape),
                     chunks=(COMMIT_ROWS, 1, *feature_shape), **checked,
                 )
                 group.create_dataset(
-                    "view_pooled", (0, views, n_channels), dtype="float32", maxshape=(None, views, n_channels),
-                    chunks=(POOLED_CHUNK_ROWS, views, n_channels), **checked,
+                    "view_pooled", (0, k, n_channels), dtype="float32", maxshape=(None, k, n_channels),
+                    chunks=(POOLED_CHUNK_ROWS, k, n_channels), **checked,
                 )
             group.create_dataset("keys", (0,), dtype=_STR, maxshape=(None,), chunks=(4096,))
             group.create_dataset(CONTENT, (0, 32), dtype="uint8", maxshape=(None, 32),
@@ -539,11 +548,12 @@ class Cache:
                 raise BottlecacheError(f"{where}: split {split!r} has no {', '.join(missing)}; {DAMAGED_ADVICE}")
             n = group["labels"].shape[0] if group["labels"].ndim == 1 else -1
             shapes = {"features": (n, *expected), "pooled": (n, expected[-1]), "keys": (n,)}
-            if self.n_views and split == VIEWS_SPLIT:
-                missing = [k for k in VIEW_DATASETS if not isinstance(group.get(k), h5py.Dataset)]
+            k = views_of(self.config, split)
+            if k:
+                missing = [name for name in VIEW_DATASETS if not isinstance(group.get(name), h5py.Dataset)]
                 if missing:
                     raise BottlecacheError(f"{where}: split {split!r} has no {', '.join(missing)}; {DAMAGED_ADVICE}")
-                shapes.update(view_features=(n, self.n_views, *expected), view_pooled=(n, self.n_views, expected[-1]))
+                shapes.update(view_features=(n, k, *expected), view_pooled=(n, k, expected[-1]))
             for key, width in ((CONTENT, 32), (FILE_STAT, 2)):
                 if key in group:
                     shapes[key] = (n, width)
@@ -598,6 +608,19 @@ class Cache:
     def view_pooled(self, rows: slice | None = None) -> np.ndarray:
         """The train rows' augmented views, pooled: (n, K, C) float32."""
         return self._read(VIEWS_SPLIT, "view_pooled", rows)
+
+    @property
+    def tta(self) -> str:
+        """``flip`` if the splits but train hold each image's mirror (``cache build --tta flip``), else ``none``."""
+        return self.config.get("tta") or "none"
+
+    def mirrored_features(self, split: str, rows: slice | None = None) -> np.ndarray:
+        """The features of each image's mirror, (n, s, s, C), in a split other than train of a ``tta`` cache."""
+        return self._read(split, "view_features", rows)[:, 0]
+
+    def mirrored_pooled(self, split: str) -> np.ndarray:
+        """The pooled features of each image's mirror, (n, C) float32."""
+        return self._read(split, "view_pooled", None)[:, 0]
 
     @property
     def feature_shape(self) -> tuple[int, int, int]:

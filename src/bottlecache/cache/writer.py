@@ -17,7 +17,7 @@ import numpy as np
 
 from ..core.options import DEFAULT_MODEL, ENGINES, MAX_BATCH_SIZE, check_choice, check_positive
 from ..core.records import DECODE_FAST
-from ..data.augment import parse_spec, view_features
+from ..data.augment import mirrored_features, parse_spec, view_features
 from ..data.sources import describe_failure, image_dataset
 from .reuse import ReuseReport
 from .settings import ResolvedCache
@@ -178,6 +178,8 @@ def _run_window(window, committer, engine, resolved, name, size, offset, on_wind
     if views and name == VIEWS_SPLIT:  # K augmented views of each train image (bottlecache.data.augment)
         augmented = view_features(engine, images, keys, views["k"], parse_spec(views["augment"]),
                                   views["seed"], size, dtype)
+    elif resolved.config.get("tta") == "flip" and name != VIEWS_SPLIT and len(images):  # each image's mirror, as its one view
+        augmented = mirrored_features(engine, images, size, dtype)
     contents = stats = stored = None
     n_copied = 0
     if plan is not None:  # (a build with views copies nothing: the keys above are the window's)

@@ -66,6 +66,7 @@ def build(
     seed: Annotated[int, typer.Option(help="Seed of the views (with the image key and the view index).")] = 0,
     precision: Annotated[str, typer.Option(help="float32, or int8: the base quantised to full integer and run by LiteRT (a different cache; see docs/engines.md).")] = DEFAULT_PRECISION,
     calibration_images: Annotated[Optional[int], typer.Option(help="int8: train images that calibrate the quantisation (default 64).")] = None,
+    tta: Annotated[str, typer.Option("--tta", help="none, or flip: also store the features of each image's mirror in the splits but train (for test-time flips).")] = "none",
     as_json: JsonOpt = False,
 ):
     """Run the frozen base (--model) once over each split and store the features in an HDF5 cache."""
@@ -80,6 +81,7 @@ def build(
         dtype=dtype,
         fast_decode=fast_decode, tfds_data_dir=tfds_data_dir, cache_dir=cache_dir, model=model, cut=cut, views=views,
         augment=augment, view_seed=seed, precision=precision, calibration_images=calibration_images,
+        tta=tta,
     )
     options = BuildOptions(engine=engine, batch_size=batch_size, wait=wait, reuse=reuse, executor=executor,
                            ray_address=ray_address, shard_size=shard_size)
@@ -233,7 +235,7 @@ def consolidate(
 @app.command("train-head")
 @handle_errors(interrupted="interrupted; no head was saved")
 def train_head_command(
-    cache: Annotated[Optional[str], typer.Argument(help="Cache file or fingerprint prefix (default: the newest cache).")] = None,
+    cache: Annotated[Optional[list[str]], typer.Argument(help="Cache file or fingerprint prefix (default: the newest cache); several: a stack of caches of the same photos, their pooled features joined.")] = None,
     kind: Annotated[str, typer.Option(help="sklearn (logistic regression on pooled features) or keras (the tutorial's head).")] = "sklearn",
     c: Annotated[Optional[list[float]], typer.Option("--C", help="sklearn: inverse regularisation; repeat to choose by validation accuracy.")] = None,
     epochs: Annotated[int, typer.Option(help="keras: epochs.")] = 10,
@@ -249,27 +251,30 @@ def train_head_command(
     views: Annotated[bool, typer.Option("--views", help="Train on the cache's augmented views (cache build --views K).")] = False,
     exclude: Annotated[Optional[Path], typer.Option("--exclude", help="A file of keys, one a line, to leave out of training (cache audit writes exclude.txt).")] = None,
     calibrate: Annotated[bool, typer.Option("--calibrate", help="Fit a temperature on the validation split: calibrated probabilities, the same predictions.")] = False,
+    tta: Annotated[str, typer.Option("--tta", help="none, or flip: measure the head on the mean of each image's and its mirror's logits (a cache built with --tta flip); predict, report and export do the same.")] = "none",
     as_json: JsonOpt = False,
 ):
-    """Train a head on a cache's features and report its metrics on the other splits."""
+    """Train a head on a cache's features (or on a stack of caches) and report its metrics on the other splits."""
     from ..cache.store import find_cache
     from ..train.heads import HeadSettings, train_head
 
-    path = find_cache(cache, cache_dir)
-    if cache is None and not as_json:
-        err.print(f"using the newest cache: {path}", markup=False)
     settings = HeadSettings(
         kind, C=c or (1.0,), epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer,
         dropout=dropout, seed=seed, early_stopping=early_stopping, class_weight=class_weight, views=views,
-        exclude=exclude, calibrate=calibrate,
+        exclude=exclude, calibrate=calibrate, tta=tta,
     )
+    paths = [find_cache(spec, cache_dir) for spec in (cache or [None])]
+    if cache is None and not as_json:
+        err.print(f"using the newest cache: {paths[0]}", markup=False)
     with RichProgress(quiet=False) as progress:
-        result = train_head(path, settings=settings, out=out_dir, cache_dir=cache_dir, progress=progress)
+        result = train_head(paths, settings=settings, out=out_dir, cache_dir=cache_dir, progress=progress)
     record = result.to_dict()
     if as_json:
         print_json(record)
         return
-    render_metrics(f"{kind} head on {path.name}: {result.train_seconds:.2f} s of training", record)
+    what = " + ".join(p.name for p in paths)
+    render_metrics(f"{kind} head on {what}: {result.train_seconds:.2f} s of training"
+                   + (" (test-time flips)" if tta != "none" else ""), record)
     if "calibration" in result.params:
         cal = result.params["calibration"]
         out.print(f"calibrated: temperature {result.params['temperature']:.3f} fitted on validation; expected "

@@ -34,6 +34,7 @@ def export(
     weights: WeightsOpt = None,
     cache_dir: CacheDirOpt = None,
     tfds_data_dir: TfdsDirOpt = None,
+    tta: Annotated[Optional[str], typer.Option("--tta", help="Heads: none, or flip: the artifact averages the logits of each image and its mirror (default: as the head was trained).")] = None,
     as_json: JsonOpt = False,
 ):
     """Export MODEL as one artifact (uint8 RGB images in, class probabilities out; labels.txt beside it),
@@ -44,7 +45,7 @@ def export(
     from ..serve.export import ExportSettings, export_model
 
     settings = ExportSettings(format, quantize, data=data, tfds_data_dir=tfds_data_dir, weights=weights,
-                              tolerance=tolerance, calibration=calibration, batch_size=batch_size)
+                              tolerance=tolerance, calibration=calibration, batch_size=batch_size, tta=tta)
     with RichProgress(quiet=as_json) as progress:
         result = export_model(model, settings=settings, out=out_dir, cache_dir=cache_dir, progress=progress)
     summary = result.to_dict()

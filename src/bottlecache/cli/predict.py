@@ -19,6 +19,7 @@ def predict(
     as_json: JsonOpt = False,
     csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Also write the rows to this CSV file (path, label, probability, one column per class, error).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the --csv file if it exists (never an input or a bottlecache file).")] = False,
+    tta: Annotated[Optional[str], typer.Option("--tta", help="none, or flip: the mean of the logits of each image and its mirror (default: as the head was trained; none for a fine-tuned model).")] = None,
 ):
     """Predict the class of each image; an unreadable image gets a row that says why.
 
@@ -30,7 +31,7 @@ def predict(
     check_positive("batch_size", batch_size, maximum=MAX_BATCH_SIZE)
     if csv_path is not None:
         check_csv_path(csv_path, overwrite=overwrite, inputs=[model, *images])
-    predictor = load_model(model, weights=weights)
+    predictor = load_model(model, weights=weights, tta=tta)
     paths = expand_images(images)
     with RichProgress(quiet=as_json or not err.is_terminal) as progress:  # a bar for a person watching
         rows = predictor.predict(paths, batch_size=batch_size, progress=progress)

@@ -21,6 +21,7 @@ def report(
     bins: Annotated[int, typer.Option(help="Confidence bins of the reliability diagram (2-100).")] = DEFAULT_BINS,
     tfds_data_dir: TfdsDirOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the --out file if it exists (never the model's own files).")] = False,
+    tta: Annotated[Optional[str], typer.Option("--tta", help="none, or flip: the mean of the logits of each image and its mirror (default: as the head was trained; none for a fine-tuned model).")] = None,
     as_json: JsonOpt = False,
 ):
     """Write a self-contained HTML error report: per-class metrics, confusion matrix, the most
@@ -29,7 +30,7 @@ def report(
 
     with RichProgress(quiet=as_json) as progress:
         result = write_report(model, split, out_file, data=data, top=top, bins=bins,
-                              tfds_data_dir=tfds_data_dir, overwrite=overwrite, progress=progress)
+                              tfds_data_dir=tfds_data_dir, overwrite=overwrite, progress=progress, tta=tta)
     if as_json:
         print_json(result.to_dict())
         return

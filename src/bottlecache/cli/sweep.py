@@ -76,6 +76,8 @@ def sweep(
     tfds_data_dir: TfdsDirOpt = None,
     exclude: Annotated[Optional[Path], typer.Option("--exclude", help="A file of keys, one a line, left out of every head's training (cache audit writes exclude.txt).")] = None,
     calibrate: Annotated[bool, typer.Option("--calibrate", help="Fit each head's temperature on validation (calibrated probabilities; the ranking by accuracy is unchanged).")] = False,
+    stack: Annotated[int, typer.Option("--stack", help="Also try stacks of K caches (2-4): the 4 best configurations' caches, K at a time, their pooled features joined (0: none).")] = 0,
+    tta: Annotated[str, typer.Option("--tta", help="none, or flip: the caches also hold their evaluation splits' mirrors, and every head is measured with test-time flips too.")] = "none",
     as_json: JsonOpt = False,
 ):
     """Find the best configuration for your data: build (or reuse) a cache per configuration, train every
@@ -92,7 +94,7 @@ def sweep(
         kinds=_csv("kind", kind, str, "head kinds (sklearn, keras)"),
         Cs=_csv("C", c, float, "positive numbers"),
         epochs=epochs, seed=seed, dtype=dtype, engine=engine, budget=budget, exclude=exclude,
-        calibrate=calibrate,
+        calibrate=calibrate, stack=stack, tta=tta,
     )
     weights = _weights(weights)
     with RichProgress(quiet=False) as progress:

@@ -51,6 +51,11 @@ def fingerprint(config: dict) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
+def stack_fingerprint(fingerprints: list[str]) -> str:
+    """A stack of caches (``bottlecache.cache.stack``) is named by its members' fingerprints, in order."""
+    return fingerprint({"stack": list(fingerprints)})
+
+
 def sha256_file(path, chunk_size: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

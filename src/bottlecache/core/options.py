@@ -25,6 +25,9 @@ ENGINES = ("auto", "keras", "litert")
 # quantised to full integer, calibrated on a sample of the cached images: docs/engines.md, "int8")
 PRECISIONS = ("float32", "int8")
 DEFAULT_PRECISION = "float32"
+# Test-time augmentation: "flip", the mean of the logits of the image and its mirror (for a head on
+# pooled features, the head on the mean of the two images' features: the head is linear after pooling)
+TTAS = ("none", "flip")
 DEFAULT_CALIBRATION_IMAGES = 64  # 64 and 256 gave the same head accuracy and feature error (docs/engines.md)
 MAX_CALIBRATION_IMAGES = 4096
 DEFAULT_DATA = "cats_vs_dogs"

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, Json, ValidationError, model_validator
 
 from .errors import BottlecacheError, reason
-from .fingerprint import FORMAT_NAME, fingerprint
+from .fingerprint import FORMAT_NAME, fingerprint, stack_fingerprint
 from .options import ALL_IMAGE_SIZES, DTYPES, SEED_LIMIT
 from .registry import BACKBONES, PREPROCESSINGS, bottleneck_shape
 
@@ -124,6 +124,7 @@ class CacheConfig(Record):
     cut: CutRecord | None = None
     views: ViewsRecord | None = None
     precision: PrecisionRecord | None = None  # None: float32
+    tta: Literal["flip"] | None = None  # flip: the splits but train hold each image's mirror as one view
 
     @model_validator(mode="after")
     def _rules(self):
@@ -131,6 +132,8 @@ class CacheConfig(Record):
         _check_backbone_fields(self)
         if self.precision is not None and self.cut is not None:
             raise ValueError("'precision' int8 and 'cut' do not go together (a cut cache is float32)")
+        if self.tta is not None and self.cut is not None:
+            raise ValueError("'tta' and 'cut' do not go together (a cut cache is for fine-tuning)")
         if not self.splits:
             raise ValueError("'splits' must name at least one split")
         return self
@@ -182,8 +185,34 @@ class CacheRef(Record):
         return data
 
 
+class StackMember(Record):
+    """One cache of a stacked head: the cache (its config says the base), where its weights and data were."""
+
+    cache: CacheRef
+    weights: str | None = None
+    data: dict[str, Any] | None = None
+
+
+class StackRecord(Record):
+    """A head trained on a stack of caches (``bottlecache.cache.stack``): the members, in the order
+    their pooled features are joined, and the stack's fingerprint (the hash of theirs)."""
+
+    fingerprint: Sha256
+    members: Annotated[list[StackMember], Field(min_length=2, max_length=8)]
+
+    @model_validator(mode="after")
+    def _rules(self):
+        prints = [m.cache.fingerprint for m in self.members]
+        if len(set(prints)) != len(prints):
+            raise ValueError("'members' must not repeat a cache")
+        if stack_fingerprint(prints) != self.fingerprint:
+            raise ValueError("'fingerprint' is not the hash of the members' fingerprints (edited after training?)")
+        return self
+
+
 class HeadRecord(Record):
-    """``head.json``: what a head is and what it was trained on."""
+    """``head.json``: what a head is and what it was trained on (``stack``: on several caches joined;
+    ``backbone``, ``weights``, ``cache`` and ``data`` are then its first member's)."""
 
     format: Literal[HEAD_FORMAT]  # type: ignore[valid-type]
     format_version: int
@@ -196,11 +225,21 @@ class HeadRecord(Record):
     cache: CacheRef
     created: str
     data: dict[str, Any] | None = None  # where the cache's data was: {"given", "path", "tfds_data_dir"}
+    stack: StackRecord | None = None
 
     @model_validator(mode="after")
     def _rules(self):
         _unique(self.class_names, "class_names")
         expected = bottleneck_shape(self.backbone.image_size, self.backbone.model)
+        if self.stack is not None:
+            if self.stack.members[0].cache.fingerprint != self.cache.fingerprint:
+                raise ValueError("'cache' is not the stack's first member")
+            if any(m.cache.config.class_names != self.class_names for m in self.stack.members):
+                raise ValueError("'class_names' differs from the classes of a cache of the stack")
+            if any(m.cache.config.cut is not None for m in self.stack.members):
+                raise ValueError("a stack joins bottleneck caches, not a cut cache")
+            expected = (1, 1, sum(bottleneck_shape(m.cache.config.image_size, m.cache.config.model)[-1]
+                                  for m in self.stack.members))
         if tuple(self.feature_shape) != expected:
             raise ValueError(f"'feature_shape' {list(self.feature_shape)} is not the bottleneck {list(expected)} "
                              f"of image size {self.backbone.image_size}")
@@ -210,6 +249,8 @@ class HeadRecord(Record):
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
                 math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"'params.temperature' must be a positive number (a calibrated head's), not {temperature!r}")
+        if self.params.get("tta", "none") not in ("none", "flip"):
+            raise ValueError(f"'params.tta' must be none or flip, not {self.params.get('tta')!r}")
         for key in ("image_size", "weights_sha256", "preprocess_version", "model", "alpha", "preprocess"):
             if getattr(self.cache.config, key) != getattr(self.backbone, key):
                 raise ValueError(f"backbone.{key} differs from the cache's {key}")

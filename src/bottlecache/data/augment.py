@@ -106,6 +106,14 @@ def view_batch(images: np.ndarray, keys, view: int, ops: dict, seed: int) -> np.
     return np.stack([transform(image, *draw(ops, view_rng(key, view, seed))) for image, key in zip(images, keys)])
 
 
+def mirrored_features(engine, images: np.ndarray, batch_size: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(features (n, 1, ...) in dtype, pooled (n, 1, C) float32)``: the engine on each image mirrored
+    left to right (preprocessing is per pixel, so mirroring the preprocessed image is mirroring the photo)."""
+    mirrored = np.ascontiguousarray(images[:, :, ::-1])
+    out = np.concatenate([engine(mirrored[i : i + batch_size]) for i in range(0, len(mirrored), batch_size)])
+    return out.astype(dtype)[:, None], out.astype(np.float32).mean(axis=(1, 2))[:, None]
+
+
 def view_features(engine, images: np.ndarray, keys, n_views: int, ops: dict, seed: int, batch_size: int,
                   dtype: str) -> tuple[np.ndarray, np.ndarray]:
     """``(features (n, K, ...) in dtype, pooled (n, K, C) float32)``: the engine on each view of ``images``."""

@@ -1,10 +1,13 @@
-"""The one custom Keras layer of the project (imported only where Keras is needed).
+"""The custom Keras layers of the project (imported only where Keras is needed).
 
 Keras 3's functional models pass the outer call's ``training`` flag down to every layer, over
 an explicit ``base(x, training=False)`` given when the model was built. While fitting, the
 unfrozen BatchNormalization layers of the base would then switch to batch statistics and
 update their moving averages. ``InferenceMode`` keeps the wrapped base in inference mode in
 every call: its weights still train, its BatchNorm statistics stay as they are.
+
+``Preprocess`` and ``Mirror`` are what an exported model carries before its base(s): the project's
+one preprocessing function, and the mirror image of a test-time flip.
 """
 
 import keras
@@ -21,6 +24,17 @@ class InferenceMode(keras.layers.Wrapper):
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)
+
+
+@keras.saving.register_keras_serializable(package="bottlecache")
+class Mirror(keras.layers.Layer):
+    """Images mirrored left to right (an exported head's test-time flip)."""
+
+    def call(self, inputs):
+        return keras.ops.flip(inputs, axis=2)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
 
 
 @keras.saving.register_keras_serializable(package="bottlecache")

@@ -28,6 +28,7 @@ from ..core.options import (
     DEFAULT_DATA,
     DEFAULT_MODEL,
     MAX_BATCH_SIZE,
+    TTAS,
     check_choice,
     check_folder_option,
     check_positive,
@@ -172,6 +173,41 @@ def uint8_model(network, image_size: int, n_classes: int, *, sklearn_head=None, 
     return keras.Model(inputs, proba, name="bottlecache_export")
 
 
+def uint8_head_model(bases, specs, image_size: int, n_classes: int, loaded, tta: str = "none"):
+    """uint8 images at ``image_size`` → each base at its own size and preprocessing (``specs``: one
+    ``(size, model)`` per base) → the head: what ``predict.head_input`` computes, as one Keras model.
+    A stack's bases give their pooled features side by side; ``tta`` ``flip`` averages each base's
+    features of the image and of its mirror (``layers.Mirror``)."""
+    keras = import_keras()
+    from ..models.layers import Mirror, Preprocess
+
+    inputs = keras.Input(shape=(image_size, image_size, 3), dtype="uint8", name="image")
+    outputs = []
+    for i, (base, (size, model)) in enumerate(zip(bases, specs)):
+        if len(bases) > 1:
+            base.name = f"base_{i}_{base.name}"  # two bases of one kind would share a layer name
+        x = Preprocess(size, model, name=f"preprocess_{i}")(inputs)
+        y = base(x, training=False)
+        if tta == "flip":
+            y = keras.layers.Average(name=f"mean_with_mirror_{i}")([y, base(Mirror(name=f"mirror_{i}")(x), training=False)])
+        outputs.append(y)
+    if len(outputs) > 1:
+        pooled = [keras.layers.GlobalAveragePooling2D(name=f"pool_{i}")(y) for i, y in enumerate(outputs)]
+        joined = keras.layers.Concatenate(name="stack")(pooled)
+        features = keras.layers.Reshape((1, 1, joined.shape[-1]), name="as_map")(joined)
+    else:
+        features = outputs[0]
+    head = loaded.head
+    if loaded.kind == "sklearn":
+        proba = sklearn_as_keras(head, features, n_classes)
+    else:
+        logits = head.model(features, training=False)
+        if head.temperature != 1.0:
+            logits = keras.layers.Rescaling(1.0 / head.temperature, name="temperature")(logits)
+        proba = probabilities_layer(logits, n_classes)
+    return keras.Model(inputs, proba, name="bottlecache_export")
+
+
 def describe_source(path) -> SourceModel:
     """What a head or fine-tuned model folder is, from its records alone (nothing loaded yet): its
     classes, image size, decoding, and a head's cache's splits and data identity."""
@@ -189,20 +225,30 @@ def describe_source(path) -> SourceModel:
         )
     record = read_head_record(folder)  # says what is wrong with a missing folder or a file, too
     config = record.cache.config
-    return SourceModel(folder, "head", list(record.class_names), record.backbone.image_size, config.decode, None, None,
+    # a stack's export takes the images at its largest base's size; each base resizes them to its own
+    size = max(m.cache.config.image_size for m in record.stack.members) if record.stack else record.backbone.image_size
+    return SourceModel(folder, "head", list(record.class_names), size, config.decode, None, None,
                        cache_splits=dict(config.splits), cache_data=dict(config.data), data_location=record.data)
 
 
-def load_source(source: SourceModel, weights=None) -> SourceModel:
+def load_source(source: SourceModel, weights=None, tta: str | None = None) -> SourceModel:
     """Load what ``describe_source`` described: the source's ``Predictor`` (checked as ``predict``
-    checks it) and the uint8 → probabilities Keras model built from the same files."""
+    checks it) and the uint8 → probabilities Keras model built from the same files (``tta``: as
+    ``predict.load_model`` takes it)."""
 
-    predictor = load_model(source.path, weights=weights)  # the same networks, loaded once
+    predictor = load_model(source.path, weights=weights, tta=tta)  # the same networks, loaded once
     n, base_name = len(source.class_names), predictor.model
     if source.kind == "model":
+        if predictor.tta != "none":
+            raise BottlecacheError("The 'tta' option applies to heads only in an export; export the fine-tuned model "
+                                   "without --tta.")
         model = uint8_model(predictor.parts["network"], source.image_size, n, model=base_name)
+    elif len(predictor.parts["bases"]) > 1 or predictor.tta != "none":
+        specs = [(size, name) for size, _, name in predictor.input_specs]
+        model = uint8_head_model(predictor.parts["bases"], specs, source.image_size, n, predictor.parts["head"],
+                                 predictor.tta)
     else:
-        base, loaded = predictor.parts["base"], predictor.parts["head"]
+        base, loaded = predictor.parts["bases"][0], predictor.parts["head"]
         if loaded.kind == "keras":
             keras = import_keras()
             model = uint8_model(keras.Sequential([base, loaded.head.model], name="base_and_head"), source.image_size, n,
@@ -366,7 +412,8 @@ class ExportSettings:
 
     ``format`` ``keras``, ``saved_model`` or ``litert``; ``quantize`` (LiteRT only) ``none``,
     ``float16``, ``dynamic`` or ``int8`` (calibrated on ``calibration`` train images sampled with
-    ``seed``). The artifact is evaluated against the source model on ``data`` (a head: the data its
+    ``seed``). ``tta``: ``flip`` puts test-time flips inside the artifact (the mean of the logits of
+    each image and its mirror), ``none`` leaves them out; None: as the head was trained. The artifact is evaluated against the source model on ``data`` (a head: the data its
     cache was built from, checked; by default where that build found it; a fine-tuned model:
     ``cats_vs_dogs`` by default; ``tfds_data_dir`` for a tfds name), ``batch_size`` images at a
     time, and refused if it loses more than ``tolerance`` accuracy points. ``weights``: where a
@@ -382,9 +429,12 @@ class ExportSettings:
     calibration: int = DEFAULT_CALIBRATION
     batch_size: int = 32
     seed: int = 0
+    tta: str | None = None
 
     def __post_init__(self):
         check_export_options(self.format, self.quantize, self.tolerance, self.calibration, self.batch_size)
+        if self.tta is not None:
+            check_choice("tta", self.tta, TTAS)
         if self.tfds_data_dir is not None:
             object.__setattr__(self, "tfds_data_dir", str(check_folder_option("tfds_data_dir", self.tfds_data_dir)))
 
@@ -430,7 +480,7 @@ def export_model(model, format: str | None = None, quantize: str | None = None, 
     source = describe_source(model)
     data, tfds_data_dir = default_data(source, data, settings.tfds_data_dir)
     data_source = open_data(source, data, tfds_data_dir)  # bad data is refused before anything loads
-    load_source(source, weights)
+    load_source(source, weights, settings.tta)
     fast = source.decode == DECODE_FAST
     split = evaluation_split(data_source)
     calibration_images = None
@@ -466,8 +516,9 @@ def export_model(model, format: str | None = None, quantize: str | None = None, 
 
 
 def _evaluate(source, fmt, quantize, artifact, images, labels, split, batch_size, progress) -> ExportResult:
-    def source_batch(x):
-        return source.predictor._predict_batch(np.asarray(preprocess(x, source.image_size, source.predictor.model)))
+    def source_batch(x):  # each base's input from the same uint8 images the export gets
+        inputs = [np.asarray(preprocess(x, size, model)) for size, _, model in source.predictor.input_specs]
+        return source.predictor._predict_batch(inputs if source.predictor.inputs else inputs[0])
 
     source_proba, source_ms = run_batches(source_batch, images, batch_size, progress, "source model")
     proba, ms = run_batches(RUNTIMES[fmt](artifact), images, batch_size, progress, f"{fmt} export")
@@ -488,7 +539,8 @@ def _write_record(folder: Path, source: SourceModel, fmt: str, quantize: str, re
     record = {
         "format": EXPORT_FORMAT, "format_version": RECORD_VERSION, "artifact_format": fmt, "quantize": quantize,
         "artifact": ARTIFACTS[fmt], "class_names": source.class_names, "image_size": source.image_size,
-        "decode": source.decode, "source": str(source.path.resolve()),
+        "decode": source.decode, "source": str(source.path.resolve()), "tta": source.predictor.tta,
+        "bases": [{"model": model, "image_size": size} for size, _, model in source.predictor.input_specs],
         "evaluation": result.to_dict() | {k: v for k, v in result.evaluation.items() if k != "split"},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -26,8 +26,16 @@ class Predictor:
     fast_decode: bool = False  # as the cache the head was trained on was decoded
     model: str = DEFAULT_MODEL  # the base, whose preprocessing the images get (bottlecache.core.registry)
     # What it runs, loaded once, for an export built from the same objects: a fine-tuned model's
-    # {"network"}, a head's {"base", "head"} (a LoadedHead); nothing for an export.
+    # {"network"}, a head's {"bases", "head"} (a LoadedHead); nothing for an export.
     parts: dict = field(default_factory=dict, repr=False)
+    # A stacked head's bases each take the image at their own size and preprocessing: (image_size,
+    # fast_decode, model) per base; ``_predict_batch`` then takes one array per base. None: the one above.
+    inputs: list | None = None
+    tta: str = "none"  # "flip": the mean of the logits of each image and its mirror
+
+    @property
+    def input_specs(self) -> list[tuple[int, bool, str]]:
+        return self.inputs or [(self.image_size, self.fast_decode, self.model)]
 
     def predict(self, items, batch_size: int = 32, progress=None) -> list[dict]:
         """One dict per item (a path or a uint8 (H, W, 3) array): path, label, probability,
@@ -51,20 +59,22 @@ class Predictor:
 
     def _predict_rows(self, items, first: int) -> list[dict]:
         rows, images, slots = [], [], []
+        specs = self.input_specs
         for item in items:
             name = str(item) if isinstance(item, (str, os.PathLike)) else f"<array {first + len(rows)}>"
             try:
                 if isinstance(item, (str, os.PathLike)):
-                    image = load_image(item, self.image_size, self.fast_decode, self.model)
+                    inputs = [load_image(item, size, fast, model) for size, fast, model in specs]
                 else:
-                    image = preprocess(np.asarray(item), self.image_size, self.model)
-                images.append(np.asarray(image))
+                    inputs = [preprocess(np.asarray(item), size, model) for size, _, model in specs]
+                images.append([np.asarray(image) for image in inputs])
                 slots.append(len(rows))
                 rows.append({"path": name})
             except Exception as error:  # the decoder's reason, for this image's row
                 rows.append({"path": name, "error": _image_error(item, error)})
         if images:
-            for slot, p in zip(slots, self._predict_batch(np.stack(images))):
+            batches = [np.stack(column) for column in zip(*images)]
+            for slot, p in zip(slots, self._predict_batch(batches if self.inputs else batches[0])):
                 best = int(np.argmax(p))
                 rows[slot].update(label=self.class_names[best], probability=float(p[best]),
                                   probabilities={c: float(v) for c, v in zip(self.class_names, p)})

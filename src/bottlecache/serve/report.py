@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cache.store import Cache
 from ..core.errors import BottlecacheError
 from ..core.files import atomic_write_text, check_output_file, free_file, write_error
-from ..core.options import check_folder_option, check_positive, check_range
+from ..core.options import TTAS, check_choice, check_folder_option, check_positive, check_range
 from ..data.sources import image_dataset, open_source
 from ..train.heads import balanced_accuracy, compute_metrics, load_head, predict_split, read_head_record
+from .artifacts import is_export
 from .predict import load_model
 
 DEFAULT_TOP = 16
@@ -69,7 +69,8 @@ class ReportResult:
 
 
 def write_report(model, split: str | None = None, out=None, *, data=None, top: int = DEFAULT_TOP,
-                 bins: int = DEFAULT_BINS, tfds_data_dir=None, overwrite: bool = False, progress=None) -> ReportResult:
+                 bins: int = DEFAULT_BINS, tfds_data_dir=None, overwrite: bool = False, progress=None,
+                 tta: str | None = None) -> ReportResult:
     """Evaluate ``model`` (a head folder or a fine-tuned model folder) on ``split`` and write the page.
 
     Parameters
@@ -87,6 +88,9 @@ def write_report(model, split: str | None = None, out=None, *, data=None, top: i
         How many of the most confidently wrong images to show.
     bins : int
         Confidence bins of the reliability diagram and the expected calibration error.
+    tta : {"none", "flip"}, optional
+        Test-time flips (the mean of the logits of each image and its mirror); default as the head
+        was trained, none for a fine-tuned model.
     """
     check_positive("top", top, maximum=MAX_TOP)
     check_range("bins", bins, 2, 100, high_open=False)
@@ -97,7 +101,7 @@ def write_report(model, split: str | None = None, out=None, *, data=None, top: i
     if out is not None:
         out = check_output_file("out", out, overwrite=overwrite, inputs=inputs)
     started = time.perf_counter()
-    evaluation = evaluate(model, split, data=data, tfds_data_dir=tfds_data_dir, progress=progress)
+    evaluation = evaluate(model, split, data=data, tfds_data_dir=tfds_data_dir, progress=progress, tta=tta)
     if out is None:
         out = free_file(Path(f"report-{Path(model).name}-{evaluation.split}.html"))
     check_output_file("out", out, overwrite=overwrite, inputs=inputs)  # again: the evaluation took a while
@@ -122,13 +126,17 @@ def _require_matplotlib() -> None:
 # Evaluating
 
 
-def evaluate(model, split=None, *, data=None, tfds_data_dir=None, progress=None) -> Evaluation:
-    """A head folder → its cache's features; a fine-tuned model folder → the images of ``data``."""
+def evaluate(model, split=None, *, data=None, tfds_data_dir=None, progress=None, tta: str | None = None) -> Evaluation:
+    """A head folder → its cache's features; a fine-tuned model folder → the images of ``data``.
+    ``tta`` as ``predict.load_model`` takes it (a head's mirrored features come from its cache)."""
     folder = Path(model)
+    if tta is not None:
+        check_choice("tta", tta, TTAS)
     if folder.is_dir() and (folder / "head.json").exists() and not (folder / "model.json").exists():
-        return _evaluate_head(folder, split, data, tfds_data_dir)
-
-    predictor = load_model(folder)  # refuses what is neither, with one line
+        return _evaluate_head(folder, split, data, tfds_data_dir, tta)
+    if is_export(folder):
+        raise BottlecacheError(f"{folder} is an export; report on the head or fine-tuned model folder it came from.")
+    predictor = load_model(folder, tta=tta)  # refuses what is neither, with one line
     return _evaluate_model(predictor, split, data, tfds_data_dir, progress)
 
 
@@ -144,20 +152,22 @@ def _default_split(splits, split):
                            "pass --split.")
 
 
-def _evaluate_head(folder: Path, split, data, tfds_data_dir) -> Evaluation:
+def _evaluate_head(folder: Path, split, data, tfds_data_dir, tta: str | None = None) -> Evaluation:
     loaded = load_head(folder)
-    cache_path = Path(loaded.record["cache"]["path"])
-    if not cache_path.is_file():
-        raise BottlecacheError(f"The cache {cache_path} this head was trained on is gone; rebuild it with "
-                               "`bottlecache cache build` and the same settings, or report on another head.")
-    with Cache(cache_path) as cache:
-        if cache.fingerprint != loaded.record["cache"]["fingerprint"]:
-            raise BottlecacheError(f"The cache {cache_path} is not the one the head {folder} was trained on "
-                                   "(another fingerprint); train the head again.")
+    tta = loaded.tta if tta is None else tta
+    with loaded.open_cache() as cache:
+        if tta != "none" and cache.tta != tta:
+            raise BottlecacheError(f"The 'tta' option {tta} needs the mirrored features of the cache, and the head's "
+                                   "cache has none; build it with `cache build --tta flip` (and train the head on it), "
+                                   "or pass --tta none.")
         split = _default_split(cache.splits, split)
-        proba = predict_split(loaded.head, cache, split)
+        proba = predict_split(loaded.head, cache, split, tta)
         labels, keys, config = cache.labels(split), cache.keys(split), cache.config
-    evaluation = Evaluation(str(folder), f"head ({loaded.kind})", split, list(loaded.class_names), labels, proba, keys)
+    kind = f"head ({loaded.kind}" + (f", a stack of {len(loaded.members)} caches" if len(loaded.members) > 1 else "") + ")"
+    evaluation = Evaluation(str(folder), kind, split, list(loaded.class_names), labels, proba, keys)
+    if tta == "flip":
+        evaluation.notes.append("Test-time flips: each image's probabilities are from the mean of its logits and its "
+                                "mirror's.")
     calibration_record = loaded.record["params"].get("calibration")
     if calibration_record:
         evaluation.notes.append(

@@ -17,12 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cache.stack import StackedCache, open_stack
 from ..cache.store import Cache, open_cache
 from ..core.errors import BottlecacheError, CacheMismatchError, reason
 from ..core.files import ensure_cache_dir, free_folder, newest_first, staged_folder, write_error
 from ..core.options import (
     MAX_BATCH_SIZE,
     MAX_EPOCHS,
+    TTAS,
     check_choice,
     check_folder_option,
     check_fraction,
@@ -393,6 +395,8 @@ class HeadSettings:
     cache's augmented views (``bottlecache.train.views``). ``exclude``: keys left out of training (a
     file of keys, one a line, as ``cache audit`` writes, or the keys; ``bottlecache.train.exclusion``).
     ``calibrate``: fit a temperature on the validation split (``bottlecache.train.calibration``).
+    ``tta`` ``flip``: measure (and calibrate) the head on the mean of the logits of each image and its
+    mirror, from a cache built with ``--tta flip``; recorded, so that predict, report and export do the same.
     """
 
     kind: str = "sklearn"
@@ -412,9 +416,11 @@ class HeadSettings:
     views: bool = False
     exclude: object = None  # → Exclusion | None
     calibrate: bool = False
+    tta: str = "none"
 
     def __post_init__(self):
         check_choice("kind", self.kind, KINDS)
+        check_choice("tta", self.tta, TTAS)
         object.__setattr__(self, "exclude", Exclusion.of(self.exclude))
         if self.exclude is not None and self.views:
             raise BottlecacheError("The 'exclude' option does not apply to --views yet; train without --views, or "
@@ -442,8 +448,9 @@ def train_head(cache, kind: str | None = None, *, settings: HeadSettings | None 
 
     Parameters
     ----------
-    cache : Cache or str or path
-        An open ``Cache``, a cache file, or a fingerprint prefix in ``cache_dir``.
+    cache : Cache or str or path, or a list of them
+        An open ``Cache``, a cache file, or a fingerprint prefix in ``cache_dir``; several: a stack of
+        caches of the same photos, their pooled features joined per key (``bottlecache.cache.stack``).
     kind : {"sklearn", "keras"}, optional
         ``settings.kind`` (default ``sklearn``).
     settings : HeadSettings, optional
@@ -474,8 +481,11 @@ def train_head(cache, kind: str | None = None, *, settings: HeadSettings | None 
     if out is not None:
         out = check_folder_option("out", out)
         check_new_folder(out)
-    opened = not isinstance(cache, Cache)
-    cache = open_cache(cache, cache_dir) if opened else cache
+    opened = not isinstance(cache, (Cache, StackedCache))
+    if opened:
+        stacked = isinstance(cache, (list, tuple)) and len(cache) > 1
+        one = cache[0] if isinstance(cache, (list, tuple)) and len(cache) == 1 else cache
+        cache = open_stack(cache, cache_dir) if stacked else open_cache(one, cache_dir)
     try:
         if train_split not in cache.splits:
             raise BottlecacheError(f"The cache has no {train_split!r} split to train on. It has {', '.join(cache.splits)}.")
@@ -485,7 +495,14 @@ def train_head(cache, kind: str | None = None, *, settings: HeadSettings | None 
                 "`finetune run --from-cache`); heads train on a bottleneck cache (cache build without --cut)."
             )
         if views:
+            if isinstance(cache, StackedCache):
+                raise BottlecacheError("The 'views' option does not apply to a stack of caches yet; train the stack "
+                                       "without --views.")
             check_views(cache, train_split)
+        if settings.tta != "none" and cache.tta != settings.tta:
+            raise BottlecacheError(f"The 'tta' option {settings.tta} needs the mirrored features of the evaluation "
+                                   f"splits, and {describe(cache)} has none; build it with `cache build --tta flip`, "
+                                   "or leave out --tta.")
         if settings.calibrate and ("validation" not in cache.splits or train_split == "validation"):
             raise BottlecacheError("Calibrating fits a temperature on a 'validation' split, and this cache has none "
                                    "to spare; build it with --split validation=... or leave out --calibrate.")
@@ -522,12 +539,14 @@ def train_head(cache, kind: str | None = None, *, settings: HeadSettings | None 
                 class_weight=settings.class_weight, views=views, progress=progress, keep=keep,
             )
         result.params["views"] = cache.n_views if views else 0
+        if settings.tta != "none":
+            result.params["tta"] = settings.tta
         if settings.calibrate:
-            calibrate(result, cache)
+            calibrate(result, cache, settings.tta)
         if settings.exclude is not None:
             result.params["exclude"] = settings.exclude.record(excluded)
         for split in eval_splits:
-            proba = predict_split(result.head, cache, split)
+            proba = predict_split(result.head, cache, split, settings.tta)
             result.metrics[split] = compute_metrics(cache.labels(split), proba, cache.class_names)
         if save:
             result.path = save_head(result, cache, out, cache_dir)
@@ -537,11 +556,19 @@ def train_head(cache, kind: str | None = None, *, settings: HeadSettings | None 
             cache.close()
 
 
-def calibrate(result: HeadResult, cache) -> None:
-    """Fit the head's temperature on the validation split's logits; record it and the validation
-    expected calibration error and log loss before and after."""
+def describe(cache) -> str:
+    """A cache's file name, or a stack's members' (for messages)."""
+    if isinstance(cache, StackedCache):
+        return "the stack of " + ", ".join(m.path.name for m in cache.members)
+    return cache.path.name
+
+
+def calibrate(result: HeadResult, cache, tta: str = "none") -> None:
+    """Fit the head's temperature on the validation split's logits (with ``tta``, the mean of each
+    image's and its mirror's); record it and the validation expected calibration error and log loss
+    before and after."""
     labels = cache.labels("validation")
-    logits = head_logits(result.head, cache, "validation")
+    logits = head_logits(result.head, cache, "validation", tta)
     before = probabilities_from_logits(logits)
     temperature = fit_temperature(logits, labels)
     result.head.temperature = temperature
@@ -554,18 +581,26 @@ def calibrate(result: HeadResult, cache) -> None:
     }
 
 
-def head_logits(head, cache, split: str, block: int = 1024) -> np.ndarray:
+def split_blocks(head, cache, split: str, tta: str = "none", block: int = 1024):
+    """What ``head`` takes of ``split``, block by block: the pooled features for a scikit-learn head,
+    the bottleneck for a Keras head. With ``tta`` ``flip``, the mean of each image's and its mirror's:
+    both heads are linear after the spatial mean, so their logits are the mean of the two images' logits."""
     if head.kind == "sklearn":
-        return head.logits(cache.pooled(split))
-    n = cache.n_examples(split)
-    return np.concatenate([head.logits(cache.features(split, slice(i, i + block))) for i in range(0, n, block)])
+        x = cache.pooled(split)
+        yield x if tta == "none" else (x + cache.mirrored_pooled(split)) / 2
+        return
+    for i in range(0, cache.n_examples(split), block):
+        rows = slice(i, i + block)
+        x = cache.features(split, rows).astype(np.float32)
+        yield x if tta == "none" else (x + cache.mirrored_features(split, rows).astype(np.float32)) / 2
 
 
-def predict_split(head, cache, split: str, block: int = 1024) -> np.ndarray:
-    if head.kind == "sklearn":
-        return head.predict_proba(cache.pooled(split))
-    n = cache.n_examples(split)
-    return np.concatenate([head.predict_proba(cache.features(split, slice(i, i + block))) for i in range(0, n, block)])
+def head_logits(head, cache, split: str, tta: str = "none") -> np.ndarray:
+    return np.concatenate([head.logits(x) for x in split_blocks(head, cache, split, tta)])
+
+
+def predict_split(head, cache, split: str, tta: str = "none") -> np.ndarray:
+    return np.concatenate([head.predict_proba(x) for x in split_blocks(head, cache, split, tta)])
 
 
 def _train_sklearn(cache, Cs, train_split, has_validation, class_weight="none", views: bool = False,
@@ -648,9 +683,11 @@ def save_head(result: HeadResult, cache, out=None, cache_dir=None) -> Path:
     """Write the head folder atomically (a temporary folder renamed into place)."""
     if out is None:
         base = ensure_cache_dir(resolve_cache_dir(cache_dir)) / "heads"
-        out = free_folder(base / f"{result.kind}-{cache.fingerprint[:12]}-{time.strftime('%Y%m%d-%H%M%S')}")
+        stack = "stack-" if isinstance(cache, StackedCache) else ""
+        out = free_folder(base / f"{result.kind}-{stack}{cache.fingerprint[:12]}-{time.strftime('%Y%m%d-%H%M%S')}")
     out = Path(out)
     check_new_folder(out)
+    first = cache.members[0] if isinstance(cache, StackedCache) else cache
     record = {
         "format": HEAD_FORMAT,
         "format_version": RECORD_VERSION,
@@ -662,9 +699,11 @@ def save_head(result: HeadResult, cache, out=None, cache_dir=None) -> Path:
         # where the base's weights and the data were (absolute), so that predict, export and report need neither
         "weights": cache.build_info.get("weights_path") or cache.build_info.get("weights"),
         "data": cache.build_info.get("data"),
-        "cache": {"path": str(cache.path.resolve()), "fingerprint": cache.fingerprint, "config": cache.config},
+        "cache": {"path": str(first.path.resolve()), "fingerprint": first.fingerprint, "config": first.config},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if isinstance(cache, StackedCache):  # the first member's is above; the stack's every member here
+        record["stack"] = cache.record()
     try:
         with staged_folder(out) as staging:
             (staging / "head.json").write_text(to_json(record))
@@ -704,6 +743,20 @@ class LoadedHead:
     def backbone(self) -> dict:
         return self.record["backbone"]
 
+    @property
+    def tta(self) -> str:
+        return self.record["params"].get("tta", "none")
+
+    @property
+    def members(self) -> list[dict]:
+        """What each base of the head ran: ``{"backbone", "weights", "data", "cache"}``, one per cache of
+        a stack, or the one cache's."""
+        stack = self.record.get("stack")
+        if stack:
+            return [m | {"backbone": {k: m["cache"]["config"][k] for k in BACKBONE_KEYS if k in m["cache"]["config"]}}
+                    for m in stack["members"]]
+        return [{key: self.record.get(key) for key in ("backbone", "weights", "data", "cache")}]
+
     def predict_proba(self, features) -> np.ndarray:
         return self.head.predict_proba(features)
 
@@ -718,6 +771,26 @@ class LoadedHead:
 
     def check_cache(self, cache) -> None:
         self.check_backbone(**{key: cache.config.get(key) for key in BACKBONE_KEYS})
+
+    def open_cache(self):
+        """The cache the head was trained on (a ``StackedCache`` for a stacked head), each member checked
+        to be there and to be the one it was trained on (its fingerprint)."""
+        opened = []
+        try:
+            for member in self.members:
+                path = Path(member["cache"]["path"])
+                if not path.is_file():
+                    raise BottlecacheError(f"The cache {path} this head was trained on is gone; rebuild it with "
+                                           "`bottlecache cache build` and the same settings, or use another head.")
+                opened.append(Cache(path))
+                if opened[-1].fingerprint != member["cache"]["fingerprint"]:
+                    raise BottlecacheError(f"The cache {path} is not the one the head {self.path} was trained on "
+                                           "(another fingerprint); train the head again.")
+            return opened[0] if len(opened) == 1 else StackedCache(opened)
+        except BaseException:
+            for cache in opened:
+                cache.close()
+            raise
 
 
 def read_head_record(folder: Path) -> HeadRecord:

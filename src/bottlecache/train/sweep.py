@@ -10,6 +10,12 @@ split, and saved in ``<cache dir>/heads`` like any other head.
 Resumable: candidates are saved in ``<cache dir>/sweep/heads`` and found again by their record
 (cache fingerprint, kind, parameters), so a rerun builds nothing and trains nothing already done.
 
+Stacks (``stack`` K): once every configuration is measured, the caches of the ``STACK_CANDIDATES``
+best (each by its best head) are joined K at a time (``bottlecache.cache.stack``) and every head
+setting is trained on each stack, ranked with the rest. Test-time flips (``tta`` ``flip``): every
+cache also holds its evaluation splits' mirrors, and every head is measured without and with flips
+(the flip row reuses the head trained without them: the same weights, measured again).
+
 Budget: configurations run cheapest first (estimated from image size², the model and the views);
 a build that would end past the budget is not started, and its configuration is reported skipped.
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -28,6 +35,7 @@ from pathlib import Path
 
 from ..cache.build import build_resolved
 from ..cache.settings import CacheSettings
+from ..cache.stack import MAX_STACK, open_stack
 from ..cache.store import Cache, list_caches
 from ..cache.writer import check_build_options
 from ..core.errors import BottlecacheError, reason
@@ -42,10 +50,12 @@ from ..core.options import (
     MAX_EPOCHS,
     NATIVE,
     PRECISIONS,
+    TTAS,
     check_choice,
     check_folder_option,
     check_image_size,
     check_positive,
+    check_range,
     check_seed,
     resolve_cache_dir,
     settings_with,
@@ -62,6 +72,7 @@ from .heads import (
     MAX_C,
     HeadResult,
     HeadSettings,
+    calibrate,
     compute_metrics,
     load_head,
     predict_split,
@@ -86,6 +97,7 @@ PRIOR_SECONDS_PER_IMAGE = 1 / 60
 PRIOR_SECONDS_PER_BUILD = 20.0
 REFERENCE_SIZE = 160
 MAX_BUDGET_SECONDS = 30 * 24 * 3600
+STACK_CANDIDATES = 4  # `--stack K`: the caches of the 4 best configurations, K at a time (6 pairs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,6 +143,24 @@ class Configuration:
 
 
 @dataclass(frozen=True)
+class Stack:
+    """Configurations whose caches are joined into one head's features (``bottlecache.cache.stack``)."""
+
+    members: tuple[Configuration, ...]
+
+    @property
+    def label(self) -> str:
+        return "stack: " + " + ".join(m.label for m in self.members)
+
+    @property
+    def relative_cost(self) -> float:
+        return sum(m.relative_cost for m in self.members)
+
+    def to_dict(self) -> dict:
+        return {"stack": [m.to_dict() for m in self.members]}
+
+
+@dataclass(frozen=True)
 class HeadSetting:
     """One head to train on every cache: its kind and the settings that differ between heads."""
 
@@ -140,16 +170,18 @@ class HeadSetting:
     seed: int = 0
     exclude: Exclusion | None = None  # keys left out of training (the same for every head of a sweep)
     calibrate: bool = False  # a temperature fitted on validation (bottlecache.train.calibration)
+    tta: str = "none"  # "flip": measured on the mean of the logits of each image and its mirror
 
     @property
     def label(self) -> str:
-        return f"sklearn C={self.C:g}" if self.kind == "sklearn" else f"keras {self.epochs} ep"
+        text = f"sklearn C={self.C:g}" if self.kind == "sklearn" else f"keras {self.epochs} ep"
+        return text + (", flip" if self.tta == "flip" else "")
 
     def train_options(self) -> dict:
         options = {"C": [self.C], "seed": self.seed} if self.kind == "sklearn" else {"epochs": self.epochs,
                                                                                      "seed": self.seed}
         return (options | ({"exclude": self.exclude} if self.exclude is not None else {})
-                | ({"calibrate": True} if self.calibrate else {}))
+                | ({"calibrate": True} if self.calibrate else {}) | ({"tta": self.tta} if self.tta != "none" else {}))
 
     def matches(self, kind: str, params: dict) -> bool:
         """Whether a saved head's kind and parameters are this setting's (other parameters at their defaults)."""
@@ -157,7 +189,7 @@ class HeadSetting:
             return False
         if (params.get("exclude") or {}).get("sha256") != (self.exclude.sha256 if self.exclude else None):
             return False  # trained without the rows this sweep leaves out, or without others
-        if ("calibration" in params) != self.calibrate:
+        if ("calibration" in params) != self.calibrate or params.get("tta", "none") != self.tta:
             return False
         if self.kind == "sklearn":
             return params.get("Cs") == [self.C]
@@ -174,7 +206,8 @@ class HeadSetting:
         return f"{self.kind}-{fingerprint[:12]}-sweep-{digest}"
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, **({"C": self.C} if self.kind == "sklearn" else {"epochs": self.epochs})}
+        return {"kind": self.kind, **({"C": self.C} if self.kind == "sklearn" else {"epochs": self.epochs}),
+                "tta": self.tta}
 
 
 def grid(image_sizes=DEFAULT_IMAGE_SIZES, models=None, views=None, precisions=None) -> list[Configuration]:
@@ -191,11 +224,13 @@ def grid(image_sizes=DEFAULT_IMAGE_SIZES, models=None, views=None, precisions=No
 
 
 def head_settings(kinds=DEFAULT_KINDS, Cs=DEFAULT_CS, epochs: int = DEFAULT_EPOCHS, seed: int = 0,
-                  exclude=None, calibrate: bool = False) -> list[HeadSetting]:
+                  exclude=None, calibrate: bool = False, tta: str = "none") -> list[HeadSetting]:
+    """Each head to train on every cache; with ``tta`` ``flip``, each also measured with flips (after it)."""
     kinds = _list_option("kind", kinds, lambda k: check_choice("kind", k, KINDS) or k)
     Cs = _list_option("C", Cs, lambda c: float(check_positive("C", c, float, maximum=MAX_C)))
     check_positive("epochs", epochs, maximum=MAX_EPOCHS)
     check_seed(seed)
+    check_choice("tta", tta, TTAS)
     exclude = Exclusion.of(exclude)
     out = []
     for kind in kinds:
@@ -203,6 +238,8 @@ def head_settings(kinds=DEFAULT_KINDS, Cs=DEFAULT_CS, epochs: int = DEFAULT_EPOC
             out += [HeadSetting("sklearn", C=c, seed=seed, exclude=exclude, calibrate=bool(calibrate)) for c in Cs]
         else:
             out.append(HeadSetting("keras", epochs=epochs, seed=seed, exclude=exclude, calibrate=bool(calibrate)))
+    if tta != "none":
+        out = [variant for setting in out for variant in (setting, dataclasses.replace(setting, tta=tta))]
     return out
 
 
@@ -256,11 +293,11 @@ def parse_budget(text) -> float | None:
 class Row:
     """One configuration × head setting, or one configuration that failed or was skipped (no head)."""
 
-    configuration: Configuration
+    configuration: Configuration | Stack
     head: HeadSetting | None
     status: str  # "trained", "reused", "failed", "skipped"
     cache: str | None = None  # "built", "resumed", "hit"
-    cache_path: Path | None = None
+    cache_path: Path | list | None = None  # a stack's: its members' paths
     fingerprint: str | None = None
     validation: dict | None = None  # the head's validation metrics
     build_seconds_per_image: float | None = None
@@ -287,7 +324,8 @@ class Row:
             "head": self.head.to_dict() if self.head else None,
             "status": self.status,
             "cache": self.cache,
-            "cache_path": str(self.cache_path) if self.cache_path else None,
+            "cache_path": ([str(p) for p in self.cache_path] if isinstance(self.cache_path, list)
+                           else str(self.cache_path) if self.cache_path else None),
             "fingerprint": self.fingerprint,
             "validation_accuracy": self.validation_accuracy,
             "validation_log_loss": self.validation_log_loss,
@@ -394,7 +432,9 @@ class SweepSettings:
     ``precisions`` (``float32``, ``int8``) is one configuration (None keeps ``CacheSettings``'s default), stored as ``dtype``, decoded with
     ``fast_decode``, built by ``engine`` ``batch_size`` images at a time. The head settings: one
     scikit-learn head per C of ``Cs``, one Keras head of ``epochs`` epochs, for each of ``kinds``,
-    seeded by ``seed``, each leaving out the keys of ``exclude`` (a key file). ``budget`` (seconds or a duration such as ``"10m"``): start no build that
+    seeded by ``seed``, each leaving out the keys of ``exclude`` (a key file); ``calibrate``: each
+    head's temperature fitted on validation; ``tta`` ``flip``: each head measured with test-time flips
+    too; ``stack`` K: stacks of K of the best configurations' caches as candidates too. ``budget`` (seconds or a duration such as ``"10m"``): start no build that
     would end after it (configurations run cheapest first). ``plot``: write ``leaderboard.png``.
     """
 
@@ -414,11 +454,21 @@ class SweepSettings:
     plot: bool = True
     exclude: object = None  # keys left out of every head's training (bottlecache.train.exclusion)
     calibrate: bool = False  # every head's temperature fitted on validation
+    stack: int = 0  # 0: no stacks; K: the caches of the STACK_CANDIDATES best configurations, K at a time
+    tta: str = "none"  # "flip": caches hold their evaluation splits' mirrors; each head is measured with them too
 
     def __post_init__(self):
-        grid(self.image_sizes, self.models, self.views, self.precisions)
+        points = grid(self.image_sizes, self.models, self.views, self.precisions)
         object.__setattr__(self, "exclude", Exclusion.of(self.exclude))
-        head_settings(self.kinds, self.Cs, self.epochs, self.seed, self.exclude, self.calibrate)
+        head_settings(self.kinds, self.Cs, self.epochs, self.seed, self.exclude, self.calibrate, self.tta)
+        if self.stack != 0:
+            check_range("stack", self.stack, 2, min(MAX_STACK, STACK_CANDIDATES), high_open=False)
+            if len(points) < self.stack:
+                raise BottlecacheError(f"The 'stack' option {self.stack} joins {self.stack} caches, and the sweep tries "
+                                       f"{len(points)} configuration(s); try more (--image-size, --model) or leave out "
+                                       "--stack.")
+        if self.tta != "none" and self.views:
+            raise BottlecacheError("The 'tta' option and --views do not go together in a sweep yet; leave one out.")
         parse_budget(self.budget)
         check_build_options(self.engine, self.batch_size)
         if "int8" in (self.precisions or ()) and self.engine == "keras":
@@ -458,7 +508,7 @@ def sweep(data=None, splits=None, *, settings: SweepSettings | None = None, weig
     (settings,) = settings_with("sweep", {SweepSettings: settings}, overrides)
     points = grid(settings.image_sizes, settings.models, settings.views, settings.precisions)
     settings_heads = head_settings(settings.kinds, settings.Cs, settings.epochs, settings.seed, settings.exclude,
-                                   settings.calibrate)
+                                   settings.calibrate, settings.tta)
     clock = _Clock(parse_budget(settings.budget))
     dtype, engine, batch_size, fast_decode = settings.dtype, settings.engine, settings.batch_size, settings.fast_decode
     plot = settings.plot
@@ -469,7 +519,8 @@ def sweep(data=None, splits=None, *, settings: SweepSettings | None = None, weig
                                                      {p.model or DEFAULT_MODEL for p in points}, progress)
     # Every configuration's settings are made (and so checked) before any work starts, and what they
     # all share (the data, one weights file) is opened once: a bad value of it is one error, not a row each.
-    caches = {p: _settings(p, data, splits, weights, dtype, fast_decode, tfds_data_dir, cache_dir) for p in points}
+    caches = {p: _settings(p, data, splits, weights, dtype, fast_decode, tfds_data_dir, cache_dir, settings.tta)
+              for p in points}
     check_shared(caches, weights, settings.exclude)
     if out is None:
         out = ensure_cache_dir(cache_dir) / SWEEP_FOLDER
@@ -479,6 +530,8 @@ def sweep(data=None, splits=None, *, settings: SweepSettings | None = None, weig
         progress.message(f"[{i}/{len(points)}] {point.label}")
         rows += _run_configuration(point, caches[point], settings_heads, clock, board, cache_dir,
                                    dict(engine=engine, batch_size=batch_size, progress=progress), progress)
+    if settings.stack:
+        rows += _run_stacks(rank(rows), settings.stack, settings_heads, board, cache_dir, progress)
     board.rows = rank(rows)
     board.winner = board.rows[0] if board.rows and board.rows[0].done else None
     if board.winner is not None:
@@ -516,11 +569,12 @@ def recorded_defaults(data, weights, tfds_data_dir, cache_dir: Path, models: set
     return (DEFAULT_DATA if data is None else data), weights, tfds_data_dir
 
 
-def _settings(point: Configuration, data, splits, weights, dtype, fast_decode, tfds_data_dir, cache_dir):
+def _settings(point: Configuration, data, splits, weights, dtype, fast_decode, tfds_data_dir, cache_dir,
+              tta: str = "none"):
     if isinstance(weights, dict):
         weights = weights.get(point.model or DEFAULT_MODEL)
     return CacheSettings(data=data, splits=None if splits is None else tuple(splits), weights=weights, dtype=dtype,
-                         fast_decode=fast_decode, tfds_data_dir=tfds_data_dir, cache_dir=cache_dir,
+                         fast_decode=fast_decode, tfds_data_dir=tfds_data_dir, cache_dir=cache_dir, tta=tta,
                          **point.settings_fields())
 
 
@@ -587,6 +641,41 @@ def _run_configuration(point, settings, heads_to_train, clock, board, cache_dir,
     return rows
 
 
+def _run_stacks(ranked: list[Row], k: int, heads_to_train, board, cache_dir, progress) -> list[Row]:
+    """The rows of stacks: the caches of the ``STACK_CANDIDATES`` best configurations (each by its best
+    head, on validation), ``k`` at a time, in rank order, each with every head setting."""
+    best: dict[Configuration, Row] = {}
+    for row in ranked:
+        if row.done and row.configuration not in best:
+            best[row.configuration] = row
+    top = list(best.values())[:STACK_CANDIDATES]
+    rows = []
+    for members in itertools.combinations(top, k):
+        stack = Stack(tuple(m.configuration for m in members))
+        paths = [m.cache_path for m in members]
+        progress.message(f"[stack] {stack.label}")
+        try:
+            with open_stack(paths) as joined:
+                fp = joined.fingerprint
+        except KeyboardInterrupt:
+            raise
+        except Exception as error:  # noqa: BLE001 - one stack's failure is its row
+            rows.append(Row(stack, None, "failed", error=reason(error, 300)))
+            continue
+        cost = {key: sum(getattr(m, key) or 0.0 for m in members) for key in ("build_seconds_per_image", "bytes_per_image")}
+        for setting in heads_to_train:
+            row = Row(stack, setting, "failed", "hit", paths, fp, **cost)
+            try:
+                _find_or_train(row, cache_dir, board, progress)
+            except KeyboardInterrupt:
+                raise
+            except Exception as error:  # noqa: BLE001 - as above, for one head
+                row.status, row.error = "failed", reason(error, 300)
+                progress.message(f"  {setting.label}: failed: {row.error}")
+            rows.append(row)
+    return rows
+
+
 def cache_costs(path: Path) -> dict:
     """Build seconds per image (the splits' own recorded times) and bytes per image of a cache file."""
 
@@ -601,6 +690,11 @@ def candidates_folder(cache_dir: Path) -> Path:
     return Path(cache_dir) / SWEEP_FOLDER / "heads"
 
 
+def head_fingerprint(record) -> str:
+    """What a head was trained on: its cache's fingerprint, or its stack's."""
+    return record.stack.fingerprint if record.stack else record.cache.fingerprint
+
+
 def find_candidate(folder: Path, fingerprint: str, setting: HeadSetting):
     """A saved head in ``folder`` whose record matches (cache fingerprint, kind, parameters) and whose
     metrics read back, as ``(path, metrics)``; None if there is none."""
@@ -610,7 +704,7 @@ def find_candidate(folder: Path, fingerprint: str, setting: HeadSetting):
     for path in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         try:
             record = read_head_record(path)
-            if record.cache.fingerprint != fingerprint or not setting.matches(record.kind, record.params):
+            if head_fingerprint(record) != fingerprint or not setting.matches(record.kind, record.params):
                 continue
             metrics = read_json(path / "metrics.json", MetricsRecord, HEAD_ADVICE)
         except BottlecacheError:
@@ -623,9 +717,17 @@ def find_candidate(folder: Path, fingerprint: str, setting: HeadSetting):
 def _find_or_train(row: Row, cache_dir: Path, board: Leaderboard, progress) -> None:
     folder = candidates_folder(cache_dir)
     found = find_candidate(folder, row.fingerprint, row.head)
+    plain = dataclasses.replace(row.head, tta="none")
+    trained = None if row.head.tta == "none" or found else find_candidate(folder, row.fingerprint, plain)
     if found is not None:
         row.head_path, metrics = found
         row.status = "reused"
+    elif trained is not None:  # the same head measured with flips: nothing to train
+        progress.message(f"  measuring {row.head.label}")
+        result = measure_with_tta(trained[0], row.cache_path, row.head.tta,
+                                  free_folder(folder / row.head.folder_name(row.fingerprint)))
+        row.head_path, metrics = result.path, result.to_dict()
+        row.status = "trained"
     else:
         progress.message(f"  training {row.head.label}")
         result = train_head(row.cache_path, row.head.kind, evaluate=["validation"], cache_dir=cache_dir,
@@ -639,6 +741,28 @@ def _find_or_train(row: Row, cache_dir: Path, board: Leaderboard, progress) -> N
     row.head_seconds = metrics["train_seconds"]
 
 
+def measure_with_tta(head_path: Path, cache_path, tta: str, out: Path) -> HeadResult:
+    """A saved candidate measured again on validation with test-time flips (and calibrated again on
+    them if it was calibrated), saved as its own candidate: the same weights, another ``params.tta``."""
+    loaded = load_head(head_path)
+    candidate = read_json(head_path / "metrics.json", MetricsRecord, HEAD_ADVICE).model_dump(mode="json")
+    params = {k: v for k, v in candidate["params"].items() if k not in ("temperature", "calibration")} | {"tta": tta}
+    loaded.head.temperature = 1.0
+    result = HeadResult(loaded.head, candidate["kind"], {}, candidate["train_seconds"], params,
+                        selection=candidate["selection"], history=candidate["history"])
+    with _open(cache_path) as cache:
+        if "calibration" in candidate["params"]:
+            calibrate(result, cache, tta)
+        proba = predict_split(loaded.head, cache, "validation", tta)
+        result.metrics["validation"] = compute_metrics(cache.labels("validation"), proba, cache.class_names)
+        result.path = save_head(result, cache, out)
+    return result
+
+
+def _open(cache_path):
+    return open_stack(cache_path) if isinstance(cache_path, list) else Cache(cache_path)
+
+
 def save_winner(winner: Row, cache_dir: Path) -> tuple[Path, dict | None]:
     """Measure the winner on the test split (if the cache has one) and save it in ``<cache dir>/heads``
     like any other head; a rerun finds it there. Returns its folder and its test metrics."""
@@ -648,21 +772,22 @@ def save_winner(winner: Row, cache_dir: Path) -> tuple[Path, dict | None]:
         try:
             record = read_head_record(target)
             metrics = read_json(target / "metrics.json", MetricsRecord, HEAD_ADVICE).model_dump(mode="json")
-            if record.cache.fingerprint == winner.fingerprint and winner.head.matches(record.kind, record.params):
+            if head_fingerprint(record) == winner.fingerprint and winner.head.matches(record.kind, record.params):
                 return target, metrics["metrics"].get("test")
         except BottlecacheError:
             pass
         target = free_folder(target)  # something else (or a damaged head) is there: keep it, save beside it
     loaded = load_head(winner.head_path)
     candidate = read_json(winner.head_path / "metrics.json", MetricsRecord, HEAD_ADVICE).model_dump(mode="json")
-    with Cache(winner.cache_path) as cache:
+    tta = winner.head.tta
+    with _open(winner.cache_path) as cache:
         evaluated = {"validation": candidate["metrics"]["validation"]}
         if "test" in cache.splits:
-            proba = predict_split(loaded.head, cache, "test")
+            proba = predict_split(loaded.head, cache, "test", tta)
             evaluated["test"] = compute_metrics(cache.labels("test"), proba, cache.class_names)
         for split in cache.splits:  # any other split but train, as every head is measured on
             if split not in evaluated and split != "train":
-                evaluated[split] = compute_metrics(cache.labels(split), predict_split(loaded.head, cache, split),
+                evaluated[split] = compute_metrics(cache.labels(split), predict_split(loaded.head, cache, split, tta),
                                                    cache.class_names)
         result = HeadResult(loaded.head, candidate["kind"], evaluated, candidate["train_seconds"], candidate["params"],
                             selection=candidate["selection"], history=candidate["history"])
