@@ -1071,6 +1071,78 @@ def sweep(run: Run) -> dict:
     }
 
 
+# 8b. Stacks and flips: what combining the cached features gives beside the single best cache
+
+STACK_SIZES = {"quick": {"mobilenet_v2": 96, "xception": 96}, "full": {"mobilenet_v2": 224, "xception": 299}}
+
+
+def stacks_and_flips(run: Run) -> dict:
+    """Each base with real weights here (MobileNetV2, Xception) at its own size (quick: 96 px) built with
+    ``--tta flip``; the scikit-learn and Keras heads on each cache alone and on their stack, each measured
+    without and with test-time flips: validation and test accuracy, head seconds, and each option's
+    cost (the flips' share of the build, the stack's head seconds) beside the single best cache."""
+    from bottlecache.cache.build import build_cache
+    from bottlecache.train.heads import train_head
+
+    from .context import available_weights
+
+    sizes = STACK_SIZES["quick" if run.quick else "full"]
+    splits = lent_test_splits(run)
+    started = time.perf_counter()
+    caches, builds, skipped = {}, {}, {}
+    for name, size in sizes.items():
+        weights = available_weights(size).get(name)
+        if isinstance(weights, str) or weights is None:
+            skipped[name] = weights or "not registered"
+            continue
+        figures = {}
+        for tta in ("none", "flip"):  # the plain build only to price the flips
+            cache_dir = run.work_dir / f"stacks-{name}-{size}-{tta}"
+            report, seconds = _timed(lambda: build_cache(run.data, splits, image_size=size, weights=weights.path,
+                                                         cache_dir=cache_dir, model=name, tta=tta, engine=run.engine))
+            n = sum(s.n_processed for s in report.splits)
+            figures[tta] = {"seconds": seconds, "images": n, "inference_seconds": sum(s.seconds for s in report.splits),
+                            "bytes_per_image": report.file_size / n}
+            if tta == "flip":
+                caches[name] = report.path
+        figures["flip_inference_ratio"] = figures["flip"]["inference_seconds"] / figures["none"]["inference_seconds"]
+        builds[f"{name} {size}"] = figures
+    if not caches:
+        raise RuntimeError(f"no base has weights here: {skipped}")
+    features = {f"{name} {sizes[name]}": [path] for name, path in caches.items()}
+    if len(caches) > 1:
+        features["stack: " + " + ".join(f"{n} {sizes[n]}" for n in caches)] = list(caches.values())
+    rows = []
+    for label, paths in features.items():
+        for kind in ("sklearn", "keras"):
+            for tta in ("none", "flip"):
+                options = {"save": False} if kind == "sklearn" else {
+                    "epochs": run.epochs, "seed": run.seed,
+                    "out": run.work_dir / "heads" / f"stacks-{kind}-{tta}-{len(rows)}"}
+                head = train_head(paths, kind, tta=tta, **options)
+                rows.append({"features": label, "stack": len(paths) > 1, "kind": kind, "tta": tta,
+                             "accuracy": accuracy(head.metrics), "head_seconds": head.train_seconds})
+    singles = [r for r in rows if not r["stack"] and r["tta"] == "none"]
+    best_single = max(singles, key=lambda r: r["accuracy"]["validation"])
+    best = max(rows, key=lambda r: (r["accuracy"]["validation"], -r["stack"], r["tta"] == "none"))
+    for row in rows:
+        row["gain_points"] = 100 * (row["accuracy"]["validation"] - best_single["accuracy"]["validation"])
+    return {
+        "seconds": time.perf_counter() - started,
+        "builds": builds,
+        "skipped": skipped,
+        "heads": rows,
+        "best_single": best_single,
+        "best": best,
+        "accuracy": best["accuracy"],
+        "note": f"best {best['features']} {best['kind']}" + (" with flips" if best["tta"] == "flip" else "")
+                + f": validation {_percent(best['accuracy']['validation'])}, test {_percent(best['accuracy']['test'])};"
+                f" best single cache ({best_single['features']} {best_single['kind']}) "
+                f"{_percent(best_single['accuracy']['validation'])}, test {_percent(best_single['accuracy']['test'])}; "
+                + "; ".join(f"flips cost {b['flip_inference_ratio']:.2f}× the {k} build" for k, b in builds.items()),
+    }
+
+
 # 9. The registered bases side by side
 
 
@@ -1174,6 +1246,7 @@ CASES = {
     "export-litert-dynamic": export_litert_dynamic,
     "export-litert-int8": export_litert_int8,
     "sweep": sweep,
+    "stacks-and-flips": stacks_and_flips,
     "backbones": backbones,
 }
 
@@ -1182,9 +1255,10 @@ CASES = {
 _EXPORTS = ("export-keras", "export-saved-model", "export-litert", "export-litert-float16", "export-litert-dynamic",
             "export-litert-int8")
 GROUPS = (
-    tuple(name for name in CASES if name not in (*_EXPORTS, "sweep", "backbones", "build-startup")),
+    tuple(name for name in CASES if name not in (*_EXPORTS, "sweep", "stacks-and-flips", "backbones", "build-startup")),
     _EXPORTS,
     ("sweep",),
+    ("stacks-and-flips",),
     ("backbones",),
     ("build-startup",),  # fresh processes, the run's flatbuffer (converted by then for backbones)
 )

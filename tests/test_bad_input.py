@@ -745,6 +745,15 @@ BAD_VALUES: dict[str, list[Bad]] = {
     "cache audit data": paths("missing", "file", "empty folder"),
     "cache audit out_dir": paths("file", "under a file", "dangling symlink") + [
         Bad("an existing non-empty folder", _nonempty_folder)],
+    # --tta (cache build, train-head, predict, report, export, sweep) and sweep --stack (issue 27)
+    "tta": [const("mirror"), const(""), const("flip,none")],
+    "cache train-head tta": [const("mirror"), const(""), const("flip", id="flip on a cache without mirrors")],
+    "report tta": [const("mirror"), const(""), const("flip", id="flip on a head whose cache has no mirrors")],
+    "stack": [const("1"), const("5"), const("-1"), const("2", id="2 with one configuration")],
+    "cache train-head cache": CACHE_ARG_BAD + [
+        Bad("the same cache twice", lambda c: [c.w.cache, c.w.cache]),
+        Bad("a stack with a missing cache", lambda c: [c.w.cache, c.missing("gone.h5")]),
+    ],
     # --exclude FILE (cache train-head, finetune run, sweep): a file of keys of the cache
     "exclude": paths("missing", "folder", "empty file", "unreadable file", suffix=".txt") + [
         Bad("binary file", lambda c: [c.file("keys.txt", bytes(range(256)))]),

@@ -109,8 +109,9 @@ def test_an_int8_ray_build_equals_the_local_int8_build(ray_session, weights_path
     """``--precision int8`` on Ray: the driver converts (here: finds) and checks the int8 flatbuffer,
     every worker loads that one as it is (none converts or calibrates), and the rows equal a
     single-process int8 build's."""
-    from bottlecache.cache.ray_build import build_ray
     from conftest import copy_engines
+
+    from bottlecache.cache.ray_build import build_ray
 
     options = dict(image_size=SIZE, weights=str(weights_path), precision="int8", calibration_images=16)
     local = build_cache(cats_dogs, SPLITS, cache_dir=tmp_path / "local", **options)
@@ -128,8 +129,9 @@ def test_litert_workers_load_the_drivers_checked_flatbuffer(ray_session, weights
     finds recorded beside it: no Keras base, no probe), and the rows equal a local LiteRT build's."""
     import json
 
-    from bottlecache.cache.ray_build import build_ray
     from conftest import copy_engines
+
+    from bottlecache.cache.ray_build import build_ray
 
     local = build_cache(cats_dogs, SPLITS, image_size=SIZE, weights=weights_path, engine="litert",
                         cache_dir=copy_engines(converted(SIZE), tmp_path / "local"))

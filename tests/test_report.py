@@ -17,6 +17,7 @@ from conftest import error_line, invoke, open_in_browser
 from bottlecache.serve.report import calibration, confident_mistakes, threshold_curve, write_report
 from bottlecache.train.heads import train_head
 
+
 @pytest.fixture(scope="module")
 def weak_head(small_cache, tmp_path_factory):
     """A scikit-learn head regularised so hard that it makes mistakes on the 48 validation photos

@@ -187,6 +187,9 @@ def info(cache: Annotated[str, typer.Argument(help="Cache file or fingerprint pr
         return
     out.print(f"[bold]{record['path']}[/]")
     out.print(precision_line(record["config"], record["build"]), markup=False)
+    if record["config"].get("tta") == "flip":
+        out.print("test-time flips: every split but train also holds each image's mirror (cache build --tta flip)",
+                  markup=False)
     out.print(json.dumps({k: record[k] for k in ("fingerprint", "config", "build", "created")}, indent=2))
     rows = [[s, v["images"], v["skipped"], human_bytes(v["bytes"])] for s, v in record["splits"].items()]
     out.print(table("splits", ["split", "images", "skipped", "size"], rows))

@@ -299,6 +299,7 @@ class ExportRecord(Record):
     decode: Literal[DECODE_FULL, DECODE_FAST]  # type: ignore[valid-type]
     source: str
     evaluation: dict[str, Any] = Field(default_factory=dict)
+    tta: Literal["none", "flip"] = "none"  # flips inside the artifact (exports written before it: none)
     created: str
 
     @model_validator(mode="after")
