@@ -8,6 +8,7 @@ short ``note`` for the Markdown table.
 
 from __future__ import annotations
 
+import json
 import shutil
 import statistics
 import time
@@ -1143,6 +1144,71 @@ def stacks_and_flips(run: Run) -> dict:
     }
 
 
+# 8c. Heads at scale: train-head on a cache of a million rows (the run's cache repeated, virtually)
+
+SCALE_ROWS = {"full": (30_000, 1_000_000), "quick": (2_000, 20_000)}
+SCALE_MEMORY = "256M"  # the budget given to both heads: far below the large cache's pooled features
+
+
+def _peak_train_head(cache: Path, kind: str, out: Path, epochs: int) -> dict:
+    """``cache train-head`` in a fresh process (its own peak resident memory): seconds, peak MiB, params."""
+    import subprocess
+    import sys
+
+    code = ("import resource, subprocess, sys, json; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+            "print(json.dumps({'rc': r.returncode, 'out': r.stdout, 'err': r.stderr[-2000:], "
+            "'peak_kib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))")
+    command = [sys.executable, "-m", "bottlecache", "cache", "train-head", str(cache), "--kind", kind,
+               "--max-memory", SCALE_MEMORY, "--out", str(out), "--json"] + (["--epochs", str(epochs)] if kind == "keras" else [])
+    (result, seconds) = _timed(lambda: json.loads(subprocess.run([sys.executable, "-c", code, *command], check=True,
+                                                                 capture_output=True, text=True).stdout))
+    if result["rc"] != 0:
+        raise RuntimeError(f"train-head {kind} on {cache.name} failed: {result['err']}")
+    head = json.loads(result["out"])
+    return {"seconds": seconds, "peak_mib": result["peak_kib"] / 1024, "train_seconds": head["train_seconds"],
+            "params": head["params"], "accuracy": accuracy(head["metrics"])}
+
+
+def heads_at_scale(run: Run) -> dict:
+    """Both heads trained (``--max-memory 256M``) on the run's cache repeated to 30,000 and to 1,000,000
+    train rows (quick: 2,000 and 20,000; an HDF5 virtual dataset over the same file,
+    ``bottlecache.cache.virtual``), each in a fresh process: its peak resident memory and training rows
+    per second (the scikit-learn head's solver passes times rows, the Keras head's epochs times rows)."""
+    from bottlecache.cache.virtual import repeat_cache
+
+    build = run.build(run.engine)
+    small, large = SCALE_ROWS["quick" if run.quick else "full"]
+    out: dict = {"rows": {}, "memory_budget": SCALE_MEMORY}
+    started = time.perf_counter()
+    for n in (small, large):
+        path = repeat_cache(build.report.path, run.work_dir / f"scale-{n}",
+                            {"train": n, "validation": _split_rows(build, "validation")})
+        figures = {}
+        for kind in ("sklearn", "keras"):
+            result = _peak_train_head(path, kind, run.work_dir / "heads" / f"scale-{kind}-{n}", 1)
+            passes = result["params"].get("passes", 1) if kind == "sklearn" else result["params"].get("epochs_run", 1)
+            result["rows_per_second"] = n * passes / result["train_seconds"]
+            figures[kind] = result
+        out["rows"][str(n)] = figures
+    for kind in ("sklearn", "keras"):
+        out[f"{kind}_peak_growth_mib"] = out["rows"][str(large)][kind]["peak_mib"] - out["rows"][str(small)][kind]["peak_mib"]
+    out["seconds"] = time.perf_counter() - started
+    big = out["rows"][str(large)]
+    out["note"] = (f"{large:,} train rows, --max-memory {SCALE_MEMORY}: " + "; ".join(
+        f"{kind} peak {big[kind]['peak_mib']:.0f} MiB ({out[f'{kind}_peak_growth_mib']:+.0f} MiB over {small:,} rows), "
+        f"{big[kind]['rows_per_second']:,.0f} rows/s"
+        + ("" if big[kind]["params"].get("in_memory", True) else " (out of core)" if kind == "sklearn" else " (streamed)")
+        for kind in ("sklearn", "keras")))
+    return out
+
+
+def _split_rows(build, split: str) -> int:
+    from bottlecache.cache.store import Cache
+
+    with Cache(build.report.path) as cache:
+        return cache.n_examples(split)
+
+
 # 9. The registered bases side by side
 
 
@@ -1247,6 +1313,7 @@ CASES = {
     "export-litert-int8": export_litert_int8,
     "sweep": sweep,
     "stacks-and-flips": stacks_and_flips,
+    "heads-at-scale": heads_at_scale,
     "backbones": backbones,
 }
 
@@ -1255,10 +1322,12 @@ CASES = {
 _EXPORTS = ("export-keras", "export-saved-model", "export-litert", "export-litert-float16", "export-litert-dynamic",
             "export-litert-int8")
 GROUPS = (
-    tuple(name for name in CASES if name not in (*_EXPORTS, "sweep", "stacks-and-flips", "backbones", "build-startup")),
+    tuple(name for name in CASES if name not in (*_EXPORTS, "sweep", "stacks-and-flips", "heads-at-scale", "backbones",
+                                                     "build-startup")),
     _EXPORTS,
     ("sweep",),
     ("stacks-and-flips",),
+    ("heads-at-scale",),
     ("backbones",),
     ("build-startup",),  # fresh processes, the run's flatbuffer (converted by then for backbones)
 )

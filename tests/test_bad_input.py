@@ -749,6 +749,7 @@ BAD_VALUES: dict[str, list[Bad]] = {
     "tta": [const("mirror"), const(""), const("flip,none")],
     "cache train-head tta": [const("mirror"), const(""), const("flip", id="flip on a cache without mirrors")],
     "report tta": [const("mirror"), const(""), const("flip", id="flip on a head whose cache has no mirrors")],
+    "max_memory": [const("0"), const("-1G"), const("lots"), const("16Q"), const(""), const("2P", id="over a pebibyte")],
     "stack": [const("1"), const("5"), const("-1"), const("2", id="2 with one configuration")],
     "cache train-head cache": CACHE_ARG_BAD + [
         Bad("the same cache twice", lambda c: [c.w.cache, c.w.cache]),

@@ -7,7 +7,7 @@ what heads read from a ``Cache`` (splits, labels, keys, pooled features, the mir
 vector as a 1 × 1 map, so the Keras head (global pooling → dropout → dense) runs on it unchanged.
 
 The members must hold the same classes, the same splits and the same keys in each split, with the
-same labels; the first difference is refused in one line. A stack is named by the fingerprints of
+same labels, decoded the same way; the first difference is refused in one line. A stack is named by the fingerprints of
 its members, in order (``core.fingerprint.stack_fingerprint``).
 """
 
@@ -40,6 +40,7 @@ class StackedCache:
         self.config = first.config
         self.build_info = first.build_info
         self._order: dict[tuple[int, str], np.ndarray] = {}
+        self._read: dict[tuple[str, str], np.ndarray] = {}
         self._check()
 
     def _check(self) -> None:
@@ -59,6 +60,10 @@ class StackedCache:
             if member.class_names != first.class_names:
                 raise BottlecacheError(f"{name} has the classes {member.class_names}, {first.path.name} "
                                        f"{first.class_names}; a stack joins caches of the same photos.")
+            if member.config.get("decode") != first.config.get("decode"):
+                raise BottlecacheError(f"{name} was decoded {member.config.get('decode')!r}, {first.path.name} "
+                                       f"{first.config.get('decode')!r}; a stack's bases take each photo decoded the "
+                                       "same way (build both with or both without --fast-decode).")
             if sorted(member.splits) != sorted(first.splits):
                 raise BottlecacheError(f"{name} has the splits {', '.join(member.splits)}, {first.path.name} "
                                        f"{', '.join(first.splits)}; a stack joins caches of the same photos.")
@@ -122,27 +127,31 @@ class StackedCache:
     def keys(self, split: str) -> list[str]:
         return self.members[0].keys(split)
 
-    def _joined(self, split: str, read) -> np.ndarray:
-        parts = []
-        for i, member in enumerate(self.members):
-            values = read(member)
-            parts.append(values if i == 0 else values[self._order[(i, split)]])
-        return np.concatenate(parts, axis=1).astype(np.float32)
+    def _joined(self, split: str, what: str) -> np.ndarray:
+        """The members' ``what`` (pooled or mirrored pooled) of ``split`` side by side, read once
+        (a block read asks for it again)."""
+        if (split, what) not in self._read:
+            parts = []
+            for i, member in enumerate(self.members):
+                values = getattr(member, what)(split)
+                parts.append(values if i == 0 else values[self._order[(i, split)]])
+            self._read[(split, what)] = np.concatenate(parts, axis=1).astype(np.float32)
+        return self._read[(split, what)]
 
     def pooled(self, split: str, rows: slice | None = None) -> np.ndarray:
-        joined = self._joined(split, lambda m: m.pooled(split))
+        joined = self._joined(split, "pooled")
         return joined if rows is None else joined[rows]
 
     def features(self, split: str, rows: slice | None = None) -> np.ndarray:
         pooled = self.pooled(split, rows)
         return pooled.reshape(len(pooled), 1, 1, -1)
 
-    def mirrored_pooled(self, split: str) -> np.ndarray:
-        return self._joined(split, lambda m: m.mirrored_pooled(split))
+    def mirrored_pooled(self, split: str, rows: slice | None = None) -> np.ndarray:
+        joined = self._joined(split, "mirrored_pooled")
+        return joined if rows is None else joined[rows]
 
     def mirrored_features(self, split: str, rows: slice | None = None) -> np.ndarray:
-        pooled = self.mirrored_pooled(split)
-        pooled = pooled if rows is None else pooled[rows]
+        pooled = self.mirrored_pooled(split, rows)
         return pooled.reshape(len(pooled), 1, 1, -1)
 
     def dataset(self, split: str, what: str = "features", batch_size: int | None = None, keep=None):

@@ -618,9 +618,9 @@ class Cache:
         """The features of each image's mirror, (n, s, s, C), in a split other than train of a ``tta`` cache."""
         return self._read(split, "view_features", rows)[:, 0]
 
-    def mirrored_pooled(self, split: str) -> np.ndarray:
+    def mirrored_pooled(self, split: str, rows: slice | None = None) -> np.ndarray:
         """The pooled features of each image's mirror, (n, C) float32."""
-        return self._read(split, "view_pooled", None)[:, 0]
+        return self._read(split, "view_pooled", rows)[:, 0]
 
     @property
     def feature_shape(self) -> tuple[int, int, int]:

@@ -255,6 +255,7 @@ def train_head_command(
     exclude: Annotated[Optional[Path], typer.Option("--exclude", help="A file of keys, one a line, to leave out of training (cache audit writes exclude.txt).")] = None,
     calibrate: Annotated[bool, typer.Option("--calibrate", help="Fit a temperature on the validation split: calibrated probabilities, the same predictions.")] = False,
     tta: Annotated[str, typer.Option("--tta", help="none, or flip: measure the head on the mean of each image's and its mirror's logits (a cache built with --tta flip); predict, report and export do the same.")] = "none",
+    max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="Memory the features may take, e.g. 16M or 2G (default: a quarter of the free memory); above it the sklearn head fits out of core and the keras head streams.")] = None,
     as_json: JsonOpt = False,
 ):
     """Train a head on a cache's features (or on a stack of caches) and report its metrics on the other splits."""
@@ -264,7 +265,7 @@ def train_head_command(
     settings = HeadSettings(
         kind, C=c or (1.0,), epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer,
         dropout=dropout, seed=seed, early_stopping=early_stopping, class_weight=class_weight, views=views,
-        exclude=exclude, calibrate=calibrate, tta=tta,
+        exclude=exclude, calibrate=calibrate, tta=tta, max_memory=max_memory,
     )
     paths = [find_cache(spec, cache_dir) for spec in (cache or [None])]
     if cache is None and not as_json:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from pathlib import Path
 
 from .errors import BottlecacheError
@@ -103,6 +104,25 @@ def check_range(name: str, value, low, high, kind=int, *, high_open: bool = True
         upper = ")" if high_open else "]"
         raise BottlecacheError(f"The '{name}' option must be in [{low:g}, {high:g}{upper}. Got {value!r} instead.")
     return value
+
+
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)([kmgt]?)(?:i?b)?$", re.IGNORECASE)
+MAX_MEMORY = 1 << 50  # a pebibyte: more than any machine here, less than a float's rounding
+
+
+def parse_size(name: str, value) -> int:
+    """A memory size: bytes as an int, or text such as ``16M``, ``2G``, ``512k``, ``1.5GiB`` (powers of 1024)."""
+    if isinstance(value, bool):
+        raise BottlecacheError(f"The '{name}' option must be a size such as 16M or 2G. Got {value!r} instead.")
+    if isinstance(value, (int, float)):
+        return int(check_positive(name, value, type(value), maximum=MAX_MEMORY))
+    match = _SIZE.match(str(value).strip()) if isinstance(value, str) else None
+    if not match:
+        raise BottlecacheError(f"The '{name}' option must be a size such as 16M or 2G. Got {value!r} instead.")
+    number = float(match.group(1)) * 1024 ** "_kmgt".index(match.group(2).lower() or "_")
+    if not 1 <= number <= MAX_MEMORY:
+        raise BottlecacheError(f"The '{name}' option must be between 1 byte and 1P. Got {value!r} instead.")
+    return int(number)
 
 
 def check_seed(seed) -> int:

@@ -30,6 +30,7 @@ from ..core.options import (
     check_fraction,
     check_positive,
     check_seed,
+    parse_size,
     resolve_cache_dir,
     settings_with,
 )
@@ -131,6 +132,17 @@ class SklearnHead:
         model.fit(pooled, labels)
         self.coef_, self.intercept_, self.classes_ = model.coef_, model.intercept_, model.classes_
         self.n_classes_ = int(n_classes or self.classes_.max() + 1)
+        return self
+
+    def fit_blocks(self, blocks, labels: np.ndarray, n_features: int, n_classes: int | None = None) -> "SklearnHead":
+        """Fit from blocks of rows (``bottlecache.train.linear.fit_blocks``: the same objective as
+        ``fit``, memory for one block); ``labels`` the training rows' labels, all of them."""
+        from .linear import fit_blocks
+
+        found = fit_blocks(blocks, labels, n_features, self.C, class_weight=self.class_weight, max_iter=self.max_iter)
+        self.coef_, self.intercept_, self.classes_ = found.coef, found.intercept, found.classes
+        self.n_classes_ = int(n_classes or self.classes_.max() + 1)
+        self.passes_, self.converged_ = found.passes, found.converged
         return self
 
     def decision_function(self, features: np.ndarray) -> np.ndarray:
@@ -390,8 +402,10 @@ class HeadSettings:
     bottleneck: ``epochs``, ``batch_size``, ``learning_rate``, ``optimizer``, ``dropout``,
     ``seed``, ``early_stopping`` as a patience in epochs, ``shuffle``; the best epoch by
     validation loss is kept). ``class_weight`` ``balanced`` weighs each class by n / (k * its
-    count) for both kinds. ``train_split`` is the split fitted; ``max_memory`` the bytes of float32
-    features loaded whole (above it the Keras head streams from the file); ``views`` trains on the
+    count) for both kinds. ``train_split`` is the split fitted; ``max_memory`` (bytes, or ``"16M"``,
+    ``"2G"``; default a quarter of the free memory) the features a head may hold: above it the Keras
+    head streams from the file and the scikit-learn head fits out of core
+    (``bottlecache.train.linear``); ``views`` trains on the
     cache's augmented views (``bottlecache.train.views``). ``exclude``: keys left out of training (a
     file of keys, one a line, as ``cache audit`` writes, or the keys; ``bottlecache.train.exclusion``).
     ``calibrate``: fit a temperature on the validation split (``bottlecache.train.calibration``).
@@ -425,6 +439,8 @@ class HeadSettings:
         if self.exclude is not None and self.views:
             raise BottlecacheError("The 'exclude' option does not apply to --views yet; train without --views, or "
                                    "rebuild the cache without the excluded photos.")
+        if self.max_memory is not None:
+            object.__setattr__(self, "max_memory", parse_size("max_memory", self.max_memory))
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("class_weight", self.class_weight, CLASS_WEIGHTS)
         Cs = (self.C,) if isinstance(self.C, (int, float)) else tuple(self.C)
@@ -529,7 +545,7 @@ def train_head(cache, kind: str | None = None, *, settings: HeadSettings | None 
                     "pass one --C or build the cache with a validation split (--split validation=...)."
                 )
             result = _train_sklearn(cache, list(settings.C), train_split, has_validation, settings.class_weight, views,
-                                    keep)
+                                    keep, settings.max_memory or _memory_budget())
         else:
             result = _train_keras(
                 cache, n_classes, train_split, has_validation, epochs=settings.epochs, batch_size=settings.batch_size,
@@ -581,18 +597,21 @@ def calibrate(result: HeadResult, cache, tta: str = "none") -> None:
     }
 
 
+POOLED_BLOCK_ROWS = 16_384  # rows of pooled features a scikit-learn head is measured on at a time (64 MiB at 1280)
+
+
 def split_blocks(head, cache, split: str, tta: str = "none", block: int = 1024):
-    """What ``head`` takes of ``split``, block by block: the pooled features for a scikit-learn head,
-    the bottleneck for a Keras head. With ``tta`` ``flip``, the mean of each image's and its mirror's:
-    both heads are linear after the spatial mean, so their logits are the mean of the two images' logits."""
-    if head.kind == "sklearn":
-        x = cache.pooled(split)
-        yield x if tta == "none" else (x + cache.mirrored_pooled(split)) / 2
-        return
-    for i in range(0, cache.n_examples(split), block):
-        rows = slice(i, i + block)
-        x = cache.features(split, rows).astype(np.float32)
-        yield x if tta == "none" else (x + cache.mirrored_features(split, rows).astype(np.float32)) / 2
+    """What ``head`` takes of ``split``, block by block (memory holds one block): the pooled features
+    for a scikit-learn head, the bottleneck for a Keras head. With ``tta`` ``flip``, the mean of each
+    image's and its mirror's: both heads are linear after the spatial mean, so their logits are the
+    mean of the two images' logits."""
+    pooled = head.kind == "sklearn"
+    read, mirrored = (cache.pooled, cache.mirrored_pooled) if pooled else (cache.features, cache.mirrored_features)
+    step = POOLED_BLOCK_ROWS if pooled else block
+    for i in range(0, cache.n_examples(split), step):
+        rows = slice(i, i + step)
+        x = read(split, rows).astype(np.float32)
+        yield x if tta == "none" else (x + mirrored(split, rows).astype(np.float32)) / 2
 
 
 def head_logits(head, cache, split: str, tta: str = "none") -> np.ndarray:
@@ -603,28 +622,71 @@ def predict_split(head, cache, split: str, tta: str = "none") -> np.ndarray:
     return np.concatenate([head.predict_proba(x) for x in split_blocks(head, cache, split, tta)])
 
 
+# Bytes per pooled value a fit in memory holds: the float32 rows read, and scikit-learn's float64 copy.
+IN_MEMORY_BYTES_PER_VALUE = 12
+
+
 def _train_sklearn(cache, Cs, train_split, has_validation, class_weight="none", views: bool = False,
-                   keep=None) -> HeadResult:
+                   keep=None, max_memory: int | None = None) -> HeadResult:
+    n_rows = cache.n_examples(train_split) if keep is None else int(np.sum(keep))
+    n_features = cache.feature_shape[-1]
+    in_memory = views or max_memory is None or n_rows * n_features * IN_MEMORY_BYTES_PER_VALUE <= max_memory
     if views:
         x, y = pooled_rows(cache)
-    else:
+    elif in_memory:
         x, y = cache.pooled(train_split), cache.labels(train_split)
         if keep is not None:
             x, y = x[keep], y[keep]
+    else:  # out of core: the rows are read block by block on every pass of the solver
+        y = cache.labels(train_split) if keep is None else cache.labels(train_split)[keep]
+        blocks = training_blocks(cache, train_split, keep, rows_per_block(max_memory, n_features))
     selection, best = [], None
     started = time.perf_counter()
     for value in sorted(Cs):
-        head = SklearnHead(C=float(value), class_weight=class_weight).fit(x, y, n_classes=len(cache.class_names))
+        head = SklearnHead(C=float(value), class_weight=class_weight)
+        if in_memory:
+            head.fit(x, y, n_classes=len(cache.class_names))
+        else:
+            head.fit_blocks(blocks, y, n_features, n_classes=len(cache.class_names))
         score = None
         if has_validation and len(Cs) > 1:
-            proba = head.predict_proba(cache.pooled("validation"))
+            proba = predict_split(head, cache, "validation")
             score = float((proba.argmax(axis=1) == cache.labels("validation")).mean())
         selection.append({"C": float(value), "validation_accuracy": score})
         if best is None or (score is not None and score > best[0]):  # ties keep the smaller C
             best = (score, head)
     seconds = time.perf_counter() - started
-    params = {"C": best[1].C, "Cs": [float(c) for c in sorted(Cs)], "class_weight": class_weight}
+    params = {"C": best[1].C, "Cs": [float(c) for c in sorted(Cs)], "class_weight": class_weight,
+              "in_memory": in_memory}
+    if not in_memory:
+        params["passes"] = best[1].passes_  # reads of the training rows by the solver
+        params["converged"] = best[1].converged_
     return HeadResult(best[1], "sklearn", {}, seconds, params, selection=selection)
+
+
+def rows_per_block(max_memory: int, n_features: int) -> int:
+    """Rows of an out-of-core block: a quarter of the budget for the float32 rows, their float64
+    copy and the products (about 32 bytes a value), at least 256 rows."""
+    return int(max(256, min(1 << 20, max_memory // (32 * n_features))))
+
+
+def training_blocks(cache, split: str, keep, block: int):
+    """``blocks()`` for ``linear.fit_blocks``: the split's pooled rows ``block`` at a time, those ``keep``
+    leaves out skipped, each with its rows' positions among the rows kept."""
+    n = cache.n_examples(split)
+    position = None if keep is None else np.cumsum(keep) - 1
+
+    def blocks():
+        for lo in range(0, n, block):
+            hi = min(n, lo + block)
+            x = cache.pooled(split, slice(lo, hi))
+            if position is None:
+                yield slice(lo, hi), x
+            else:
+                kept = np.asarray(keep[lo:hi], bool)
+                yield position[lo:hi][kept], x[kept]
+
+    return blocks
 
 
 def _train_keras(cache, n_classes, train_split, has_validation, *, epochs, batch_size, learning_rate, optimizer,
