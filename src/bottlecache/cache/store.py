@@ -695,16 +695,16 @@ class Cache:
 
         kept = np.ones(n, bool) if keep is None else np.asarray(keep, bool)
 
-        def generate():
+        def generate():  # whole blocks: one Python step per block, not per row (tf.data unbatches them)
             for start in range(0, n, step):
                 block = self._read(split, what, slice(start, start + step)).astype(np.float32)
                 mask = kept[start : start + step]
-                yield from zip(block[mask], labels[start : start + step][mask])
+                yield block[mask], labels[start : start + step][mask]
 
         ds = tf.data.Dataset.from_generator(
             generate,
-            output_signature=(tf.TensorSpec(shape, tf.float32), tf.TensorSpec((), tf.int64)),
-        )
+            output_signature=(tf.TensorSpec((None, *shape), tf.float32), tf.TensorSpec((None,), tf.int64)),
+        ).unbatch()
         ds = ds.apply(tf.data.experimental.assert_cardinality(int(kept.sum())))
         return ds.batch(batch_size).prefetch(2) if batch_size else ds
 

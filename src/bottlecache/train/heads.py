@@ -38,6 +38,7 @@ from ..core.records import HEAD_FORMAT, RECORD_VERSION, HeadRecord, MetricsRecor
 from ..core.tf import import_keras
 from .calibration import ECE_BINS, expected_calibration_error, fit_temperature, mean_log_loss, probabilities_from_logits
 from .exclusion import Exclusion
+from .linear import fit_blocks
 from .views import ViewEpochs, check_views, pooled_rows
 
 KINDS = ("sklearn", "keras")
@@ -137,8 +138,6 @@ class SklearnHead:
     def fit_blocks(self, blocks, labels: np.ndarray, n_features: int, n_classes: int | None = None) -> "SklearnHead":
         """Fit from blocks of rows (``bottlecache.train.linear.fit_blocks``: the same objective as
         ``fit``, memory for one block); ``labels`` the training rows' labels, all of them."""
-        from .linear import fit_blocks
-
         found = fit_blocks(blocks, labels, n_features, self.C, class_weight=self.class_weight, max_iter=self.max_iter)
         self.coef_, self.intercept_, self.classes_ = found.coef, found.intercept, found.classes
         self.n_classes_ = int(n_classes or self.classes_.max() + 1)
