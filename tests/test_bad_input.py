@@ -718,6 +718,7 @@ BAD_VALUES: dict[str, list[Bad]] = {
         Bad("text named .jpg", lambda c: [c.file("text.jpg", b"not an image at all")]),
     ],
     "k": below(1) + [const("10001")],
+    "search": [const("faiss"), const("")],
     "threshold": [const("-0.1"), const("1.5")],
     # sweep: comma-separated lists; what every configuration shares is refused before any work
     "sweep image_size": [const("0"), const("-96"), const("150"), const(str(2**64), id="2**64"), const("96,abc"),

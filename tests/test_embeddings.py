@@ -10,11 +10,13 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import error_line, invoke
+from conftest import error_line, invoke, need_extra
 
 from bottlecache import build_cache, open_cache
+from bottlecache.cache.virtual import repeat_cache
 from bottlecache.core.errors import BottlecacheError
-from bottlecache.serve.embeddings import duplicates, neighbors, normalise, similar_pairs
+from bottlecache.serve import embeddings
+from bottlecache.serve.embeddings import UnitRows, duplicates, nearest_rows, neighbors, normalise, similar_pairs
 
 PLANTED = "validation/cats/planted-copy.jpg"
 WITHIN = "train/dogs/second-copy.jpg"
@@ -99,3 +101,69 @@ def test_bad_queries_are_one_line(leaky, tmp_path):
     assert "'threshold'" in error_line(invoke(["cache", "duplicates", report.path, "--threshold", "1.5"]))
     with pytest.raises(BottlecacheError, match="'threshold'"):
         duplicates(report.path, -0.1)
+
+
+def _cosines(cache) -> tuple[np.ndarray, np.ndarray]:
+    whole = normalise(np.concatenate([cache.pooled(s) for s in cache.splits]))
+    return whole, whole.astype(np.float64) @ whole.T.astype(np.float64)
+
+
+def _pairs_above(cosine: np.ndarray, threshold: float) -> set[tuple[int, int]]:
+    return {(int(i), int(j)) for i, j in zip(*np.nonzero(np.triu(cosine >= threshold - 1e-6, k=1)))}
+
+
+def test_blocks_of_rows_give_the_answers_of_the_whole_matrix(leaky, monkeypatch):
+    """Rows read from the file in blocks of 7 (the 26 rows span both splits and four blocks): the
+    rows, the nearest rows and the pairs are those of the whole cosine matrix in memory."""
+    monkeypatch.setattr(embeddings, "SEARCH_BLOCK", 7)
+    report, *_ = leaky
+    with open_cache(report.path) as cache:
+        whole, cosine = _cosines(cache)
+        rows = UnitRows(cache)
+        assert rows.shape == whole.shape and np.array_equal(rows[5:20], whole[5:20])
+        assert np.array_equal(rows[17], whole[17]) and np.array_equal(rows.take([20, 2, 20, 11]), whole[[20, 2, 20, 11]])
+        for query in (0, 13, 25):
+            found = nearest_rows(rows, whole[query], 5, exclude=query)
+            others = np.delete(np.arange(26), query)
+            expected = others[np.argsort(-cosine[query, others], kind="stable")][:5]
+            assert np.allclose([c for _, c in found], cosine[query, expected], atol=1e-5)
+            assert {i for i, _ in found[:4]} == set(expected[:4].tolist()) and query not in {i for i, _ in found}
+        for threshold in (0.5, 0.9):
+            assert {(i, j) for i, j, _ in similar_pairs(rows, threshold, search="exact")} == _pairs_above(cosine, threshold)
+
+
+@pytest.fixture(scope="module")
+def repeated(small_cache, tmp_path_factory):
+    """The small cache's 144 real rows, each 14 times (2,016 rows): every row has 13 exact copies."""
+    with open_cache(small_cache.path) as cache:
+        rows = {s: cache.n_examples(s) * 14 for s in cache.splits}
+    return repeat_cache(small_cache.path, tmp_path_factory.mktemp("repeated") / "caches", rows)
+
+
+def test_the_approximate_search_finds_the_exact_searchs_pairs(repeated):
+    """faiss's inverted lists (51 lists, 16 probed: most pairs are never compared) over the rows'
+    8-bit codes; every pair the exact search finds is found, with the same cosine."""
+    need_extra("faiss", "faiss")
+    with open_cache(repeated) as cache:
+        rows = UnitRows(cache)
+        assert len(rows) == 2016
+        _, cosine = _cosines(cache)
+        for threshold in (0.97, 0.7):
+            exact = similar_pairs(rows, threshold, search="exact")
+            approximate = similar_pairs(rows, threshold, search="approximate")
+            assert {(i, j) for i, j, _ in exact} == _pairs_above(cosine, threshold)
+            assert approximate == exact, threshold
+        assert len(exact) > 144 * 13 * 14 // 2  # at 0.7: the copies, and pairs of different photos besides
+    result = invoke(["cache", "duplicates", repeated, "--search", "approximate", "--json"])
+    assert result.exit_code == 0, result.output
+    found = json.loads(result.stdout)
+    assert found["search"] == "approximate" and found["n_pairs"] == len(duplicates(repeated, search="exact").pairs)
+
+
+def test_without_faiss_the_approximate_search_is_one_line(repeated, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # an import of faiss fails, as where it is not installed
+    line = error_line(invoke(["cache", "duplicates", repeated, "--search", "approximate"]))
+    assert "pip install 'bottlecache[faiss]'" in line and "--search exact" in line
+    assert duplicates(repeated, search="auto").search == "exact"  # 2,016 rows: below EXACT_MAX_ROWS, no faiss needed

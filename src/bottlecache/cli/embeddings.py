@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from ..serve.embeddings import DEFAULT_K, DEFAULT_THRESHOLD
+from ..serve.embeddings import DEFAULT_K, DEFAULT_THRESHOLD, EXACT_MAX_ROWS
 from ._common import CacheDirOpt, JsonOpt, RichProgress, WeightsOpt, err, handle_errors, out, print_json, table
 
 MAX_ROWS_SHOWN = 50
@@ -37,6 +37,7 @@ def neighbors(
 def duplicates(
     cache: Annotated[str, typer.Argument(help="Cache file or fingerprint prefix.")],
     threshold: Annotated[float, typer.Option(help="Cosine of the pooled features at or above which two images are near-duplicates.")] = DEFAULT_THRESHOLD,
+    search: Annotated[str, typer.Option(help=f"exact (every pair: quadratic), approximate (an index's candidates checked exactly; needs faiss: pip install 'bottlecache[faiss]'), or auto: exact up to {EXACT_MAX_ROWS:,} images.")] = "auto",
     cache_dir: CacheDirOpt = None,
     as_json: JsonOpt = False,
 ):
@@ -44,7 +45,7 @@ def duplicates(
     from ..serve.embeddings import duplicates as find_duplicates
 
     with RichProgress(quiet=as_json) as progress:
-        result = find_duplicates(cache, threshold, cache_dir=cache_dir, progress=progress)
+        result = find_duplicates(cache, threshold, search=search, cache_dir=cache_dir, progress=progress)
     if as_json:
         print_json(result.to_dict())
         return
@@ -56,5 +57,6 @@ def duplicates(
     if len(result.pairs) > MAX_ROWS_SHOWN:
         err.print(f"(the first {MAX_ROWS_SHOWN} of {len(result.pairs)} pairs; --json lists all)", markup=False)
     counts = ", ".join(f"{where} {n}" for where, n in sorted(result.counts.items())) or "none"
-    out.print(f"{len(result.pairs)} pair(s) among {result.n_images} images in {result.seconds:.2f} s ({counts}); "
+    out.print(f"{len(result.pairs)} pair(s) among {result.n_images} images in {result.seconds:.2f} s, {result.search} "
+              f"search ({counts}); "
               f"{len(result.leakage)} across splits (leakage)", markup=False)

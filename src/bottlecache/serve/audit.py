@@ -39,7 +39,7 @@ from ..core.options import (
 )
 from ..data.sources import open_source
 from ..train.heads import MAX_C, SklearnHead, check_new_folder
-from .embeddings import DEFAULT_THRESHOLD, DuplicatesResult, Embeddings, duplicate_pairs, load_embeddings
+from .embeddings import DEFAULT_THRESHOLD, DuplicatesResult, Embeddings, duplicate_pairs, load_embeddings, normalise
 from .report import CSS, _h, thumbnails
 
 DEFAULT_FOLDS = 10
@@ -133,6 +133,7 @@ def audit(cache, *, settings: AuditSettings | None = None, out=None, write: bool
         source = _thumbnail_source(data, cache.build_info.get("data") or {}, cache.config) if write else None
         emb = load_embeddings(cache)
         raw = np.concatenate([cache.pooled(split) for split in cache.splits]).astype(np.float32)
+        emb.vectors = normalise(raw)  # the audit's heads and outliers hold every row in memory (docs/audit.md)
         result = _audit(cache.path, emb, raw, settings, cleanlab, progress)
     finally:
         if opened:

@@ -1,11 +1,14 @@
 """The cache's pooled features as embeddings: nearest neighbours of an image, near-duplicate pairs.
 
 Similarity is the cosine of the pooled (1280,) features, the spatial mean of the bottleneck that
-every cache stores. Both searches use scikit-learn's ``NearestNeighbors`` (brute force, metric
-``cosine``: distance = 1 - cosine); on the 3,000 shared photos that was as fast as a blocked
-NumPy matrix product and 2-3x faster than the Euclidean metric on unit vectors (docs/report.md),
-so no other library is used. A near-duplicate pair in two different splits is the same photo (or nearly) on
-both sides of an evaluation: train/test leakage, reported as such. See docs/report.md.
+every cache stores. The rows are read from the cache block by block (``UnitRows``), so memory holds
+two blocks whatever the cache's size. Neighbours of one image are an exact scan (linear in the
+rows: an index would cost more to build than one scan). Near-duplicate pairs are exact (blocks
+against blocks, quadratic) up to ``EXACT_MAX_ROWS`` rows, and above it come from an approximate
+index (faiss, an optional extra: inverted lists over 8-bit codes) whose candidates are checked
+against the exact cosine; both find the same pairs on the shared photos (docs/report.md). A
+near-duplicate pair in two different splits is the same photo (or nearly) on both sides of an
+evaluation: train/test leakage, reported as such.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import numpy as np
 
 from ..cache.store import Cache, open_cache
 from ..core.errors import BottlecacheError
-from ..core.options import DEFAULT_MODEL, check_positive, check_range, resolve_cache_dir
+from ..core.options import DEFAULT_MODEL, check_choice, check_positive, check_range, resolve_cache_dir
+from ..core.progress import NullProgress
 from ..core.records import DECODE_FAST
 from ..data.sources import describe_failure, load_image
 from ..models.backbone import load_backbone, resolve_weights
@@ -26,14 +30,60 @@ from ..models.backbone import load_backbone, resolve_weights
 DEFAULT_K = 5
 MAX_K = 10_000
 DEFAULT_THRESHOLD = 0.97  # cosine; see docs/report.md for what it finds on the shared photos
-QUERY_BLOCK = 1024  # rows per radius query: bounds memory, and steps the progress bar
+SEARCH_BLOCK = 4096  # rows compared at a time: two blocks of 20 MiB at 1280 features, and their products
+SEARCHES = ("auto", "exact", "approximate")
+# ``auto`` above this many rows: the approximate index. Exact pairs are quadratic (about 25 s for
+# 30,000 rows on this 2-core machine, so about 70 s here); measured in docs/report.md.
+EXACT_MAX_ROWS = 50_000
+FAISS_HINT = "pip install 'bottlecache[faiss]' (or pip install faiss-cpu)"
+
+
+class UnitRows:
+    """The pooled rows of every split of an open cache, in split order, scaled to unit length as
+    they are read: ``rows[lo:hi]`` (a block), ``rows[i]`` (one row), ``rows.take(indices)``. Nothing
+    is held: each read goes to the file (the cache must stay open)."""
+
+    def __init__(self, cache):
+        self.cache, self.parts, start = cache, [], 0
+        for split in cache.splits:
+            n = cache.n_examples(split)
+            self.parts.append((split, start, start + n))
+            start += n
+        self.shape = (start, int(cache.feature_shape[-1]))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows):
+        if isinstance(rows, (int, np.integer)):
+            return self[int(rows) : int(rows) + 1][0]
+        lo, hi, _ = rows.indices(len(self))
+        blocks = [self.cache.pooled(split, slice(max(lo, a) - a, min(hi, b) - a))
+                  for split, a, b in self.parts if max(lo, a) < min(hi, b)]
+        return normalise(np.concatenate(blocks) if blocks else np.zeros((0, self.shape[1]), np.float32))
+
+    def take(self, indices) -> np.ndarray:
+        """The rows at ``indices`` (any order), each split read once at its sorted indices."""
+        indices = np.asarray(indices, dtype=np.int64)
+        out = np.empty((len(indices), self.shape[1]), np.float32)
+        for split, a, b in self.parts:
+            mine = np.flatnonzero((indices >= a) & (indices < b))
+            if len(mine):
+                wanted, where = np.unique(indices[mine] - a, return_inverse=True)
+                out[mine] = normalise(self.cache.file[split]["pooled"][wanted])[where]
+        return out
+
+
+def take(vectors, indices) -> np.ndarray:
+    """Rows of an array or of ``UnitRows`` at ``indices``."""
+    return vectors.take(indices) if isinstance(vectors, UnitRows) else np.asarray(vectors)[np.asarray(indices)]
 
 
 @dataclass
 class Embeddings:
     """Every cached row of every split: unit-length pooled features, and where each came from."""
 
-    vectors: np.ndarray  # (N, 1280) float32, L2-normalised
+    vectors: UnitRows | np.ndarray  # (N, 1280) float32, L2-normalised; UnitRows reads them from the cache
     splits: list[str]  # per row
     keys: list[str]
     labels: np.ndarray
@@ -51,14 +101,14 @@ def normalise(x: np.ndarray) -> np.ndarray:
 
 
 def load_embeddings(cache) -> Embeddings:
-    """All splits of an open ``Cache``, in the cache's split order."""
-    vectors, splits, keys, labels = [], [], [], []
+    """All splits of an open ``Cache``, in the cache's split order; the vectors stay in the file
+    (``UnitRows``), so the cache must stay open while they are used."""
+    splits, keys, labels = [], [], []
     for split in cache.splits:
-        vectors.append(cache.pooled(split))
         keys += cache.keys(split)
         splits += [split] * cache.n_examples(split)
         labels.append(cache.labels(split))
-    return Embeddings(normalise(np.concatenate(vectors)), splits, keys, np.concatenate(labels), list(cache.class_names))
+    return Embeddings(UnitRows(cache), splits, keys, np.concatenate(labels), list(cache.class_names))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,10 +152,12 @@ def neighbors(cache, query, k: int = DEFAULT_K, *, weights=None, cache_dir=None)
         else:
             exclude = find_key(emb, str(query), cache.path)
             vector, described = emb.vectors[exclude], emb.row(exclude)
+        found = nearest_rows(emb.vectors, vector, k, exclude)
     finally:
         if opened:
             cache.close()
-    return NeighborsResult(described, _nearest(emb, vector, k, exclude))
+    return NeighborsResult(described, [{"rank": rank, **emb.row(i), "cosine": cosine}
+                                       for rank, (i, cosine) in enumerate(found, 1)])
 
 
 def find_key(emb: Embeddings, key: str, where) -> int:
@@ -139,25 +191,19 @@ def image_pooled(cache, path: Path, weights=None) -> np.ndarray:
     return features.mean(axis=(1, 2))
 
 
-def _nearest(emb: Embeddings, vector: np.ndarray, k: int, exclude: int | None) -> list[dict]:
-    from sklearn.neighbors import NearestNeighbors
-
-    n = len(emb.keys)
-    wanted = min(n, k + (exclude is not None))
-    if wanted == 0:
-        return []
-    index = NearestNeighbors(n_neighbors=wanted, algorithm="brute", metric="cosine").fit(emb.vectors)
-    distances, rows = index.kneighbors(vector[None], return_distance=True)
-    out = []
-    for distance, row in zip(distances[0], rows[0]):
-        if row == exclude or len(out) == k:
-            continue
-        out.append({"rank": len(out) + 1, **emb.row(int(row)), "cosine": cosine_from_distance(distance)})
-    return out
-
-
-def cosine_from_distance(distance: float) -> float:
-    return float(np.clip(1.0 - distance, -1.0, 1.0))
+def nearest_rows(vectors, vector: np.ndarray, k: int, exclude: int | None = None) -> list[tuple[int, float]]:
+    """(row, cosine) of the ``k`` unit ``vectors`` nearest ``vector``, most similar first (ties: the
+    lower row), ``exclude`` left out: an exact scan, block by block."""
+    best_rows, best_cosines = np.zeros(0, np.int64), np.zeros(0, np.float64)
+    for lo in range(0, len(vectors), SEARCH_BLOCK):
+        cosines = (vectors[lo : lo + SEARCH_BLOCK] @ vector).astype(np.float64)
+        rows = np.arange(lo, lo + len(cosines))
+        if exclude is not None and lo <= exclude < lo + len(cosines):
+            cosines, rows = np.delete(cosines, exclude - lo), np.delete(rows, exclude - lo)
+        best_rows, best_cosines = np.concatenate([best_rows, rows]), np.concatenate([best_cosines, cosines])
+        order = np.lexsort((best_rows, -best_cosines))[:k]
+        best_rows, best_cosines = best_rows[order], best_cosines[order]
+    return [(int(i), float(np.clip(c, -1.0, 1.0))) for i, c in zip(best_rows, best_cosines)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,41 +217,46 @@ class DuplicatesResult:
     seconds: float
     pairs: list[dict] = field(default_factory=list)  # a, b (rows), cosine, leakage, same_label
     counts: dict[str, int] = field(default_factory=dict)  # "train" / "train-validation" → pairs
+    search: str = "exact"  # or "approximate" (the index's candidates, each checked exactly)
 
     @property
     def leakage(self) -> list[dict]:
         return [p for p in self.pairs if p["leakage"]]
 
     def to_dict(self) -> dict:
-        return {"threshold": self.threshold, "n_images": self.n_images, "seconds": round(self.seconds, 3),
-                "n_pairs": len(self.pairs), "n_leakage": len(self.leakage), "counts": self.counts, "pairs": self.pairs}
+        return {"threshold": self.threshold, "n_images": self.n_images, "search": self.search,
+                "seconds": round(self.seconds, 3), "n_pairs": len(self.pairs), "n_leakage": len(self.leakage),
+                "counts": self.counts, "pairs": self.pairs}
 
 
-def duplicates(cache, threshold: float = DEFAULT_THRESHOLD, *, cache_dir=None, progress=None) -> DuplicatesResult:
+def duplicates(cache, threshold: float = DEFAULT_THRESHOLD, *, search: str = "auto", cache_dir=None,
+               progress=None) -> DuplicatesResult:
     """Every pair of cached images whose pooled features have a cosine of at least ``threshold``,
     within a split and across splits (leakage), most similar first.
 
-    ``progress`` (optional) gets ``start_split("pairs", n, 0)`` and ``advance("pairs", rows)``.
+    ``search``: ``exact`` (every pair, block by block: quadratic), ``approximate`` (an index's
+    candidates, each checked exactly: faiss, an optional extra), or ``auto`` (exact up to
+    ``EXACT_MAX_ROWS`` rows). ``progress`` (optional) gets ``start_split("pairs", n, 0)`` and
+    ``advance("pairs", rows)`` (the approximate search first reports its index as ``"index"``).
     """
 
     check_range("threshold", threshold, 0.0, 1.0, float, high_open=False)
+    check_choice("search", search, SEARCHES)
     resolve_cache_dir(cache_dir)
     opened = not isinstance(cache, Cache)
     cache = open_cache(cache, cache_dir) if opened else cache
     try:
-        emb = load_embeddings(cache)
+        return duplicate_pairs(load_embeddings(cache), threshold, progress, search)
     finally:
         if opened:
             cache.close()
-    return duplicate_pairs(emb, threshold, progress)
 
 
-def duplicate_pairs(emb: Embeddings, threshold: float, progress=None) -> DuplicatesResult:
+def duplicate_pairs(emb: Embeddings, threshold: float, progress=None, search: str = "auto") -> DuplicatesResult:
     """``duplicates`` over embeddings already loaded (the audit's)."""
-    import sklearn.neighbors  # noqa: F401  (imported before the clock starts: seconds are the search's)
-
+    search = resolve_search(search, len(emb.keys))
     started = time.perf_counter()
-    found = similar_pairs(emb.vectors, threshold, progress)
+    found = similar_pairs(emb.vectors, threshold, progress, search)
     seconds = time.perf_counter() - started
     pairs, counts = [], {}
     for i, j, cosine in found:
@@ -214,27 +265,126 @@ def duplicate_pairs(emb: Embeddings, threshold: float, progress=None) -> Duplica
         counts[where] = counts.get(where, 0) + 1
         pairs.append({"a": a, "b": b, "cosine": cosine, "leakage": a["split"] != b["split"],
                       "same_label": a["label"] == b["label"]})
-    return DuplicatesResult(float(threshold), len(emb.keys), seconds, pairs, counts)
+    return DuplicatesResult(float(threshold), len(emb.keys), seconds, pairs, counts, search)
 
 
-def similar_pairs(vectors: np.ndarray, threshold: float, progress=None) -> list[tuple[int, int, float]]:
-    """(i, j, cosine) with i < j and cosine ≥ ``threshold`` among unit ``vectors``, most similar first."""
-    from sklearn.neighbors import NearestNeighbors
+def resolve_search(search: str, n_rows: int) -> str:
+    check_choice("search", search, SEARCHES)
+    if search == "auto":
+        return "exact" if n_rows <= EXACT_MAX_ROWS else "approximate"
+    return search
 
-    n = len(vectors)
-    radius = 1.0 - threshold + 1e-6  # float32 rounding: an exact copy may be at a distance of ~1e-7
-    index = NearestNeighbors(radius=radius, algorithm="brute", metric="cosine").fit(vectors)
-    if progress is not None:
-        progress.start_split("pairs", n, 0)
+
+def similar_pairs(vectors, threshold: float, progress=None, search: str = "exact") -> list[tuple[int, int, float]]:
+    """(i, j, cosine) with i < j and cosine ≥ ``threshold`` among unit ``vectors`` (an array or
+    ``UnitRows``), most similar first. The cosine of every pair found is computed exactly (float64)."""
+    search = resolve_search(search, len(vectors))
+    progress = progress if progress is not None else NullProgress()
+    pairs = _exact_pairs(vectors, threshold, progress) if search == "exact" else \
+        _approximate_pairs(vectors, threshold, progress)
+    i, j, cosine = pairs
+    order = np.lexsort((j, i, -cosine))
+    return [(int(i[k]), int(j[k]), float(cosine[k])) for k in order]
+
+
+# float32 products of unit rows are off by up to ~1e-6 per 1280 terms: candidates are taken this far
+# below the threshold and kept if their float64 cosine reaches it (an exact copy: 1 - 1e-7, kept at 1.0)
+CANDIDATE_SLACK = 1e-4
+THRESHOLD_TOLERANCE = 1e-6
+
+
+def _later(i: np.ndarray, j: np.ndarray):
+    """The pairs with j > i: each pair once, no row with itself."""
+    keep = j > i
+    return i[keep], j[keep]
+
+
+def _exact_cosines(i, j, left: np.ndarray, right: np.ndarray, threshold: float):
+    """The candidate pairs (i, j), rows ``left`` and ``right``, whose float64 cosine reaches ``threshold``."""
+    cosine = np.clip(np.einsum("ij,ij->i", left.astype(np.float64), right.astype(np.float64)), -1.0, 1.0)
+    keep = cosine >= threshold - THRESHOLD_TOLERANCE
+    return i[keep], j[keep], cosine[keep]
+
+
+def _exact_pairs(vectors, threshold: float, progress):
+    """Every block of rows against itself and every later block: memory holds two blocks."""
+    n, found = len(vectors), []
+    progress.start_split("pairs", n, 0)
+    for lo in range(0, n, SEARCH_BLOCK):
+        a = vectors[lo : lo + SEARCH_BLOCK]
+        for lo_b in range(lo, n, SEARCH_BLOCK):
+            b = a if lo_b == lo else vectors[lo_b : lo_b + SEARCH_BLOCK]
+            i, j = np.nonzero(a @ b.T >= threshold - CANDIDATE_SLACK)
+            i, j = _later(i + lo, j + lo_b)
+            if len(i):
+                found.append(_exact_cosines(i, j, a[i - lo], b[j - lo_b], threshold))
+        progress.advance("pairs", len(a))
+    progress.end_split("pairs")
+    return _joined(found)
+
+
+def _joined(found):
+    if not found:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    return tuple(np.concatenate(parts) for parts in zip(*found))
+
+
+# The approximate index: inverted lists (about 4 √N of them, each trained on at least 39 rows, as
+# faiss asks) over 8-bit codes of the rows (1 byte a feature: 1.2 GiB for 1 M rows of 1280); each
+# query scans the NPROBE lists nearest it. Codes shift a cosine by about 1e-3, so candidates are
+# taken APPROXIMATE_MARGIN below the threshold, then checked against the rows' exact cosine.
+NPROBE = 16
+APPROXIMATE_MARGIN = 0.02
+TRAINING_ROWS_PER_LIST = 64
+
+
+def _approximate_pairs(vectors, threshold: float, progress):
+    faiss = import_faiss()
+    n, d = len(vectors), vectors.shape[1]
+    if n < 2:
+        return _joined([])
+    lists = max(1, min(int(4 * np.sqrt(n)), n // 39))
+    quantizer = faiss.IndexFlatIP(d)  # held here: the index does not own it
+    index = faiss.IndexIVFScalarQuantizer(quantizer, d, lists, faiss.ScalarQuantizer.QT_8bit,
+                                          faiss.METRIC_INNER_PRODUCT)
+    sample = np.sort(np.random.default_rng(0).choice(n, min(n, lists * TRAINING_ROWS_PER_LIST), replace=False))
+    index.train(np.ascontiguousarray(take(vectors, sample)))
+    progress.start_split("index", n, 0)
+    for lo in range(0, n, SEARCH_BLOCK):
+        block = np.ascontiguousarray(vectors[lo : lo + SEARCH_BLOCK])
+        index.add(block)
+        progress.advance("index", len(block))
+    progress.end_split("index")
+    index.nprobe = min(lists, NPROBE)
     found = []
-    for lo in range(0, n, QUERY_BLOCK):
-        distances, rows = index.radius_neighbors(vectors[lo : lo + QUERY_BLOCK], return_distance=True)
-        for offset, (ds, js) in enumerate(zip(distances, rows)):
-            i = lo + offset
-            for d, j in zip(ds, js):
-                cosine = cosine_from_distance(d)
-                if j > i and cosine >= threshold - 1e-6:
-                    found.append((i, int(j), cosine))
-        if progress is not None:
-            progress.advance("pairs", min(QUERY_BLOCK, n - lo))
-    return sorted(found, key=lambda p: (-p[2], p[0], p[1]))
+    progress.start_split("pairs", n, 0)
+    for lo in range(0, n, SEARCH_BLOCK):
+        a = np.ascontiguousarray(vectors[lo : lo + SEARCH_BLOCK])
+        limits, _, rows = index.range_search(a, float(threshold - APPROXIMATE_MARGIN))
+        # a pair the index finds from either side counts (its lists are probed per query): each
+        # is written low row first, and kept once
+        q, r = np.repeat(np.arange(len(a)), np.diff(limits).astype(np.int64)) + lo, rows.astype(np.int64)
+        keep = q != r
+        found.append(np.unique(np.minimum(q, r)[keep] * n + np.maximum(q, r)[keep]))
+        progress.advance("pairs", len(a))
+    progress.end_split("pairs")
+    codes = np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
+    return _checked(vectors, codes // n, codes % n, threshold)
+
+
+def _checked(vectors, i: np.ndarray, j: np.ndarray, threshold: float):
+    """The candidate pairs whose exact cosine reaches ``threshold``, read a block of pairs at a time."""
+    checked = []
+    for lo in range(0, len(i), SEARCH_BLOCK):
+        a, b = i[lo : lo + SEARCH_BLOCK], j[lo : lo + SEARCH_BLOCK]
+        checked.append(_exact_cosines(a, b, take(vectors, a), take(vectors, b), threshold))
+    return _joined(checked)
+
+
+def import_faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise BottlecacheError(f"The approximate search needs faiss, an optional extra: {FAISS_HINT}; or pass "
+                               "--search exact (quadratic in the rows).") from None
+    return faiss
