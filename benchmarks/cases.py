@@ -394,49 +394,91 @@ def cache_update(run: Run) -> dict:
     return out
 
 
-RAY_SHARD_ROWS = 256  # the photos in a dozen shards, so that both workers of this machine stay busy
+# The photos repeated (links) to at least RAY_IMAGES, in shards of RAY_SHARD_ROWS: a dozen shards, six
+# per worker of this machine, so each worker's steady rate is measured over five shards after its first
+RAY_IMAGES = {"full": 12_000, "quick": 768}
+RAY_SHARD_ROWS = {"full": 1024, "quick": 64}
 PROJECTED_IMAGES = (1_000_000, 14_000_000)
 PROJECTED_WORKERS = 100
 
 
+def _repeated_photos(source, root: Path, n_images: int) -> Path:
+    """Links to every photo of ``source`` (all splits), repeated under new names until there are at least
+    ``n_images``, in ``root/train/<class>/``: a large folder of real photos without the disk."""
+    for copy in range(-(-n_images // sum(s.n_examples for s in source.splits.values()))):
+        for split_name, part in source.splits.items():
+            for path, label in zip(part.paths, part.labels):
+                folder = root / "train" / source.class_names[label]
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / f"c{copy}-{split_name}-{Path(path).name}").symlink_to(Path(path).resolve())
+    return root
+
+
 def cache_build_ray(run: Run) -> dict:
-    """``--executor ray`` on a local Ray (this machine's cores) against the single-process build of
-    the same run (wall seconds of both, engine and model loading included), and a projection."""
-    local = run.build(run.engine)
-    build = run.build(run.engine, executor="ray", shard_size=RAY_SHARD_ROWS)
-    report = build.report
+    """``--executor ray`` on a local Ray (this machine's cores, one worker per core) against the
+    single-process build of the same photos in the same run: at least 12,000 images (the run's photos
+    repeated; quick: 768), shards of 1,024. Each worker's steady rate (its shards after its first, its
+    engine loaded) against the local build's rate per core (its images over its inference seconds,
+    start-up apart, over the cores it used); every start-up reported apart; and the cost model
+    (worker-hours for 1 M and 14 M photos) from the steady rate."""
+    from bottlecache.cache.build import build_cache
+
+    kind = "quick" if run.quick else "full"
+    data = _repeated_photos(run.source(), run.work_dir / "ray-photos", RAY_IMAGES[kind])
+    builds = {}
+    for executor in ("local", "ray"):
+        cache_dir = run.work_dir / f"cache-ray-case-{executor}"
+        run.give_flatbuffer(cache_dir, run.engine)
+        (report, seconds) = _timed(lambda: build_cache(
+            str(data), ["train"], image_size=run.image_size, weights=run.weights.path, model=run.weights.model,
+            cache_dir=cache_dir, engine=run.engine, executor=executor, reuse=False,
+            shard_size=RAY_SHARD_ROWS[kind] if executor == "ray" else None))
+        builds[executor] = (report, seconds)
+    (local, local_seconds), (report, seconds) = builds["local"], builds["ray"]
     n_images = sum(s.n_processed for s in report.splits)
-    startup = report.ray_startup_seconds
+    cores = usable_cores()
+    local_split = local.splits[0]
+    local_per_core = local_split.n_processed / local_split.seconds / cores
     rows = report.shard_rows
-    # one worker's rate: rows over the seconds its shards took inside it (its engine already loaded)
-    per_worker = sum(r["hi"] - r["lo"] for r in rows) / sum(r["seconds"] for r in rows)
+    steady_rows = [r for r in rows if not r["worker_first"]] or rows
+    steady = sum(r["hi"] - r["lo"] for r in steady_rows) / sum(r["seconds"] for r in steady_rows)
+    first_rows = [r for r in rows if r["worker_first"]]
+    first = sum(r["hi"] - r["lo"] for r in first_rows) / sum(r["seconds"] for r in first_rows)
+    worker_startup = statistics.mean(r["worker_startup_seconds"] for r in first_rows)
+    ratio = steady / local_per_core
+    # the cost model: each worker pays its start-up once, then runs at the steady rate
     projection = {
-        str(n): {"worker_hours": n / per_worker / 3600,
-                 f"hours_on_{PROJECTED_WORKERS}_workers": n / per_worker / PROJECTED_WORKERS / 3600}
+        str(n): {"worker_hours": n / steady / 3600 + PROJECTED_WORKERS * worker_startup / 3600,
+                 f"hours_on_{PROJECTED_WORKERS}_workers": (n / steady / PROJECTED_WORKERS + worker_startup) / 3600}
         for n in PROJECTED_IMAGES
     }
-    ratio = local.seconds / build.seconds
-    ratio_without = local.seconds / (build.seconds - startup)
     return {
-        "seconds": build.seconds,
+        "seconds": seconds,
         "images": n_images,
-        "images_per_second": n_images / build.seconds,
-        "images_per_second_without_startup": n_images / (build.seconds - startup),
-        "ray_startup_seconds": startup,
+        "images_per_second": n_images / seconds,
+        "steady_images_per_second_per_worker": steady,
+        "local_images_per_second_per_core": local_per_core,
+        "steady_ratio_to_local_per_core": ratio,
+        "first_shard_images_per_second_per_worker": first,
+        "ray_startup_seconds": report.ray_startup_seconds,
+        "worker_startup_seconds": worker_startup,
+        "join_seconds": report.join_seconds,
         "workers": report.workers,
         "shards": report.n_shards,
-        "shard_rows": RAY_SHARD_ROWS,
+        "shard_rows": RAY_SHARD_ROWS[kind],
         "engine": report.engine,
-        "local_seconds": local.seconds,
-        "ratio_to_cache_build": ratio,
-        "ratio_to_cache_build_without_startup": ratio_without,
-        "per_worker_images_per_second": per_worker,
+        "local_seconds": local_seconds,
+        "local_startup_seconds": local.startup_seconds,
+        "local_cores": cores,
+        "ratio_to_cache_build": local_seconds / seconds,
         "projection": projection,
-        "projection_note": "PROJECTION, not measured: images / the measured per-worker rate, assuming linear "
-                           "scaling and a shared file system that keeps up",
-        "note": f"{report.workers} workers, {report.n_shards} shards of {RAY_SHARD_ROWS}; Ray start-up {startup:.1f} s; "
-                f"{ratio:.2f} of cache-build's speed ({ratio_without:.2f} without start-up); projected "
-                f"(not measured) 14 M images: {projection['14000000']['worker_hours']:.0f} worker-hours",
+        "projection_note": "PROJECTION, not measured: each worker's start-up once, then images at the measured "
+                           "steady rate, assuming linear scaling and a shared file system that keeps up",
+        "note": f"{n_images:,} images, {report.workers} workers, {report.n_shards} shards of {RAY_SHARD_ROWS[kind]}: "
+                f"steady {steady:.0f} img/s per worker, {ratio:.2f} of the local build's {local_per_core:.0f} per core; "
+                f"start-up apart: Ray {report.ray_startup_seconds:.1f} s, each worker {worker_startup:.1f} s, "
+                f"join {report.join_seconds:.1f} s; wall {local_seconds / seconds:.2f} of the local build's speed; "
+                f"projected (not measured) 14 M images: {projection['14000000']['worker_hours']:.0f} worker-hours",
     }
 
 
@@ -552,23 +594,63 @@ def cache_read(run: Run) -> dict:
     }
 
 
+# The run's cache repeated to this many rows (an HDF5 virtual dataset, each photo N times): a
+# search large enough to time exact (quadratic) against approximate (faiss) on real features
+DUPLICATES_SCALE_ROWS = {"full": 30_000, "quick": 1_500}
+DUPLICATES_THRESHOLDS = (0.97, 0.9)  # the default, and one low enough to find many pairs
+
+
 def duplicates(run: Run) -> dict:
-    """``cache duplicates`` at its default threshold over every split of the built cache."""
+    """``cache duplicates`` over every split of the built cache with each search (exact; approximate
+    when faiss is installed) at the default threshold and at 0.9: seconds, pairs, and whether the
+    two searches found the same pairs; then both on the cache repeated to 30,000 rows (quick 1,500)."""
+    from bottlecache.cache.store import Cache
+    from bottlecache.cache.virtual import repeat_cache
     from bottlecache.serve.embeddings import DEFAULT_THRESHOLD
     from bottlecache.serve.embeddings import duplicates as find_duplicates
 
+    try:
+        import faiss  # noqa: F401
+        searches = ("exact", "approximate")
+    except ImportError:
+        searches = ("exact",)
     build = run.build(run.engine)
-    result = find_duplicates(build.report.path, DEFAULT_THRESHOLD)  # seconds: the search, not the read
-    return {
-        "seconds": result.seconds,
-        "images_per_second": result.n_images / result.seconds,
-        "n_images": result.n_images,
-        "n_pairs": len(result.pairs),
-        "n_leakage": len(result.leakage),
-        "counts": result.counts,
-        "note": f"{len(result.pairs)} pair(s) at cosine >= {DEFAULT_THRESHOLD:g} among {result.n_images} images, "
-                f"{len(result.leakage)} across splits (leakage); scikit-learn brute force, cosine",
-    }
+    n_scaled = DUPLICATES_SCALE_ROWS["quick" if run.quick else "full"]
+    with Cache(build.report.path) as cache:
+        per_split = -(-n_scaled // sum(cache.n_examples(s) for s in cache.splits))
+        rows = {s: cache.n_examples(s) * per_split for s in cache.splits}
+    scaled = repeat_cache(build.report.path, run.work_dir / "duplicates-scaled", rows)
+    out: dict = {"searches": list(searches), "caches": {}}
+    for name, path, thresholds in (("run", build.report.path, DUPLICATES_THRESHOLDS),
+                                   ("scaled", scaled, (DEFAULT_THRESHOLD,))):
+        figures = out["caches"][name] = {}
+        for threshold in thresholds:
+            found = {s: find_duplicates(path, threshold, search=s) for s in searches}  # seconds: the search
+            pairs = {s: {(p["a"]["split"], p["a"]["key"], p["b"]["split"], p["b"]["key"]) for p in r.pairs}
+                     for s, r in found.items()}
+            figures[f"{threshold:g}"] = {
+                "n_images": found["exact"].n_images,
+                **{s: {"seconds": r.seconds, "n_pairs": len(r.pairs), "n_leakage": len(r.leakage),
+                       "counts": r.counts} for s, r in found.items()},
+                "same_pairs": len(searches) == 2 and pairs["exact"] == pairs["approximate"],
+            }
+    run_default = out["caches"]["run"][f"{DEFAULT_THRESHOLD:g}"]
+    big = out["caches"]["scaled"][f"{DEFAULT_THRESHOLD:g}"]
+    out.update(
+        seconds=run_default["exact"]["seconds"],
+        images_per_second=run_default["n_images"] / run_default["exact"]["seconds"],
+        n_images=run_default["n_images"], n_pairs=run_default["exact"]["n_pairs"],
+        n_leakage=run_default["exact"]["n_leakage"], counts=run_default["exact"]["counts"],
+        same_pairs_everywhere=len(searches) == 2 and all(
+            f["same_pairs"] for c in out["caches"].values() for f in c.values()),
+    )
+    out["note"] = (
+        f"{run_default['exact']['n_pairs']} pair(s) at cosine >= {DEFAULT_THRESHOLD:g} among {run_default['n_images']} "
+        f"images, {run_default['exact']['n_leakage']} across splits (leakage); {big['n_images']:,} rows (repeated): "
+        f"exact {big['exact']['seconds']:.1f} s"
+        + (f", approximate {big['approximate']['seconds']:.1f} s; same pairs as exact: "
+           f"{'yes' if out['same_pairs_everywhere'] else 'NO'}" if len(searches) == 2 else "; faiss not installed"))
+    return out
 
 
 AUDIT_FLIPS = {"full": 20, "quick": 3}  # train labels flipped per class in the audit case's copy

@@ -95,6 +95,12 @@ def test_ray_build_equals_the_single_process_build(ray_build, local_build):
     assert verify_cache(ray_build.path).ok
     rows = {row["shard"]: row for row in ray_build.shard_rows}
     assert sorted(rows) == [0, 1, 2] and all(r["attempts"] == 1 and r["error"] == "" for r in rows.values())
+    # start-up reported apart from the steady rate: each worker's first shard carries its start-up once
+    firsts = [r for r in rows.values() if r["worker_first"]]
+    assert sorted(r["pid"] for r in firsts) == sorted({r["pid"] for r in rows.values()})
+    assert all(r["worker_startup_seconds"] > 0 for r in firsts)
+    assert all(r["worker_startup_seconds"] == 0 for r in rows.values() if not r["worker_first"])
+    assert ray_build.join_seconds > 0
 
 
 def test_heads_read_a_ray_cache_unchanged(ray_build, local_build, tmp_path):

@@ -48,7 +48,9 @@ INSTALL_HINT = "The ray executor needs Ray Data: pip install 'bottlecache[ray]' 
 # An actor asks for a little less than a CPU: actors holding every whole CPU can leave none for
 # Ray Data's own tasks and hang the pipeline (ray-project/ray#44687).
 ACTOR_CPUS = 0.9
-ENGINE_THREADS = 1  # per actor: one actor per core; the features do not depend on it (docs/scaling-out.md)
+# per actor, its engine's and so its decoding's (cache/writer.py): one actor per core; the features
+# do not depend on it (docs/scaling-out.md)
+ENGINE_THREADS = 1
 DEFAULT_RETRIES = 2  # a Python exception in a shard: tries after the first
 
 
@@ -57,6 +59,7 @@ class RayBuildReport(BuildReport):
     n_shards: int = 0
     n_reused: int = 0  # shards an earlier run finished
     ray_startup_seconds: float = 0.0
+    join_seconds: float = 0.0  # checking every shard and writing the cache file over them
     workers: int = 0
     shard_rows: list = field(default_factory=list)  # the manifest rows of the shards this run wrote
 
@@ -119,6 +122,7 @@ def build_ray(resolved: ResolvedCache, *, batch_size: int | None = None, engine:
         rows.update({r["shard"]: r for r in written if not r["error"]})
         if failed:
             raise shard_failure(failed[0], specs, len(rows), folder)
+        joining = time.perf_counter()
         check_manifest(folder, specs, rows, resolved)
         seconds = time.perf_counter() - started
         build_info = {
@@ -128,13 +132,14 @@ def build_ray(resolved: ResolvedCache, *, batch_size: int | None = None, engine:
         }
         path = join_shards(resolved, specs, folder, library_versions(), build_info,
                            {name: seconds for name in resolved.source.splits})
+        join_seconds = time.perf_counter() - joining
     processed = {name: (sum(s.hi - s.lo for s in todo if s.split == name), seconds) for name in resolved.source.splits}
     with Cache(path) as cache:
         reports = split_reports(cache.file, processed)
     return RayBuildReport(path, resolved.fingerprint, False, bool(rows) and len(todo) < len(specs), reports,
                           engine_name, path.stat().st_size, resolved.config, n_shards=len(specs),
-                          n_reused=len(specs) - len(todo), ray_startup_seconds=startup, workers=workers,
-                          shard_rows=written)
+                          n_reused=len(specs) - len(todo), ray_startup_seconds=startup, join_seconds=join_seconds,
+                          workers=workers, shard_rows=written)
 
 
 _ADDRESS = re.compile(r"(ray://)?[A-Za-z0-9._\[\]:-]+:\d{1,5}")
@@ -277,7 +282,7 @@ class ShardWorker:
 
     def __init__(self, settings: CacheSettings, fingerprint: str, folder: str, engine: str, batch_size,
                  threads: int, retries: int, inject: dict[int, int]):
-
+        started = time.perf_counter()
         tf = import_tf()
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
@@ -304,6 +309,8 @@ class ShardWorker:
         self.folder, self.batch_size, self.retries = Path(folder), batch_size, retries
         self.inject = {int(k): int(v) for k, v in inject.items()}
         self.versions = library_versions()
+        # reported with this actor's first shard: what a worker pays once, apart from its steady rate
+        self.startup_seconds: float | None = time.perf_counter() - started
 
     def __call__(self, batch: dict) -> dict:
         out: dict[str, list] = {}
@@ -315,6 +322,8 @@ class ShardWorker:
 
     def run(self, spec: ShardSpec) -> dict:
         started = time.perf_counter()
+        startup, self.startup_seconds = self.startup_seconds, None
+        worker = {"pid": os.getpid(), "worker_first": startup is not None, "worker_startup_seconds": startup or 0.0}
         attempts, error = 0, ""
         while attempts <= self.retries:
             attempts += 1
@@ -323,10 +332,9 @@ class ShardWorker:
                     raise RuntimeError("injected fault")
                 row = write_shard(self.resolved, spec, self.engine, self.batch_size, self.folder,
                                   versions=self.versions, progress=NullProgress())
-                return {**row, "pid": os.getpid(), "attempts": attempts, "error": "",
-                        "seconds": time.perf_counter() - started}
+                return {**row, **worker, "attempts": attempts, "error": "", "seconds": time.perf_counter() - started}
             except Exception as failure:  # noqa: BLE001 - reported in the row, the driver stops with it
                 error = reason(failure, 200)
         return {"shard": spec.id, "split": spec.split, "lo": spec.lo, "hi": spec.hi, "rows": 0, "skipped": 0,
-                "fingerprint": "", "keys_sha256": "", "bytes": 0, "pid": os.getpid(), "attempts": attempts,
+                "fingerprint": "", "keys_sha256": "", "bytes": 0, **worker, "attempts": attempts,
                 "error": error, "seconds": time.perf_counter() - started}

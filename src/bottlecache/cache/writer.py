@@ -122,7 +122,8 @@ def run_split(committer, engine, resolved: ResolvedCache, name: str, rows: range
               offset: int = 0, on_window=None, plan=None) -> tuple[int, int]:
     """Run input ``rows`` (a ``range`` of indices) of split ``name`` through ``engine`` window by window and
     hand each window to ``committer`` (its commit record counts ``n_done`` from ``offset``);
-    ``on_window()`` runs as each window's decoded images arrive. With a reuse ``plan``
+    ``on_window()`` runs as each window's decoded images arrive; images are decoded as many at once
+    as the engine has threads (a Ray actor's one), else the usable cores. With a reuse ``plan``
     (``bottlecache.cache.reuse``), the rows it copies are not read and are merged into their windows.
 
     Windows are aligned to absolute indices, so any ``rows`` starting and ending on window boundaries runs
@@ -143,7 +144,7 @@ def run_split(committer, engine, resolved: ResolvedCache, name: str, rows: range
             held.clear()
 
     windows = _windows(source, name, image_size, start, stop, window_rows(size), fast, only, resolved.settings.model,
-                       before_decode=release)
+                       before_decode=release, decode_threads=getattr(engine, "threads", None))
     if only is not None:  # an incremental build: copied rows need no engine, so commit more of them at once
         windows = _merged(windows, COPY_WINDOW_ROWS, window_rows(size))
     try:
@@ -245,7 +246,7 @@ class Committer:
 
 
 def _windows(source, split, image_size, start, stop, size, fast_decode=False, only=None, model=DEFAULT_MODEL,
-             before_decode=None):
+             before_decode=None, decode_threads=None):
     """Group decoded images into windows of input indices ``[lo, hi)`` aligned to ``size``.
 
     A window holds the examples that decoded; the rest of its indices were skipped (or, outside
@@ -260,7 +261,7 @@ def _windows(source, split, image_size, start, stop, size, fast_decode=False, on
         # a shard stops before the split's end (only=None there); an incremental build runs to it
         ordered = ordered.take(stop - start) if only is None else ordered.filter(lambda i, k, y, e: i < stop)
         ds = image_dataset(source, split, image_size, ordered=ordered, fast_decode=fast_decode,
-                           model=model)
+                           model=model, parallel=decode_threads)
         block = max(size, DECODE_BLOCK)
         batches = ds.batch(block).as_numpy_iterator()
     lo, hi = start, min((start // size + 1) * size, stop)
