@@ -32,8 +32,10 @@ MAX_K = 10_000
 DEFAULT_THRESHOLD = 0.97  # cosine; see docs/report.md for what it finds on the shared photos
 SEARCH_BLOCK = 4096  # rows compared at a time: two blocks of 20 MiB at 1280 features, and their products
 SEARCHES = ("auto", "exact", "approximate")
-# ``auto`` above this many rows: the approximate index. Exact pairs are quadratic (about 25 s for
-# 30,000 rows on this 2-core machine, so about 70 s here); measured in docs/report.md.
+# rows wanted at most SPAN_GAP apart, SPAN_MIN_ROWS or more of them, are read as one span
+SPAN_GAP, SPAN_MIN_ROWS = 8, 16
+# ``auto`` above this many rows: the approximate index. Exact pairs are quadratic, the index about
+# linear; on this 2-core machine they cross between 30,000 and 100,000 rows (docs/report.md).
 EXACT_MAX_ROWS = 50_000
 FAISS_HINT = "pip install 'bottlecache[faiss]' (or pip install faiss-cpu)"
 
@@ -70,8 +72,21 @@ class UnitRows:
             mine = np.flatnonzero((indices >= a) & (indices < b))
             if len(mine):
                 wanted, where = np.unique(indices[mine] - a, return_inverse=True)
-                out[mine] = normalise(self.cache.file[split]["pooled"][wanted])[where]
+                out[mine] = normalise(self._read(self.cache.file[split]["pooled"], wanted))[where]
         return out
+
+    @staticmethod
+    def _read(dataset, wanted: np.ndarray) -> np.ndarray:
+        """``dataset[wanted]`` (sorted, unique): h5py selects a list of rows one hyperslab each (tens
+        of microseconds a row), so rows close together are read as one span and picked here."""
+        gaps = np.flatnonzero(np.diff(wanted) > SPAN_GAP) + 1
+        parts = []
+        for run in np.split(wanted, gaps):
+            if len(run) >= SPAN_MIN_ROWS:
+                parts.append(dataset[int(run[0]) : int(run[-1]) + 1][run - run[0]])
+            else:
+                parts.append(dataset[run])
+        return np.concatenate(parts)
 
 
 def take(vectors, indices) -> np.ndarray:
