@@ -16,7 +16,15 @@ from bottlecache import build_cache, open_cache
 from bottlecache.cache.virtual import repeat_cache
 from bottlecache.core.errors import BottlecacheError
 from bottlecache.serve import embeddings
-from bottlecache.serve.embeddings import UnitRows, duplicates, nearest_rows, neighbors, normalise, similar_pairs
+from bottlecache.serve.embeddings import (
+    UnitRows,
+    duplicates,
+    mean_nearest_cosine,
+    nearest_rows,
+    neighbors,
+    normalise,
+    similar_pairs,
+)
 
 PLANTED = "validation/cats/planted-copy.jpg"
 WITHIN = "train/dogs/second-copy.jpg"
@@ -130,6 +138,25 @@ def test_blocks_of_rows_give_the_answers_of_the_whole_matrix(leaky, monkeypatch)
             assert {i for i, _ in found[:4]} == set(expected[:4].tolist()) and query not in {i for i, _ in found}
         for threshold in (0.5, 0.9):
             assert {(i, j) for i, j, _ in similar_pairs(rows, threshold, search="exact")} == _pairs_above(cosine, threshold)
+
+
+def test_each_rows_nearest_rows_block_by_block_are_scikit_learns(repeated, monkeypatch):
+    """The audit's outliers: the mean cosine of each row to its k nearest others, exact in blocks of 97
+    rows, equals scikit-learn's brute-force cosine neighbours; from the faiss index, close to it."""
+    from sklearn.neighbors import NearestNeighbors
+
+    monkeypatch.setattr(embeddings, "SEARCH_BLOCK", 97)
+    with open_cache(repeated) as cache:
+        rows = UnitRows(cache)
+        whole = rows[0 : len(rows)]
+        for k in (3, 20):  # fewer than each row's 13 copies, and more
+            distances, _ = NearestNeighbors(n_neighbors=k + 1, algorithm="brute", metric="cosine").fit(whole).kneighbors(whole)
+            expected = 1 - distances[:, 1:].mean(axis=1)
+            assert np.allclose(mean_nearest_cosine(rows, k, search="exact"), expected, atol=1e-5)
+            if k == 20:
+                need_extra("faiss", "faiss")
+                assert np.allclose(mean_nearest_cosine(rows, k, search="approximate"), expected, atol=1e-2)
+        assert np.array_equal(mean_nearest_cosine(rows[0:1], 5), [0.0])  # no other row: nothing to be near
 
 
 @pytest.fixture(scope="module")

@@ -58,6 +58,22 @@ def test_a_small_memory_budget_fits_out_of_core_with_the_same_accuracy(small_cac
     assert result.exit_code == 2 and "'max_memory'" in error_line(result) and "16M" in error_line(result)
 
 
+def test_the_audits_out_of_fold_heads_out_of_core_are_the_in_memory_ones(small_cache, monkeypatch):
+    """Over the memory budget, each fold's head fits from blocks of 16 rows of every split and
+    predicts its fold block by block: the probabilities of the heads fitted in memory."""
+    from bottlecache.serve import audit
+    from bottlecache.serve.embeddings import PooledRows
+
+    with Cache(small_cache.path) as cache:
+        rows = PooledRows(cache)
+        labels = np.concatenate([cache.labels(s) for s in cache.splits]).astype(np.int64)
+        inside = audit.out_of_fold(rows[0 : len(rows)], labels, 2, 5, 0.1, 0)
+        monkeypatch.setattr(audit, "rows_per_block", lambda max_memory, n_features: 16)
+        outside = audit.out_of_fold(rows, labels, 2, 5, 0.1, 0, max_memory=1)
+    assert np.allclose(outside, inside, atol=1e-3) and np.allclose(outside.sum(axis=1), 1.0)
+    assert np.array_equal(outside.argmax(axis=1), inside.argmax(axis=1))
+
+
 def test_out_of_core_leaves_out_the_excluded_rows(small_cache, tmp_path):
     with Cache(small_cache.path) as cache:
         left_out = cache.keys("train")[:10]

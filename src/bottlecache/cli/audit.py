@@ -23,6 +23,7 @@ def audit(
     top: Annotated[int, typer.Option(help="How many outliers (and near-duplicate pairs) to list.")] = DEFAULT_TOP,
     threshold: Annotated[float, typer.Option(help="Cosine at or above which two images are near-duplicates.")] = DEFAULT_THRESHOLD,
     seed: Annotated[int, typer.Option(help="Seed of the folds.")] = 0,
+    max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="Memory the features may take, e.g. 16M or 2G (default: a quarter of the free memory); above it the out-of-fold heads fit out of core.")] = None,
     data: Annotated[Optional[str], typer.Option("--data", help="The images, for the page's thumbnails (default: where the cache's build found them).")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help=f"A new folder for audit.json, audit.html and {EXCLUDE_FILE} (default: <cache dir>/audits/<cache name>).")] = None,
     cache_dir: CacheDirOpt = None,
@@ -34,7 +35,8 @@ def audit(
     from ..serve.audit import AuditSettings
     from ..serve.audit import audit as run_audit
 
-    settings = AuditSettings(folds=folds, C=c, neighbors=neighbors, top=top, threshold=threshold, seed=seed)
+    settings = AuditSettings(folds=folds, C=c, neighbors=neighbors, top=top, threshold=threshold, seed=seed,
+                             max_memory=max_memory)
     with RichProgress(quiet=as_json) as progress:
         result = run_audit(cache, settings=settings, out=out_dir, data=data, cache_dir=cache_dir, progress=progress)
     if as_json:

@@ -34,12 +34,21 @@ from ..core.options import (
     check_positive,
     check_range,
     check_seed,
+    parse_size,
     resolve_cache_dir,
     settings_with,
 )
 from ..data.sources import open_source
-from ..train.heads import MAX_C, SklearnHead, check_new_folder
-from .embeddings import DEFAULT_THRESHOLD, DuplicatesResult, Embeddings, duplicate_pairs, load_embeddings, normalise
+from ..train.heads import IN_MEMORY_BYTES_PER_VALUE, MAX_C, SklearnHead, check_new_folder, memory_budget, rows_per_block
+from .embeddings import (
+    DEFAULT_THRESHOLD,
+    DuplicatesResult,
+    Embeddings,
+    PooledRows,
+    duplicate_pairs,
+    load_embeddings,
+    mean_nearest_cosine,
+)
 from .report import CSS, _h, thumbnails
 
 DEFAULT_FOLDS = 10
@@ -57,7 +66,9 @@ EXCLUDE_FILE = "exclude.txt"
 class AuditSettings:
     """How an audit looks, checked once: ``folds`` out-of-fold heads of inverse regularisation ``C``
     (the folds drawn with ``seed``), outliers by the mean distance to ``neighbors`` nearest images
-    (the ``top`` farthest listed), near-duplicates at a cosine of ``threshold`` or more."""
+    (the ``top`` farthest listed), near-duplicates at a cosine of ``threshold`` or more.
+    ``max_memory`` (bytes, or ``"16M"``, ``"2G"``; default a quarter of the free memory): above it
+    the out-of-fold heads fit out of core, from blocks of rows, as ``cache train-head`` does."""
 
     folds: int = DEFAULT_FOLDS
     C: float = DEFAULT_C
@@ -65,8 +76,11 @@ class AuditSettings:
     top: int = DEFAULT_TOP
     threshold: float = DEFAULT_THRESHOLD
     seed: int = 0
+    max_memory: int | str | None = None
 
     def __post_init__(self):
+        if self.max_memory is not None:
+            object.__setattr__(self, "max_memory", parse_size("max_memory", self.max_memory))
         check_range("folds", self.folds, 2, MAX_FOLDS, high_open=False)
         check_positive("C", self.C, float, maximum=MAX_C)
         check_positive("neighbors", self.neighbors, maximum=MAX_TOP)
@@ -131,10 +145,7 @@ def audit(cache, *, settings: AuditSettings | None = None, out=None, write: bool
     try:
         # the images of the thumbnails first: a bad --data is refused before the work
         source = _thumbnail_source(data, cache.build_info.get("data") or {}, cache.config) if write else None
-        emb = load_embeddings(cache)
-        raw = np.concatenate([cache.pooled(split) for split in cache.splits]).astype(np.float32)
-        emb.vectors = normalise(raw)  # the audit's heads and outliers hold every row in memory (docs/audit.md)
-        result = _audit(cache.path, emb, raw, settings, cleanlab, progress)
+        result = _audit(cache.path, load_embeddings(cache), PooledRows(cache), settings, cleanlab, progress)
     finally:
         if opened:
             cache.close()
@@ -155,7 +166,7 @@ def _import_cleanlab():
     return cleanlab
 
 
-def _audit(path, emb: Embeddings, raw: np.ndarray, settings: AuditSettings, cleanlab, progress) -> AuditResult:
+def _audit(path, emb: Embeddings, raw: PooledRows, settings: AuditSettings, cleanlab, progress) -> AuditResult:
     labels = emb.labels.astype(np.int64)
     counts = np.bincount(labels, minlength=len(emb.class_names))
     present = counts[counts > 0]
@@ -169,7 +180,8 @@ def _audit(path, emb: Embeddings, raw: np.ndarray, settings: AuditSettings, clea
                                "of every class.")
     seconds = {}
     started = time.perf_counter()
-    proba = out_of_fold(raw, labels, len(emb.class_names), folds, settings.C, settings.seed, progress)
+    proba = out_of_fold(raw, labels, len(emb.class_names), folds, settings.C, settings.seed, progress,
+                        settings.max_memory or memory_budget())
     seconds["out_of_fold"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -179,7 +191,7 @@ def _audit(path, emb: Embeddings, raw: np.ndarray, settings: AuditSettings, clea
     seconds["label_issues"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    outliers = _outliers(emb, settings.neighbors, settings.top)
+    outliers = _outliers(emb, settings.neighbors, settings.top, progress)
     seconds["outliers"] = time.perf_counter() - started
 
     duplicates = duplicate_pairs(emb, settings.threshold, progress)
@@ -194,23 +206,57 @@ def _audit(path, emb: Embeddings, raw: np.ndarray, settings: AuditSettings, clea
                        seconds)
 
 
-def out_of_fold(x: np.ndarray, labels: np.ndarray, n_classes: int, folds: int, C: float, seed: int,
-                progress=None) -> np.ndarray:
+def out_of_fold(x, labels: np.ndarray, n_classes: int, folds: int, C: float, seed: int, progress=None,
+                max_memory: int | None = None) -> np.ndarray:
     """(N, n_classes) probabilities, each row from the head fitted on the other folds (stratified,
-    shuffled with ``seed``)."""
+    shuffled with ``seed``). ``x``: the rows (an array, or ``PooledRows`` read in blocks); when they
+    do not fit ``max_memory``, each head fits out of core (``SklearnHead.fit_blocks``, the same
+    objective) and predicts its fold block by block."""
     from sklearn.model_selection import StratifiedKFold
 
-    proba = np.zeros((len(labels), n_classes))
+    n, d = len(labels), x.shape[1]
+    in_memory = max_memory is None or n * d * IN_MEMORY_BYTES_PER_VALUE <= max_memory
+    if in_memory and not isinstance(x, np.ndarray):
+        x = x[0:n]
+    block = rows_per_block(max_memory, d) if not in_memory else n
+    proba = np.zeros((n, n_classes))
     if progress is not None:
         progress.start_split("folds", folds, 0)
-    for train, held in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, labels):
-        head = SklearnHead(C=C).fit(x[train], labels[train], n_classes=n_classes)
-        proba[held] = head.predict_proba(x[held])
+    for train, held in StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros((n, 1)), labels):
+        head = SklearnHead(C=C)
+        if in_memory:
+            head.fit(x[train], labels[train], n_classes=n_classes)
+            proba[held] = head.predict_proba(x[held])
+        else:
+            head.fit_blocks(_fold_blocks(x, train, block), labels[train], d, n_classes=n_classes)
+            is_held = np.zeros(n, bool)
+            is_held[held] = True
+            for lo in range(0, n, block):
+                mine = np.flatnonzero(is_held[lo : lo + block])
+                if len(mine):
+                    proba[lo + mine] = head.predict_proba(x[lo : lo + block][mine])
         if progress is not None:
             progress.advance("folds", 1)
     if progress is not None:
         progress.end_split("folds")
     return proba
+
+
+def _fold_blocks(x, train: np.ndarray, block: int):
+    """``blocks()`` for ``fit_blocks``: the ``train`` rows (sorted) of ``x``, read ``block`` rows at a time,
+    each with its position among the train rows."""
+    n = len(x)
+    position = np.full(n, -1)
+    position[train] = np.arange(len(train))
+
+    def blocks():
+        for lo in range(0, n, block):
+            where = position[lo : lo + block]
+            kept = where >= 0
+            if kept.any():
+                yield where[kept], x[lo : lo + block][kept]
+
+    return blocks
 
 
 def _issue(emb: Embeddings, proba: np.ndarray, quality: np.ndarray, i: int) -> dict:
@@ -220,16 +266,12 @@ def _issue(emb: Embeddings, proba: np.ndarray, quality: np.ndarray, i: int) -> d
             "given_probability": float(proba[i, given]), "suggested_probability": float(proba[i, suggested])}
 
 
-def _outliers(emb: Embeddings, neighbors: int, top: int) -> list[dict]:
-    """The ``top`` images farthest (mean cosine distance) from their ``neighbors`` nearest images."""
-    from sklearn.neighbors import NearestNeighbors
-
-    k = min(neighbors, len(emb.keys) - 1)
-    if k < 1:
+def _outliers(emb: Embeddings, neighbors: int, top: int, progress=None) -> list[dict]:
+    """The ``top`` images farthest (mean cosine distance) from their ``neighbors`` nearest images:
+    exact up to ``EXACT_MAX_ROWS`` images, from the approximate index above (``embeddings``)."""
+    if len(emb.keys) < 2:
         return []
-    index = NearestNeighbors(n_neighbors=k + 1, algorithm="brute", metric="cosine").fit(emb.vectors)
-    distances, _ = index.kneighbors(emb.vectors)
-    score = distances[:, 1:].mean(axis=1)  # the first neighbour is the image itself
+    score = 1.0 - mean_nearest_cosine(emb.vectors, neighbors, progress)
     order = np.argsort(-score, kind="stable")[:top]
     percentile = (np.argsort(np.argsort(score, kind="stable"), kind="stable") + 1) / len(score)
     return [{**emb.row(int(i)), "distance": float(score[i]), "percentile": float(percentile[i])} for i in order]

@@ -40,10 +40,10 @@ EXACT_MAX_ROWS = 50_000
 FAISS_HINT = "pip install 'bottlecache[faiss]' (or pip install faiss-cpu)"
 
 
-class UnitRows:
-    """The pooled rows of every split of an open cache, in split order, scaled to unit length as
-    they are read: ``rows[lo:hi]`` (a block), ``rows[i]`` (one row), ``rows.take(indices)``. Nothing
-    is held: each read goes to the file (the cache must stay open)."""
+class PooledRows:
+    """The pooled rows of every split of an open cache, in split order, read as they are asked for:
+    ``rows[lo:hi]`` (a block), ``rows[i]`` (one row), ``rows.take(indices)``. Nothing is held: each
+    read goes to the file (the cache must stay open)."""
 
     def __init__(self, cache):
         self.cache, self.parts, start = cache, [], 0
@@ -56,13 +56,22 @@ class UnitRows:
     def __len__(self) -> int:
         return self.shape[0]
 
+    def _finish(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, dtype=np.float32)
+
     def __getitem__(self, rows):
         if isinstance(rows, (int, np.integer)):
             return self[int(rows) : int(rows) + 1][0]
         lo, hi, _ = rows.indices(len(self))
         blocks = [self.cache.pooled(split, slice(max(lo, a) - a, min(hi, b) - a))
                   for split, a, b in self.parts if max(lo, a) < min(hi, b)]
-        return normalise(np.concatenate(blocks) if blocks else np.zeros((0, self.shape[1]), np.float32))
+        return self._finish(np.concatenate(blocks) if blocks else np.zeros((0, self.shape[1]), np.float32))
+
+    def blocks(self, size: int = 0):
+        """``(lo, rows[lo:lo + size])`` over every row (default ``SEARCH_BLOCK`` rows at a time)."""
+        size = size or SEARCH_BLOCK
+        for lo in range(0, len(self), size):
+            yield lo, self[lo : lo + size]
 
     def take(self, indices) -> np.ndarray:
         """The rows at ``indices`` (any order), each split read once at its sorted indices."""
@@ -72,7 +81,7 @@ class UnitRows:
             mine = np.flatnonzero((indices >= a) & (indices < b))
             if len(mine):
                 wanted, where = np.unique(indices[mine] - a, return_inverse=True)
-                out[mine] = normalise(self._read(self.cache.file[split]["pooled"], wanted))[where]
+                out[mine] = self._finish(self._read(self.cache.file[split]["pooled"], wanted))[where]
         return out
 
     @staticmethod
@@ -87,6 +96,13 @@ class UnitRows:
             else:
                 parts.append(dataset[run])
         return np.concatenate(parts)
+
+
+class UnitRows(PooledRows):
+    """``PooledRows`` scaled to unit length as they are read: the vectors whose products are cosines."""
+
+    def _finish(self, x: np.ndarray) -> np.ndarray:
+        return normalise(x)
 
 
 def take(vectors, indices) -> np.ndarray:
@@ -353,13 +369,13 @@ APPROXIMATE_MARGIN = 0.02
 TRAINING_ROWS_PER_LIST = 64
 
 
-def _approximate_pairs(vectors, threshold: float, progress):
+def approximate_index(vectors, progress):
+    """A faiss index of the unit ``vectors`` (inner products), trained on a seeded sample, the rows
+    added block by block; returned with its quantizer, which it does not own."""
     faiss = import_faiss()
     n, d = len(vectors), vectors.shape[1]
-    if n < 2:
-        return _joined([])
     lists = max(1, min(int(4 * np.sqrt(n)), n // 39))
-    quantizer = faiss.IndexFlatIP(d)  # held here: the index does not own it
+    quantizer = faiss.IndexFlatIP(d)
     index = faiss.IndexIVFScalarQuantizer(quantizer, d, lists, faiss.ScalarQuantizer.QT_8bit,
                                           faiss.METRIC_INNER_PRODUCT)
     sample = np.sort(np.random.default_rng(0).choice(n, min(n, lists * TRAINING_ROWS_PER_LIST), replace=False))
@@ -371,6 +387,14 @@ def _approximate_pairs(vectors, threshold: float, progress):
         progress.advance("index", len(block))
     progress.end_split("index")
     index.nprobe = min(lists, NPROBE)
+    return index, quantizer
+
+
+def _approximate_pairs(vectors, threshold: float, progress):
+    n = len(vectors)
+    if n < 2:
+        return _joined([])
+    index, _quantizer = approximate_index(vectors, progress)
     found = []
     progress.start_split("pairs", n, 0)
     for lo in range(0, n, SEARCH_BLOCK):
@@ -403,3 +427,47 @@ def import_faiss():
         raise BottlecacheError(f"The approximate search needs faiss, an optional extra: {FAISS_HINT}; or pass "
                                "--search exact (quadratic in the rows).") from None
     return faiss
+
+
+# ---------------------------------------------------------------------------------------------
+# Each row's nearest rows (the audit's outliers)
+
+
+def mean_nearest_cosine(vectors, k: int, progress=None, search: str = "auto") -> np.ndarray:
+    """(N,) the mean cosine of each of the unit ``vectors`` to its ``k`` nearest other rows: exact
+    (every block against every block, memory two blocks and the answer) or from the approximate
+    index (its 8-bit codes' cosines, about 1e-3 off), as ``resolve_search`` picks."""
+    progress = progress if progress is not None else NullProgress()
+    n = len(vectors)
+    k = min(k, n - 1)
+    out = np.zeros(n, np.float64)
+    if k < 1:
+        return out
+    search = resolve_search(search, n)
+    index, _quantizer = approximate_index(vectors, progress) if search == "approximate" else (None, None)
+    progress.start_split("neighbours", n, 0)
+    if index is not None:
+        for lo in range(0, n, SEARCH_BLOCK):
+            a = np.ascontiguousarray(vectors[lo : lo + SEARCH_BLOCK])
+            cosines, rows = index.search(a, k + 1)
+            mine = rows == np.arange(lo, lo + len(a))[:, None]
+            # itself where the index found it, else its farthest: k of the k + 1 left either way
+            drop = np.where(mine.any(axis=1), mine.argmax(axis=1), k)
+            keep = np.ones_like(mine)
+            keep[np.arange(len(a)), drop] = False
+            out[lo : lo + len(a)] = np.where(keep, cosines, 0.0).sum(axis=1) / k
+            progress.advance("neighbours", len(a))
+    else:
+        for lo in range(0, n, SEARCH_BLOCK):
+            a = vectors[lo : lo + SEARCH_BLOCK]
+            best = np.full((len(a), k), -np.inf, np.float32)
+            for lo_b in range(0, n, SEARCH_BLOCK):
+                products = a @ (a if lo_b == lo else vectors[lo_b : lo_b + SEARCH_BLOCK]).T
+                if lo_b == lo:
+                    np.fill_diagonal(products, -np.inf)  # not its own neighbour
+                both = np.concatenate([best, products], axis=1)
+                best = np.partition(both, both.shape[1] - k, axis=1)[:, -k:]
+            out[lo : lo + len(a)] = best.astype(np.float64).mean(axis=1)
+            progress.advance("neighbours", len(a))
+    progress.end_split("neighbours")
+    return np.clip(out, -1.0, 1.0)

@@ -385,7 +385,8 @@ class HeadResult:
         }
 
 
-def _memory_budget() -> int:
+def memory_budget() -> int:
+    """The default ``max_memory``: a quarter of the memory free now."""
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
     except (ValueError, OSError, AttributeError):
@@ -544,13 +545,13 @@ def train_head(cache, kind: str | None = None, *, settings: HeadSettings | None 
                     "pass one --C or build the cache with a validation split (--split validation=...)."
                 )
             result = _train_sklearn(cache, list(settings.C), train_split, has_validation, settings.class_weight, views,
-                                    keep, settings.max_memory or _memory_budget())
+                                    keep, settings.max_memory or memory_budget())
         else:
             result = _train_keras(
                 cache, n_classes, train_split, has_validation, epochs=settings.epochs, batch_size=settings.batch_size,
                 learning_rate=settings.learning_rate, optimizer=settings.optimizer, dropout=settings.dropout,
                 seed=settings.seed, early_stopping=settings.early_stopping, shuffle=settings.shuffle,
-                max_memory=settings.max_memory or _memory_budget(), verbose=settings.verbose,
+                max_memory=settings.max_memory or memory_budget(), verbose=settings.verbose,
                 class_weight=settings.class_weight, views=views, progress=progress, keep=keep,
             )
         result.params["views"] = cache.n_views if views else 0
