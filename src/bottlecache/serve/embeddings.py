@@ -361,12 +361,14 @@ def _joined(found):
 
 
 # The approximate index: inverted lists (about 4 √N of them, each trained on at least 39 rows, as
-# faiss asks) over 8-bit codes of the rows (1 byte a feature: 1.2 GiB for 1 M rows of 1280); each
-# query scans the NPROBE lists nearest it. Codes shift a cosine by about 1e-3, so candidates are
+# faiss asks, the sample held in memory: at most TRAINING_MAX_ROWS, so at most 840 lists) over
+# 8-bit codes of the rows (1 byte a feature: 1.2 GiB for 1 M rows of 1280); each query scans the
+# NPROBE lists nearest it. Codes shift a cosine by about 1e-3, so candidates are
 # taken APPROXIMATE_MARGIN below the threshold, then checked against the rows' exact cosine.
 NPROBE = 16
 APPROXIMATE_MARGIN = 0.02
 TRAINING_ROWS_PER_LIST = 64
+TRAINING_MAX_ROWS = 32_768  # 160 MiB of 1280 float32 features
 
 
 def approximate_index(vectors, progress):
@@ -374,11 +376,12 @@ def approximate_index(vectors, progress):
     added block by block; returned with its quantizer, which it does not own."""
     faiss = import_faiss()
     n, d = len(vectors), vectors.shape[1]
-    lists = max(1, min(int(4 * np.sqrt(n)), n // 39))
+    lists = max(1, min(int(4 * np.sqrt(n)), min(n, TRAINING_MAX_ROWS) // 39))
     quantizer = faiss.IndexFlatIP(d)
     index = faiss.IndexIVFScalarQuantizer(quantizer, d, lists, faiss.ScalarQuantizer.QT_8bit,
                                           faiss.METRIC_INNER_PRODUCT)
-    sample = np.sort(np.random.default_rng(0).choice(n, min(n, lists * TRAINING_ROWS_PER_LIST), replace=False))
+    size = min(n, lists * TRAINING_ROWS_PER_LIST, TRAINING_MAX_ROWS)
+    sample = np.sort(np.random.default_rng(0).choice(n, size, replace=False))
     index.train(np.ascontiguousarray(take(vectors, sample)))
     progress.start_split("index", n, 0)
     for lo in range(0, n, SEARCH_BLOCK):
