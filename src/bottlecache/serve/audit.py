@@ -40,6 +40,7 @@ from ..core.options import (
 )
 from ..data.sources import open_source
 from ..train.heads import IN_MEMORY_BYTES_PER_VALUE, MAX_C, SklearnHead, check_new_folder, memory_budget, rows_per_block
+from ..train.linear import kept_blocks
 from .embeddings import (
     DEFAULT_THRESHOLD,
     DuplicatesResult,
@@ -228,9 +229,10 @@ def out_of_fold(x, labels: np.ndarray, n_classes: int, folds: int, C: float, see
             head.fit(x[train], labels[train], n_classes=n_classes)
             proba[held] = head.predict_proba(x[held])
         else:
-            head.fit_blocks(_fold_blocks(x, train, block), labels[train], d, n_classes=n_classes)
             is_held = np.zeros(n, bool)
             is_held[held] = True
+            head.fit_blocks(kept_blocks(lambda lo, hi: x[lo:hi], n, ~is_held, block), labels[train], d,
+                            n_classes=n_classes)
             for lo in range(0, n, block):
                 mine = np.flatnonzero(is_held[lo : lo + block])
                 if len(mine):
@@ -240,23 +242,6 @@ def out_of_fold(x, labels: np.ndarray, n_classes: int, folds: int, C: float, see
     if progress is not None:
         progress.end_split("folds")
     return proba
-
-
-def _fold_blocks(x, train: np.ndarray, block: int):
-    """``blocks()`` for ``fit_blocks``: the ``train`` rows (sorted) of ``x``, read ``block`` rows at a time,
-    each with its position among the train rows."""
-    n = len(x)
-    position = np.full(n, -1)
-    position[train] = np.arange(len(train))
-
-    def blocks():
-        for lo in range(0, n, block):
-            where = position[lo : lo + block]
-            kept = where >= 0
-            if kept.any():
-                yield where[kept], x[lo : lo + block][kept]
-
-    return blocks
 
 
 def _issue(emb: Embeddings, proba: np.ndarray, quality: np.ndarray, i: int) -> dict:

@@ -38,7 +38,7 @@ from ..core.records import HEAD_FORMAT, RECORD_VERSION, HeadRecord, MetricsRecor
 from ..core.tf import import_keras
 from .calibration import ECE_BINS, expected_calibration_error, fit_temperature, mean_log_loss, probabilities_from_logits
 from .exclusion import Exclusion
-from .linear import fit_blocks
+from .linear import fit_blocks, kept_blocks
 from .views import ViewEpochs, check_views, pooled_rows
 
 KINDS = ("sklearn", "keras")
@@ -639,7 +639,8 @@ def _train_sklearn(cache, Cs, train_split, has_validation, class_weight="none", 
             x, y = x[keep], y[keep]
     else:  # out of core: the rows are read block by block on every pass of the solver
         y = cache.labels(train_split) if keep is None else cache.labels(train_split)[keep]
-        blocks = training_blocks(cache, train_split, keep, rows_per_block(max_memory, n_features))
+        blocks = kept_blocks(lambda lo, hi: cache.pooled(train_split, slice(lo, hi)), cache.n_examples(train_split),
+                             keep, rows_per_block(max_memory, n_features))
     selection, best = [], None
     started = time.perf_counter()
     for value in sorted(Cs):
@@ -668,25 +669,6 @@ def rows_per_block(max_memory: int, n_features: int) -> int:
     """Rows of an out-of-core block: a quarter of the budget for the float32 rows, their float64
     copy and the products (about 32 bytes a value), at least 256 rows."""
     return int(max(256, min(1 << 20, max_memory // (32 * n_features))))
-
-
-def training_blocks(cache, split: str, keep, block: int):
-    """``blocks()`` for ``linear.fit_blocks``: the split's pooled rows ``block`` at a time, those ``keep``
-    leaves out skipped, each with its rows' positions among the rows kept."""
-    n = cache.n_examples(split)
-    position = None if keep is None else np.cumsum(keep) - 1
-
-    def blocks():
-        for lo in range(0, n, block):
-            hi = min(n, lo + block)
-            x = cache.pooled(split, slice(lo, hi))
-            if position is None:
-                yield slice(lo, hi), x
-            else:
-                kept = np.asarray(keep[lo:hi], bool)
-                yield position[lo:hi][kept], x[kept]
-
-    return blocks
 
 
 def _train_keras(cache, n_classes, train_split, has_validation, *, epochs, batch_size, learning_rate, optimizer,

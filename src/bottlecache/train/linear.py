@@ -93,6 +93,25 @@ def fit_blocks(blocks, labels: np.ndarray, n_features: int, C: float = 1.0, *, c
                     bool(result.success))
 
 
+def kept_blocks(read, n: int, keep, block: int):
+    """``blocks()`` for ``fit_blocks`` over ``n`` rows that ``read(lo, hi)`` returns ``block`` at a time:
+    the rows ``keep`` (a boolean mask, or None for all) leaves in, each block with its rows'
+    positions among the rows kept."""
+    position = None if keep is None else np.cumsum(keep) - 1
+
+    def blocks():
+        for lo in range(0, n, block):
+            hi = min(n, lo + block)
+            if position is None:
+                yield slice(lo, hi), read(lo, hi)
+                continue
+            kept = np.asarray(keep[lo:hi], bool)
+            if kept.any():
+                yield position[lo:hi][kept], read(lo, hi)[kept]
+
+    return blocks
+
+
 def _sigmoid(z: np.ndarray) -> np.ndarray:
     out = np.empty_like(z)
     positive = z >= 0
