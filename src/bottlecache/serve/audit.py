@@ -39,7 +39,7 @@ from ..core.options import (
     settings_with,
 )
 from ..data.sources import open_source
-from ..train.heads import IN_MEMORY_BYTES_PER_VALUE, MAX_C, SklearnHead, check_new_folder, memory_budget, rows_per_block
+from ..train.heads import MAX_C, SklearnHead, check_new_folder, fits_in_memory, memory_budget, rows_per_block
 from ..train.linear import kept_blocks
 from .embeddings import (
     DEFAULT_THRESHOLD,
@@ -216,7 +216,7 @@ def out_of_fold(x, labels: np.ndarray, n_classes: int, folds: int, C: float, see
     from sklearn.model_selection import StratifiedKFold
 
     n, d = len(labels), x.shape[1]
-    in_memory = max_memory is None or n * d * IN_MEMORY_BYTES_PER_VALUE <= max_memory
+    in_memory = fits_in_memory(n, d, max_memory)
     if in_memory and not isinstance(x, np.ndarray):
         x = x[0:n]
     block = rows_per_block(max_memory, d) if not in_memory else n

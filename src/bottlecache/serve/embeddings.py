@@ -67,12 +67,6 @@ class PooledRows:
                   for split, a, b in self.parts if max(lo, a) < min(hi, b)]
         return self._finish(np.concatenate(blocks) if blocks else np.zeros((0, self.shape[1]), np.float32))
 
-    def blocks(self, size: int = 0):
-        """``(lo, rows[lo:lo + size])`` over every row (default ``SEARCH_BLOCK`` rows at a time)."""
-        size = size or SEARCH_BLOCK
-        for lo in range(0, len(self), size):
-            yield lo, self[lo : lo + size]
-
     def take(self, indices) -> np.ndarray:
         """The rows at ``indices`` (any order), each split read once at its sorted indices."""
         indices = np.asarray(indices, dtype=np.int64)
@@ -106,8 +100,8 @@ class UnitRows(PooledRows):
 
 
 def take(vectors, indices) -> np.ndarray:
-    """Rows of an array or of ``UnitRows`` at ``indices``."""
-    return vectors.take(indices) if isinstance(vectors, UnitRows) else np.asarray(vectors)[np.asarray(indices)]
+    """Rows of an array or of ``PooledRows`` at ``indices``."""
+    return vectors.take(indices) if isinstance(vectors, PooledRows) else np.asarray(vectors)[np.asarray(indices)]
 
 
 @dataclass

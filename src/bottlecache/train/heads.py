@@ -630,7 +630,7 @@ def _train_sklearn(cache, Cs, train_split, has_validation, class_weight="none", 
                    keep=None, max_memory: int | None = None) -> HeadResult:
     n_rows = cache.n_examples(train_split) if keep is None else int(np.sum(keep))
     n_features = cache.feature_shape[-1]
-    in_memory = views or max_memory is None or n_rows * n_features * IN_MEMORY_BYTES_PER_VALUE <= max_memory
+    in_memory = views or fits_in_memory(n_rows, n_features, max_memory)
     if views:
         x, y = pooled_rows(cache)
     elif in_memory:
@@ -663,6 +663,11 @@ def _train_sklearn(cache, Cs, train_split, has_validation, class_weight="none", 
         params["passes"] = best[1].passes_  # reads of the training rows by the solver
         params["converged"] = best[1].converged_
     return HeadResult(best[1], "sklearn", {}, seconds, params, selection=selection)
+
+
+def fits_in_memory(n_rows: int, n_features: int, max_memory: int | None) -> bool:
+    """Whether a logistic regression on these pooled rows may hold them all (None: no budget)."""
+    return max_memory is None or n_rows * n_features * IN_MEMORY_BYTES_PER_VALUE <= max_memory
 
 
 def rows_per_block(max_memory: int, n_features: int) -> int:
